@@ -1,0 +1,206 @@
+"""Cached artifacts every run needs: the pretrained base model and the evaluation classifier.
+
+Each is a self-describing checkpoint (format, kind, preset, config, step, weights, EMA, provenance) loaded
+with `torch.load(weights_only=True)`. `ensure_*` builds a missing one and reuses it otherwise; a file that
+does not load or does not match the preset is an error naming the file and the command that rebuilds it.
+Pretraining saves a partial checkpoint periodically and resumes from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.classifier import build_classifier, predict, random_shift
+from bench.config import Preset
+from bench.data import ClassDataset, infinite_batches, load_dataset
+from bench.diffusion import NoiseSchedule
+from bench.runner import EMA, TrainSpec, device_name, train
+from bench.unet import ConditionalUNet
+from methods.base import noise_loss
+
+log = logging.getLogger(__name__)
+
+FORMAT = "unlearning-bench/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not match the preset."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "unlearning-bench"))
+
+
+class Cache:
+    """One folder per preset for its base model, classifier and preparation artifacts."""
+
+    def __init__(self, root: str | Path | None = None, data_root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.data_root = Path(data_root) if data_root is not None else None
+
+    def path(self, preset: Preset, *parts: str) -> Path:
+        return self.root.joinpath(preset.name, *parts)
+
+    def base_path(self, preset: Preset) -> Path:
+        return self.path(preset, "base.pt")
+
+    def classifier_path(self, preset: Preset) -> Path:
+        return self.path(preset, "classifier.pt")
+
+    def dataset(self, preset: Preset, split: str) -> ClassDataset:
+        return load_dataset(preset.dataset, split, image_size=preset.unet.image_size, root=self.data_root)
+
+
+def atomic_save(payload: dict, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, kind: str, preset: Preset, rebuild: str) -> dict:
+    """Load and check a checkpoint of `kind` for `preset`; errors say how to rebuild it."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # a truncated file, or one that needs arbitrary unpickling
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot load {path} ({reason}); rebuild it with `{rebuild}`") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("kind") != kind:
+        raise CheckpointError(f"{path} is not a {kind} checkpoint of this tool; rebuild it with `{rebuild}`")
+    expected = dataclasses.asdict(preset.unet if kind == "diffusion" else preset.classifier)
+    if payload.get("config") != expected:
+        raise CheckpointError(
+            f"{path} was built for another configuration ({payload.get('config')}) than preset "
+            f"{preset.name!r} ({expected}); rebuild it with `{rebuild}`"
+        )
+    return payload
+
+
+def new_unet(preset: Preset, device: torch.device) -> ConditionalUNet:
+    return ConditionalUNet(preset.unet).to(device)
+
+
+def _provenance(device: torch.device, started: float) -> dict:
+    return {"device": device_name(device), "seconds": time.perf_counter() - started,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": str(torch.__version__)}
+
+
+def pretrain(preset: Preset, cache: Cache, device: torch.device, seed: int = 0, progress: bool = True) -> dict:
+    """Train the base model with the preset's recipe; resumes from `base.partial.pt` if one exists."""
+    recipe, final = preset.pretrain, cache.base_path(preset)
+    partial = final.with_name("base.partial.pt")
+    model = new_unet(preset, device)
+    ema, start, opt_state = EMA(model, recipe.ema_decay), 0, None
+    if partial.exists():
+        state = torch.load(partial, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        ema = EMA(model, recipe.ema_decay, shadow=state["ema"])
+        start, opt_state = state["step"], state["optimizer"]
+        log.info("resuming pretraining of %s from step %d (%s)", preset.name, start, partial)
+    data = cache.dataset(preset, "train")
+    schedule = NoiseSchedule(preset.diffusion, device)
+    noise_gen = torch.Generator(device).manual_seed(seed * 1_000_003 + start)
+    batches = infinite_batches(data, recipe.batch_size, torch.Generator().manual_seed(seed + start), recipe.hflip)
+
+    def loss_fn(step: int) -> dict:
+        x, y = next(batches)
+        loss = noise_loss(model, schedule, x.to(device), y.to(device), noise_gen, recipe.label_dropout).mean()
+        return {"loss": loss}
+
+    def save_partial(step: int, optimizer: torch.optim.Optimizer) -> None:
+        atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "step": step,
+                     "optimizer": optimizer.state_dict()}, partial)
+
+    started = time.perf_counter()
+    spec = TrainSpec(recipe.iterations, recipe.lr, recipe.grad_clip, recipe.ema_decay,
+                     checkpoint_every=recipe.checkpoint_every)
+    log.info("pretraining %s: %d iterations of batch %d on %s", preset.name, recipe.iterations,
+             recipe.batch_size, device_name(device))
+    result = train(model, loss_fn, spec, device, ema=ema, start_step=start, optimizer_state=opt_state,
+                   on_checkpoint=save_partial, desc=f"pretrain {preset.name}", progress=progress)
+    payload = {
+        "format": FORMAT, "kind": "diffusion", "preset": preset.name, "config": dataclasses.asdict(preset.unet),
+        "diffusion": dataclasses.asdict(preset.diffusion), "recipe": dataclasses.asdict(recipe),
+        "step": recipe.iterations, "model": model.state_dict(), "ema": ema.state_dict(),
+        "id": f"{preset.name}-{uuid.uuid4().hex[:12]}", "source": f"pretrained here (seed {seed})",
+        "final_loss": result.final_losses.get("loss", math.nan), **_provenance(device, started),
+    }
+    atomic_save(payload, final)
+    partial.unlink(missing_ok=True)
+    log.info("base model saved to %s (%.0f s)", final, payload["seconds"])
+    return payload
+
+
+def ensure_base_model(preset: Preset, cache: Cache, device: torch.device, progress: bool = True) -> dict:
+    path = cache.base_path(preset)
+    rebuild = f"bench pretrain --preset {preset.name} --cache {cache.root} --force"
+    if path.exists():
+        return load_checkpoint(path, "diffusion", preset, rebuild)
+    return pretrain(preset, cache, device, progress=progress)
+
+
+def train_classifier(preset: Preset, cache: Cache, device: torch.device, seed: int = 0, progress: bool = True) -> dict:
+    """Train the evaluation classifier on the training split; store its test accuracy with it."""
+    config, started = preset.classifier, time.perf_counter()
+    train_data, test_data = cache.dataset(preset, "train"), cache.dataset(preset, "test")
+    torch.manual_seed(seed)
+    model = build_classifier(config, preset.unet.in_channels, preset.num_classes).to(device)
+    data_gen = torch.Generator().manual_seed(seed)
+    batches = infinite_batches(train_data, config.batch_size, data_gen, hflip=preset.pretrain.hflip)
+    steps = config.epochs * math.ceil(len(train_data) / config.batch_size)
+
+    def loss_fn(step: int) -> dict:
+        x, y = next(batches)
+        x = random_shift(x, 1, data_gen)
+        return {"loss": F.cross_entropy(model(x.to(device)), y.to(device))}
+
+    train(model, loss_fn, TrainSpec(steps, config.lr, grad_clip=None), device,
+          desc=f"classifier {preset.name}", progress=progress)
+    accuracy = _accuracy(model, test_data)
+    payload = {
+        "format": FORMAT, "kind": "classifier", "preset": preset.name, "config": dataclasses.asdict(config),
+        "in_channels": preset.unet.in_channels, "num_classes": preset.num_classes, "model": model.state_dict(),
+        "test_accuracy": accuracy, "steps": steps, "source": f"trained here from scratch (seed {seed})",
+        **_provenance(device, started),
+    }
+    atomic_save(payload, cache.classifier_path(preset))
+    log.info("classifier saved to %s: test accuracy %.2f%%", cache.classifier_path(preset), 100 * accuracy)
+    return payload
+
+
+def _accuracy(model: nn.Module, data: ClassDataset) -> float:
+    probs, _ = predict(model, data.images)
+    return float((probs.argmax(1) == data.labels).float().mean())
+
+
+def ensure_classifier(preset: Preset, cache: Cache, device: torch.device, progress: bool = True) -> dict:
+    path = cache.classifier_path(preset)
+    rebuild = f"bench classifier --preset {preset.name} --cache {cache.root} --force"
+    if path.exists():
+        return load_checkpoint(path, "classifier", preset, rebuild)
+    return train_classifier(preset, cache, device, progress=progress)
+
+
+def load_classifier(payload: dict, preset: Preset, device: torch.device) -> nn.Module:
+    model = build_classifier(preset.classifier, payload["in_channels"], payload["num_classes"])
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval()
+
+
+def load_unet(weights: dict, preset: Preset, device: torch.device) -> ConditionalUNet:
+    model = new_unet(preset, device)
+    model.load_state_dict(weights)
+    return model

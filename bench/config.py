@@ -1,0 +1,169 @@
+"""Frozen configuration dataclasses and the preset registry.
+
+A preset bundles everything one benchmark setting needs: the data set, the UNet, the noise schedule, the
+pretraining recipe, the evaluation classifier and the evaluation protocols. `cifar10` is the reference protocol
+of the SA/SalUn code (../shared/notes/reference-protocol.md); the small presets scale it down and say how.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    num_classes: int = 10
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+
+
+UNETS: dict[str, UNetConfig] = {
+    # The published SA/SalUn backbone: 38,632,323 parameters.
+    "sa": UNetConfig(),
+    # 8x8 grey digits: three levels (8, 4, 2) with attention at 4x4; ~0.6 M parameters.
+    "digits": UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(4,)),
+    # 28x28 Fashion-MNIST: (28, 14, 7) with attention at 14x14.
+    "fashion": UNetConfig(image_size=28, in_channels=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(14,)),
+    # Smallest model that exercises every code path; tests only.
+    "tiny": UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)),
+}
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How a diffusion model is trained from scratch (pretraining and `retrain`)."""
+
+    iterations: int = 800_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    label_dropout: float = 0.1
+    hflip: bool = True
+    checkpoint_every: int = 5_000
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """The evaluation classifier: `small_cnn` for the small presets, `resnet34` as in the reference."""
+
+    arch: str = "small_cnn"
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a model is evaluated: sampler, guidance, sample counts and FID features."""
+
+    name: str
+    sampler_steps: int = 1000
+    eta: float = 1.0
+    guidance: float = 2.0
+    forget_samples: int = 500
+    retain_samples_per_class: int = 5000
+    fid_features: str = "classifier"
+    batch_size: int = 500
+    noise_samples: int = 1000
+
+    def describe(self) -> str:
+        update = "ancestral (eta=1)" if self.eta == 1.0 else f"DDIM eta={self.eta}"
+        return f"{self.name}: {update}, {self.sampler_steps} steps, w={self.guidance}"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    dataset: str
+    unet: UNetConfig
+    pretrain: TrainRecipe
+    classifier: ClassifierConfig
+    protocols: dict[str, Protocol]
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # Unlearning iterations are the paper's count times this factor (1.0 = paper scale).
+    iteration_scale: float = 1.0
+    # Batch of forget images and of retain images per unlearning step (paper: 128 + 128).
+    unlearn_batch_size: int = 128
+    default_protocol: str = "paper"
+
+    @property
+    def num_classes(self) -> int:
+        return self.unet.num_classes
+
+    def protocol(self, name: str | None) -> Protocol:
+        name = name or self.default_protocol
+        if name not in self.protocols:
+            raise ValueError(f"unknown protocol {name!r} for preset {self.name!r}; choose from {sorted(self.protocols)}")
+        return self.protocols[name]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    "cifar10": Preset(
+        name="cifar10",
+        description="CIFAR-10 32x32 with the published SA/SalUn UNet: the paper's setting",
+        dataset="cifar10",
+        unet=UNETS["sa"],
+        pretrain=TrainRecipe(),
+        classifier=ClassifierConfig(arch="resnet34", epochs=20, batch_size=128, lr=1e-4),
+        protocols={
+            "paper": Protocol("paper", sampler_steps=1000, eta=1.0, forget_samples=500,
+                              retain_samples_per_class=5000, fid_features="inception", batch_size=500),
+            "fast": Protocol("fast", sampler_steps=100, eta=1.0, forget_samples=500,
+                             retain_samples_per_class=1000, fid_features="inception", batch_size=500),
+        },
+    ),
+    "digits": Preset(
+        name="digits",
+        description="scikit-learn's bundled 8x8 digits (1,797 images); runs end to end on a laptop CPU",
+        dataset="digits",
+        unet=UNETS["digits"],
+        pretrain=TrainRecipe(iterations=3000, batch_size=128, lr=1e-3, ema_decay=0.995, hflip=False,
+                             checkpoint_every=1000),
+        classifier=ClassifierConfig(arch="small_cnn", epochs=40, batch_size=64, lr=2e-3),
+        protocols={
+            "paper": Protocol("paper", sampler_steps=100, eta=1.0, forget_samples=500,
+                              retain_samples_per_class=200, fid_features="classifier", batch_size=1000),
+        },
+        iteration_scale=0.2,
+        unlearn_batch_size=64,
+    ),
+    "tiny": Preset(
+        name="tiny",
+        description="digits with a minimal UNet and a handful of steps: the CI smoke test, not a benchmark",
+        dataset="digits",
+        unet=UNETS["tiny"],
+        pretrain=TrainRecipe(iterations=30, batch_size=32, lr=1e-3, ema_decay=0.9, hflip=False, checkpoint_every=10),
+        classifier=ClassifierConfig(arch="small_cnn", epochs=1, batch_size=64, lr=2e-3),
+        protocols={
+            "paper": Protocol("paper", sampler_steps=5, eta=1.0, forget_samples=20,
+                              retain_samples_per_class=10, fid_features="classifier", batch_size=100,
+                              noise_samples=50),
+        },
+        iteration_scale=0.003,
+        unlearn_batch_size=16,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]

@@ -1,0 +1,148 @@
+"""Data sets as class-labelled image tensors in [-1, 1], with forget and retain views by class.
+
+`digits` ships with scikit-learn, so the harness runs with no download at all. CIFAR-10 is read from a
+torchvision `CIFAR10` root (downloaded there when the network allows) or from an ImageFolder tree whose
+class folders follow CIFAR-10's label order, such as a JPEG copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DIGIT_CLASSES = tuple(str(d) for d in range(10))
+
+
+@dataclass
+class ClassDataset:
+    """Images (N, C, H, W) in [-1, 1] with integer labels; `source` says where they came from."""
+
+    images: Tensor
+    labels: Tensor
+    class_names: tuple[str, ...]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def of_classes(self, classes: list[int]) -> ClassDataset:
+        keep = torch.isin(self.labels, torch.tensor(classes))
+        return ClassDataset(self.images[keep], self.labels[keep], self.class_names, self.source)
+
+    def forget(self, forget_class: int) -> ClassDataset:
+        return self.of_classes([forget_class])
+
+    def retain(self, forget_class: int) -> ClassDataset:
+        return self.of_classes([c for c in range(self.num_classes) if c != forget_class])
+
+
+def fit_to_size(images: Tensor, size: int) -> Tensor:
+    """Pad (centred, with the background value -1) or resize square images to `size` x `size`."""
+    current = images.shape[-1]
+    if current == size:
+        return images
+    if current < size and (size - current) % 2 == 0:
+        pad = (size - current) // 2
+        return F.pad(images, (pad, pad, pad, pad), value=-1.0)
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
+
+
+def load_digits(split: str, image_size: int = 8, test_fraction: float = 0.2) -> ClassDataset:
+    """scikit-learn's 8x8 digits, scaled from 0..16 to [-1, 1], with a fixed stratified split."""
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_load_digits()
+    indices = np.arange(len(bunch.target))
+    train_idx, test_idx = train_test_split(indices, test_size=test_fraction, stratify=bunch.target, random_state=0)
+    chosen = np.sort(train_idx if split == "train" else test_idx)
+    images = torch.from_numpy(bunch.images[chosen]).float().div(16.0).mul(2).sub(1).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target[chosen]).long()
+    return ClassDataset(fit_to_size(images, image_size), labels, DIGIT_CLASSES, "scikit-learn digits (8x8)")
+
+
+def _uint8_to_tensor(array: np.ndarray) -> Tensor:
+    """(N, H, W, C) uint8 -> (N, C, H, W) float in [-1, 1]."""
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def load_cifar10(split: str, root: str | Path, download: bool = False) -> ClassDataset:
+    """CIFAR-10 from a torchvision root (`cifar-10-batches-py` inside) or an ImageFolder tree `root/<split>/<class>/`."""
+    root = Path(root)
+    folder = root / split
+    if folder.is_dir():
+        return _load_cifar_image_folder(folder)
+    from torchvision.datasets import CIFAR10
+
+    if not (root / "cifar-10-batches-py").is_dir() and not download:
+        raise FileNotFoundError(
+            f"no CIFAR-10 under {root}: expected {root}/cifar-10-batches-py (torchvision layout) or "
+            f"{root}/{split}/<class>/ (ImageFolder layout); pass --download on a machine with network access"
+        )
+    data = CIFAR10(str(root), train=split == "train", download=download)
+    labels = torch.tensor(data.targets, dtype=torch.long)
+    return ClassDataset(_uint8_to_tensor(data.data), labels, CIFAR10_CLASSES, "CIFAR-10 (torchvision)")
+
+
+def _load_cifar_image_folder(folder: Path) -> ClassDataset:
+    from PIL import Image
+
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if tuple(found) != CIFAR10_CLASSES:
+        raise ValueError(f"{folder} must hold one folder per CIFAR-10 class {CIFAR10_CLASSES}, found {found}")
+    arrays, labels, suffixes = [], [], set()
+    for label, name in enumerate(CIFAR10_CLASSES):
+        for path in sorted((folder / name).iterdir()):
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+            labels.append(label)
+            suffixes.add(path.suffix.lower())
+    source = "CIFAR-10 (JPEG copy)" if suffixes & {".jpg", ".jpeg"} else "CIFAR-10 (image folder)"
+    log.info("read %d images from %s", len(labels), folder)
+    return ClassDataset(_uint8_to_tensor(np.stack(arrays)), torch.tensor(labels), CIFAR10_CLASSES, source)
+
+
+def load_dataset(name: str, split: str, *, image_size: int, root: str | Path | None = None) -> ClassDataset:
+    """The registry of data sets by preset `dataset` name."""
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; choose from train, test")
+    if name == "digits":
+        return load_digits(split, image_size)
+    if name == "cifar10":
+        if root is None:
+            raise ValueError("the cifar10 data set needs --data-root (a torchvision CIFAR10 root or an ImageFolder tree)")
+        return load_cifar10(split, root)
+    raise ValueError(f"unknown data set {name!r}; choose from cifar10, digits")
+
+
+def infinite_batches(
+    dataset: ClassDataset, batch_size: int, generator: torch.Generator, hflip: bool = False
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless shuffled batches (x, y), reshuffled every epoch; random horizontal flips if `hflip`."""
+    if len(dataset) == 0:
+        raise ValueError("cannot draw batches from an empty data set")
+    while True:
+        order = torch.randperm(len(dataset), generator=generator)
+        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+            idx = order[start : start + batch_size]
+            if len(idx) < batch_size:  # fewer images than one batch: sample with replacement
+                idx = torch.randint(0, len(dataset), (batch_size,), generator=generator)
+            x = dataset.images[idx]
+            if hflip:
+                flip = torch.rand(len(idx), generator=generator) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            yield x, dataset.labels[idx]

@@ -1,0 +1,106 @@
+"""The noise schedule, kept apart from the network and the losses.
+
+Timesteps are integers in [0, T): step t has cumulative product abar_t = prod_{i<=t} (1 - beta_i), as in the
+DDIM codebase that SA and SalUn build on. The sampler is DDIM's "generalized" update; eta = 1 over every step
+is the reference evaluation (it equals ancestral DDPM sampling), fewer steps give the DDIM protocols.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from bench.config import DiffusionConfig
+from bench.unet import NULL_CLASS
+
+EpsModel = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+class NoiseSchedule:
+    def __init__(self, config: DiffusionConfig, device: torch.device | str = "cpu"):
+        self.config = config
+        self.timesteps = config.timesteps
+        betas = torch.linspace(config.beta_start, config.beta_end, config.timesteps, dtype=torch.float64)
+        self.betas = betas.to(device)
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0).to(device)
+
+    def abar(self, t: Tensor) -> Tensor:
+        """abar_t for integer steps; t = -1 gives 1 (the clean image), as the sampler's last step needs."""
+        padded = torch.cat([torch.ones(1, dtype=torch.float64, device=self.alphas_cumprod.device), self.alphas_cumprod])
+        return padded[t.long() + 1]
+
+    def _bcast(self, values: Tensor, like: Tensor) -> Tensor:
+        return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        abar = self.abar(t)
+        return self._bcast(abar.sqrt(), x0) * x0 + self._bcast((1 - abar).sqrt(), x0) * noise
+
+    def continue_chain(self, x_t: Tensor, t: Tensor, t_end: Tensor, noise: Tensor) -> Tensor:
+        """Run the forward chain on from step t to step t_end > t: x_end ~ q(x_end | x_t) with fresh `noise`."""
+        ratio = self.abar(t_end) / self.abar(t)
+        return self._bcast(ratio.sqrt(), x_t) * x_t + self._bcast((1 - ratio).sqrt(), x_t) * noise
+
+    def noise_from_x0(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+        """The noise that takes x0 to x_t at step t: (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."""
+        abar = self.abar(t)
+        return (x_t - self._bcast(abar.sqrt(), x0) * x0) / self._bcast((1 - abar).sqrt(), x0)
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator | None, device) -> Tensor:
+        """Antithetic timesteps: the first half uniform, the second half T - 1 - t (as in the DDPM/SA code)."""
+        half = torch.randint(0, self.timesteps, (batch_size // 2 + 1,), generator=generator, device=device)
+        return torch.cat([half, self.timesteps - 1 - half])[:batch_size]
+
+    def sampler_steps(self, num_steps: int) -> list[int]:
+        """Evenly skipped step sequence 0, skip, 2*skip, ... as in DDIM's `uniform` skip type."""
+        if not 1 <= num_steps <= self.timesteps:
+            raise ValueError(f"sampler steps must be in [1, {self.timesteps}], got {num_steps}")
+        skip = self.timesteps // num_steps
+        return list(range(0, self.timesteps, skip))[:num_steps]
+
+    def ddim_step(self, x_t: Tensor, eps: Tensor, t: Tensor, t_prev: Tensor, eta: float, noise: Tensor) -> Tensor:
+        """One generalized DDIM update from step t to t_prev (t_prev = -1 ends at the image)."""
+        at, at_prev = self._bcast(self.abar(t), x_t), self._bcast(self.abar(t_prev), x_t)
+        x0_pred = (x_t - eps * (1 - at).sqrt()) / at.sqrt()
+        c1 = eta * ((1 - at / at_prev) * (1 - at_prev) / (1 - at)).sqrt()
+        c2 = ((1 - at_prev) - c1**2).sqrt()
+        return at_prev.sqrt() * x0_pred + c1 * noise + c2 * eps
+
+
+def guided_eps(model: EpsModel, x: Tensor, t: Tensor, labels: Tensor, guidance: float) -> Tensor:
+    """(1 + w) eps(x, c) - w eps(x, null), with both halves in one batched forward pass."""
+    if guidance == 0:
+        return model(x, t, labels)
+    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, NULL_CLASS)]))
+    cond, uncond = both.chunk(2)
+    return (1 + guidance) * cond - guidance * uncond
+
+
+@torch.no_grad()
+def sample(
+    model: EpsModel,
+    schedule: NoiseSchedule,
+    labels: Tensor,
+    shape: tuple[int, ...],
+    *,
+    steps: int,
+    eta: float,
+    guidance: float,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> Tensor:
+    """Draw images for `labels` from pure noise; returns values clamped to [-1, 1], in float32."""
+    device = labels.device
+    x = torch.randn((len(labels), *shape), generator=generator, device=device)
+    seq = schedule.sampler_steps(steps)
+    for t_now, t_prev in zip(reversed(seq), reversed([-1] + seq[:-1])):
+        t = torch.full((len(labels),), t_now, device=device, dtype=torch.long)
+        eps = guided_eps(model, x, t, labels, guidance).float()
+        noise = torch.randn(x.shape, generator=generator, device=device) if eta > 0 else torch.zeros_like(x)
+        x = schedule.ddim_step(x, eps, t, torch.full_like(t, t_prev), eta, noise)
+        if on_step is not None:
+            on_step()
+    return x.clamp(-1, 1)

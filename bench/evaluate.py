@@ -1,0 +1,132 @@
+"""Evaluate one model as the paper does: sample the forget class and every retained class, classify, score.
+
+Samples are drawn class by class with a generator seeded by (seed, class), then quantized to 8 bits like
+saved images. A model that was not changed (the `original` row) has the same samples in every run, so they
+are cached by the weights' fingerprint and reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from bench import metrics
+from bench.classifier import predict
+from bench.config import Preset, Protocol
+from bench.diffusion import NoiseSchedule, sample
+
+log = logging.getLogger(__name__)
+
+GRID_COLUMNS = 8
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    grid: Tensor  # (classes * GRID_COLUMNS, C, H, W) uint8, one row per class
+    seconds: float
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
+def from_uint8(images: Tensor) -> Tensor:
+    return images.float() / 127.5 - 1.0
+
+
+def fingerprint(state: dict[str, Tensor]) -> str:
+    """A short hash of a set of weights, for cache keys."""
+    digest = hashlib.sha1()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _protocol_key(protocol: Protocol) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(protocol).items() if k in ("sampler_steps", "eta", "guidance")}
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+
+class Sampler:
+    """Draws (and, with `cache_dir`, caches) quantized samples of one model, class by class."""
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule, protocol: Protocol, preset: Preset,
+                 device: torch.device, seed: int, cache_dir: Path | None = None, progress: bool = True):
+        self.model, self.schedule, self.protocol, self.preset = model, schedule, protocol, preset
+        self.device, self.seed, self.cache_dir, self.progress = device, seed, cache_dir, progress
+
+    def class_samples(self, label: int, count: int) -> Tensor:
+        path = None
+        if self.cache_dir is not None:
+            path = self.cache_dir / _protocol_key(self.protocol) / f"seed{self.seed}" / f"class{label}-n{count}.pt"
+            if path.exists():
+                return torch.load(path, weights_only=True)
+        images = self._draw(label, count)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(images, tmp)
+            tmp.replace(path)
+        return images
+
+    def _draw(self, label: int, count: int) -> Tensor:
+        cfg, protocol = self.preset.unet, self.protocol
+        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + 7919 * label + 17)
+        self.model.eval()
+        chunks = []
+        steps = min(protocol.sampler_steps, self.schedule.timesteps)
+        total = steps * -(-count // protocol.batch_size)
+        with tqdm(total=total, desc=f"sample class {label}", disable=not self.progress, leave=False) as bar:
+            for start in range(0, count, protocol.batch_size):
+                size = min(protocol.batch_size, count - start)
+                labels = torch.full((size,), label, device=self.device, dtype=torch.long)
+                images = sample(self.model, self.schedule, labels, (cfg.in_channels, cfg.image_size, cfg.image_size),
+                                steps=steps, eta=protocol.eta, guidance=protocol.guidance, generator=generator,
+                                on_step=lambda: bar.update(1))
+                chunks.append(to_uint8(images))
+        return torch.cat(chunks)
+
+
+def real_features(classifier: nn.Module, images: Tensor) -> Tensor:
+    return predict(classifier, images)[1]
+
+
+def evaluate(sampler: Sampler, classifier: nn.Module, forget_class: int, real_retain_features: Tensor,
+             noise_probs: Tensor) -> Evaluation:
+    """UA, entropy and forget-class histogram; FID and accuracy on the retained classes; noise predictions."""
+    started = time.perf_counter()
+    protocol, num_classes = sampler.protocol, sampler.preset.num_classes
+    forget_images = sampler.class_samples(forget_class, protocol.forget_samples)
+    forget_probs, _ = predict(classifier, from_uint8(forget_images))
+    retained = [c for c in range(num_classes) if c != forget_class]
+    per_class = {c: sampler.class_samples(c, protocol.retain_samples_per_class) for c in retained}
+    retain_images = torch.cat([per_class[c] for c in retained])
+    retain_labels = torch.cat([torch.full((len(per_class[c]),), c) for c in retained])
+    retain_probs, retain_feats = predict(classifier, from_uint8(retain_images))
+    results = {
+        **metrics.forget_metrics(forget_probs, forget_class),
+        "fid": metrics.fid(retain_feats, real_retain_features),
+        "retain_accuracy": metrics.retain_accuracy(retain_probs, retain_labels),
+        "retain_samples": len(retain_images),
+        "noise_prediction": metrics.noise_prediction(noise_probs),
+    }
+    grid = torch.cat([(forget_images if c == forget_class else per_class[c])[:GRID_COLUMNS] for c in range(num_classes)])
+    return Evaluation(results, grid, time.perf_counter() - started)
+
+
+def noise_probabilities(classifier: nn.Module, shape: tuple[int, ...], count: int, seed: int) -> Tensor:
+    """Classifier outputs on pure N(0, I) noise, clamped to [-1, 1] as the sampler clamps its output."""
+    generator = torch.Generator().manual_seed(seed + 99991)
+    noise = torch.randn((count, *shape), generator=generator).clamp(-1, 1)
+    return predict(classifier, noise)[0]

@@ -1,0 +1,203 @@
+"""One run: (preset, method, forget class, seed, overrides) -> unlearned model -> evaluation -> record.
+
+`run_one` is a module-level function of a picklable `RunSpec`, so the same code runs in this process, in a
+local worker or in a SLURM job. It writes the sample grid first and the record last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+from bench import records
+from bench.artifacts import Cache, ensure_base_model, ensure_classifier, load_classifier, load_unet, new_unet
+from bench.config import Preset, Protocol, get_preset
+from bench.diffusion import NoiseSchedule
+from bench.evaluate import GRID_COLUMNS, Sampler, evaluate, from_uint8, noise_probabilities, real_features
+from bench.runner import EMA, TrainSpec, device_name, memory_snapshot, pick_device, reset_peak_memory, train
+from methods import Context, get_method
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "torchvision", "numpy", "pytorch-fid", "submitit", "scikit-learn")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    preset: str
+    method: str
+    forget_class: int
+    seed: int
+    out: str
+    cache: str | None = None
+    protocol: str | None = None
+    method_overrides: tuple[tuple[str, object], ...] = ()
+    protocol_overrides: tuple[tuple[str, object], ...] = ()
+    data_root: str | None = None
+    device: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def variant(self) -> str:
+        parts = [f"{k}={v}" for k, v in sorted(self.method_overrides)]
+        parts += [f"protocol.{k}={v}" for k, v in sorted(self.protocol_overrides)]
+        return ",".join(parts) or "default"
+
+    @property
+    def protocol_name(self) -> str:
+        return get_preset(self.preset).protocol(self.protocol).name
+
+    @property
+    def directory(self) -> Path:
+        return records.run_dir(self.out, self.preset, self.protocol_name, self.method, self.variant,
+                               self.forget_class, self.seed)
+
+    def describe(self) -> str:
+        extra = "" if self.variant == "default" else f" [{self.variant}]"
+        return f"{self.method}{extra} class {self.forget_class} seed {self.seed}"
+
+
+def resolve_protocol(preset: Preset, spec: RunSpec) -> Protocol:
+    return dataclasses.replace(preset.protocol(spec.protocol), **dict(spec.protocol_overrides))
+
+
+def resolve_method_config(preset: Preset, spec: RunSpec):
+    """Paper defaults, then the preset's scaling, then the user's overrides; plus what was scaled."""
+    cls = get_method(spec.method)
+    paper = cls.Config()
+    scaled = cls.preset_defaults(preset)
+    config = dataclasses.replace(paper, **scaled, **dict(spec.method_overrides))
+    changes = {k: {"paper": getattr(paper, k), "preset": v} for k, v in scaled.items() if getattr(paper, k) != v}
+    return cls, config, changes
+
+
+@cache
+def provenance() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"git_commit": commit or None, "versions": versions, "python": platform.python_version(),
+            "hostname": platform.node()}
+
+
+def prepare_prerequisites(preset_name: str, cache_dir: str | None, data_root: str | None = None,
+                          device: str | None = None, progress: bool = True) -> dict:
+    """Build (or load) the base model and the classifier; returns where they are."""
+    preset, cache = get_preset(preset_name), Cache(cache_dir, data_root)
+    dev = pick_device(device)
+    base = ensure_base_model(preset, cache, dev, progress)
+    classifier = ensure_classifier(preset, cache, dev, progress)
+    return {"base": str(cache.base_path(preset)), "base_seconds": base.get("seconds"),
+            "classifier": str(cache.classifier_path(preset)), "classifier_accuracy": classifier["test_accuracy"],
+            "classifier_seconds": classifier.get("seconds")}
+
+
+def run_one(spec: RunSpec) -> dict:
+    """Unlearn, evaluate and write the record of one run; returns the record."""
+    started = time.perf_counter()
+    preset = get_preset(spec.preset)
+    protocol = resolve_protocol(preset, spec)
+    cls, config, scaled = resolve_method_config(preset, spec)
+    if not 0 <= spec.forget_class < preset.num_classes:
+        raise ValueError(f"preset {preset.name} has classes 0-{preset.num_classes - 1}, not {spec.forget_class}")
+    device, cache = pick_device(spec.device), Cache(spec.cache, spec.data_root)
+    base = ensure_base_model(preset, cache, device, spec.progress)
+    classifier_payload = ensure_classifier(preset, cache, device, spec.progress)
+    classifier = load_classifier(classifier_payload, preset, device)
+    train_data = cache.dataset(preset, "train")
+    schedule = NoiseSchedule(preset.diffusion, device)
+
+    torch.manual_seed(spec.seed)
+    model = new_unet(preset, device) if cls.from_scratch else load_unet(base["model"], preset, device)
+    ema = None
+    if config.ema:
+        ema = EMA(model, config.ema_decay, shadow=None if cls.from_scratch else base["ema"])
+    ctx = Context(
+        preset=preset, forget_class=spec.forget_class, seed=spec.seed, schedule=schedule, train_data=train_data,
+        device=device, noise_generator=torch.Generator(device).manual_seed(spec.seed),
+        data_generator=torch.Generator().manual_seed(spec.seed), base_weights=base["model"], base_ema=base["ema"],
+        base_id=base["id"], cache=cache, progress=spec.progress,
+    )
+    method = cls(config, ctx)
+
+    reset_peak_memory(device)
+    prep_started = time.perf_counter()
+    prepare = method.prepare()
+    prepare_total = time.perf_counter() - prep_started
+    result = None
+    if config.iterations > 0:
+        batches = method.batches()
+        spec_train = TrainSpec(config.iterations, config.lr, config.grad_clip)
+        result = train(model, lambda step: method.loss(model, next(batches)), spec_train, device, ema=ema,
+                       grad_mask=method.grad_mask(), desc=f"{spec.method} class {spec.forget_class}",
+                       progress=spec.progress)
+    memory = result.memory if result else memory_snapshot(device)
+    if ema is not None:
+        ema.copy_to(model)
+
+    sample_cache = None
+    if result is None and not cls.from_scratch:  # weights untouched: samples are the same in every run
+        sample_cache = cache.path(preset, "samples", base["id"] + ("-ema" if config.ema else "-raw"))
+    sampler = Sampler(model, schedule, protocol, preset, device, spec.seed, sample_cache, spec.progress)
+    retain_real = train_data.retain(spec.forget_class).images
+    shape = (preset.unet.in_channels, preset.unet.image_size, preset.unet.image_size)
+    noise_probs = noise_probabilities(classifier, shape, protocol.noise_samples, spec.seed)
+    evaluation = evaluate(sampler, classifier, spec.forget_class, real_features(classifier, retain_real), noise_probs)
+
+    directory = spec.directory
+    directory.mkdir(parents=True, exist_ok=True)
+    save_image(from_uint8(evaluation.grid).add(1).div(2), directory / "samples.png", nrow=GRID_COLUMNS, padding=1)
+    record = {
+        "schema": records.SCHEMA_VERSION,
+        "preset": preset.name,
+        "dataset": train_data.source,
+        "protocol": dataclasses.asdict(protocol),
+        "method": spec.method,
+        "variant": spec.variant,
+        "forget_class": spec.forget_class,
+        "forget_class_name": train_data.class_names[spec.forget_class],
+        "seed": spec.seed,
+        "hyperparameters": method.hyperparameters(),
+        "overrides": {"method": dict(spec.method_overrides), "protocol": dict(spec.protocol_overrides)},
+        "scaled_from_paper": scaled,
+        "metrics": evaluation.metrics,
+        "higher_is_better": {"ua": True, "entropy": True, "fid": False, "retain_accuracy": True, "rte_s": False},
+        "timings": {
+            "rte_s": result.seconds if result else 0.0,
+            "iterations": result.steps if result else 0,
+            "prepare_s": prepare,
+            "prepare_total_s": prepare_total,
+            "eval_s": evaluation.seconds,
+            "total_s": time.perf_counter() - started,
+        },
+        "memory": memory,
+        "losses": {"final": result.final_losses if result else {}, "history": result.loss_history if result else []},
+        "base_model": {"path": str(cache.base_path(preset)), "id": base["id"], "step": base["step"],
+                       "source": base.get("source")},
+        "classifier": {"arch": preset.classifier.arch, "test_accuracy": classifier_payload["test_accuracy"],
+                       "source": classifier_payload.get("source"), "fid_features": protocol.fid_features},
+        "provenance": {**provenance(), "device": device_name(device),
+                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        "artifacts": {"samples": "samples.png"},
+    }
+    records.write_json_atomic(directory / records.RECORD_NAME, record)
+    return record

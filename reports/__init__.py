@@ -1,0 +1,1 @@
+"""Records -> DataFrame -> tables and figures. Reads records only; never recomputes a metric."""
