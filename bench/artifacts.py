@@ -65,8 +65,11 @@ def atomic_save(payload: dict, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind when something above failed
 
 
 def load_checkpoint(path: Path, kind: str, preset: Preset, rebuild: str) -> dict:
@@ -76,7 +79,8 @@ def load_checkpoint(path: Path, kind: str, preset: Preset, rebuild: str) -> dict
     except FileNotFoundError:
         raise
     except Exception as exc:  # a truncated file, or one that needs arbitrary unpickling
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         raise CheckpointError(f"cannot load {path} ({reason}); rebuild it with `{rebuild}`") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("kind") != kind:
         raise CheckpointError(f"{path} is not a {kind} checkpoint of this tool; rebuild it with `{rebuild}`")

@@ -100,6 +100,8 @@ class Preset:
     # Batch of forget images and of retain images per unlearning step (paper: 128 + 128).
     unlearn_batch_size: int = 128
     default_protocol: str = "paper"
+    # Per-method values this preset replaces (scaled sample counts, fewer Fisher timesteps...), recorded.
+    method_defaults: dict[str, dict] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -135,7 +137,7 @@ PRESETS: dict[str, Preset] = {
         description="scikit-learn's bundled 8x8 digits (1,797 images); runs end to end on a laptop CPU",
         dataset="digits",
         unet=UNETS["digits"],
-        pretrain=TrainRecipe(iterations=3000, batch_size=128, lr=1e-3, ema_decay=0.995, hflip=False,
+        pretrain=TrainRecipe(iterations=2000, batch_size=128, lr=1e-3, ema_decay=0.995, hflip=False,
                              checkpoint_every=1000),
         classifier=ClassifierConfig(arch="small_cnn", epochs=40, batch_size=64, lr=2e-3),
         protocols={
@@ -159,6 +161,8 @@ PRESETS: dict[str, Preset] = {
         },
         iteration_scale=0.003,
         unlearn_batch_size=16,
+        method_defaults={"sa": {"iterations": 3, "prior_samples_per_class": 4, "fim_timesteps": 4},
+                         "salun": {"mask_batch_size": 64}},
     ),
 }
 

@@ -50,7 +50,7 @@ class NoiseSchedule:
         return (x_t - self._bcast(abar.sqrt(), x0) * x0) / self._bcast((1 - abar).sqrt(), x0)
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None, device) -> Tensor:
-        """Antithetic timesteps: the first half uniform, the second half T - 1 - t (as in the DDPM/SA code)."""
+        """Antithetic timesteps as in the DDPM/SA code: n//2 + 1 uniform draws u, then T - 1 - u, cut to n."""
         half = torch.randint(0, self.timesteps, (batch_size // 2 + 1,), generator=generator, device=device)
         return torch.cat([half, self.timesteps - 1 - half])[:batch_size]
 

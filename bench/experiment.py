@@ -20,7 +20,7 @@ import torch
 from torchvision.utils import save_image
 
 from bench import records
-from bench.artifacts import Cache, ensure_base_model, ensure_classifier, load_classifier, load_unet, new_unet
+from bench.artifacts import Cache, atomic_save, ensure_base_model, ensure_classifier, load_classifier, load_unet, new_unet
 from bench.config import Preset, Protocol, get_preset
 from bench.diffusion import NoiseSchedule
 from bench.evaluate import GRID_COLUMNS, Sampler, evaluate, from_uint8, noise_probabilities, real_features
@@ -111,45 +111,60 @@ def prepare_prerequisites(preset_name: str, cache_dir: str | None, data_root: st
             "classifier_seconds": classifier.get("seconds")}
 
 
-def run_one(spec: RunSpec) -> dict:
-    """Unlearn, evaluate and write the record of one run; returns the record."""
-    started = time.perf_counter()
+@dataclass
+class Setup:
+    """A method bound to its context, with the model it trains and that model's EMA (if any)."""
+
+    preset: Preset
+    method: object
+    model: torch.nn.Module
+    ema: EMA | None
+    ctx: Context
+    base: dict
+    scaled: dict
+
+
+def setup_method(spec: RunSpec) -> Setup:
+    """Resolve the configuration, load the base model and data, and build the method's context."""
     preset = get_preset(spec.preset)
-    protocol = resolve_protocol(preset, spec)
     cls, config, scaled = resolve_method_config(preset, spec)
     if not 0 <= spec.forget_class < preset.num_classes:
         raise ValueError(f"preset {preset.name} has classes 0-{preset.num_classes - 1}, not {spec.forget_class}")
     device, cache = pick_device(spec.device), Cache(spec.cache, spec.data_root)
     base = ensure_base_model(preset, cache, device, spec.progress)
-    classifier_payload = ensure_classifier(preset, cache, device, spec.progress)
-    classifier = load_classifier(classifier_payload, preset, device)
-    train_data = cache.dataset(preset, "train")
-    schedule = NoiseSchedule(preset.diffusion, device)
-
     torch.manual_seed(spec.seed)
     model = new_unet(preset, device) if cls.from_scratch else load_unet(base["model"], preset, device)
     ema = None
     if config.ema:
         ema = EMA(model, config.ema_decay, shadow=None if cls.from_scratch else base["ema"])
     ctx = Context(
-        preset=preset, forget_class=spec.forget_class, seed=spec.seed, schedule=schedule, train_data=train_data,
-        device=device, noise_generator=torch.Generator(device).manual_seed(spec.seed),
+        preset=preset, forget_class=spec.forget_class, seed=spec.seed, schedule=NoiseSchedule(preset.diffusion, device),
+        train_data=cache.dataset(preset, "train"), device=device,
+        noise_generator=torch.Generator(device).manual_seed(spec.seed),
         data_generator=torch.Generator().manual_seed(spec.seed), base_weights=base["model"], base_ema=base["ema"],
         base_id=base["id"], cache=cache, progress=spec.progress,
     )
-    method = cls(config, ctx)
+    return Setup(preset, cls(config, ctx), model, ema, ctx, base, scaled)
+
+
+def run_one(spec: RunSpec) -> dict:
+    """Unlearn, evaluate and write the record of one run; returns the record."""
+    started = time.perf_counter()
+    setup = setup_method(spec)
+    preset, method, model, ema, ctx, base = setup.preset, setup.method, setup.model, setup.ema, setup.ctx, setup.base
+    config, cls, scaled, device, cache = method.config, type(method), setup.scaled, ctx.device, ctx.cache
+    protocol = resolve_protocol(preset, spec)
+    classifier_payload = ensure_classifier(preset, cache, device, spec.progress)
+    classifier = load_classifier(classifier_payload, preset, device)
+    train_data, schedule = ctx.train_data, ctx.schedule
 
     reset_peak_memory(device)
     prep_started = time.perf_counter()
-    prepare = method.prepare()
-    prepare_total = time.perf_counter() - prep_started
+    prepare = method.prepare()  # stage -> seconds it took to compute (also when loaded from the cache)
+    prepare_wall = time.perf_counter() - prep_started
     result = None
     if config.iterations > 0:
-        batches = method.batches()
-        spec_train = TrainSpec(config.iterations, config.lr, config.grad_clip)
-        result = train(model, lambda step: method.loss(model, next(batches)), spec_train, device, ema=ema,
-                       grad_mask=method.grad_mask(), desc=f"{spec.method} class {spec.forget_class}",
-                       progress=spec.progress)
+        result = _train(spec, preset, model, ema, method, config, ctx)
     memory = result.memory if result else memory_snapshot(device)
     if ema is not None:
         ema.copy_to(model)
@@ -185,7 +200,8 @@ def run_one(spec: RunSpec) -> dict:
             "rte_s": result.seconds if result else 0.0,
             "iterations": result.steps if result else 0,
             "prepare_s": prepare,
-            "prepare_total_s": prepare_total,
+            "prepare_total_s": sum(prepare.values()),
+            "prepare_wall_s": prepare_wall,
             "eval_s": evaluation.seconds,
             "total_s": time.perf_counter() - started,
         },
@@ -200,4 +216,37 @@ def run_one(spec: RunSpec) -> dict:
         "artifacts": {"samples": "samples.png"},
     }
     records.write_json_atomic(directory / records.RECORD_NAME, record)
+    (directory / PARTIAL_NAME).unlink(missing_ok=True)
     return record
+
+
+PARTIAL_NAME = "partial.pt"
+
+
+def _train(spec: RunSpec, preset: Preset, model, ema, method, config, ctx: Context):
+    """The unlearning loop; runs longer than the preset's checkpoint interval save and resume `partial.pt`."""
+    every = preset.pretrain.checkpoint_every if config.iterations > preset.pretrain.checkpoint_every else None
+    partial = spec.directory / PARTIAL_NAME
+    start, opt_state = 0, None
+    if every and partial.exists():
+        state = torch.load(partial, map_location=ctx.device, weights_only=True)
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.shadow = [state["ema"][name].to(ctx.device) for name in ema.names]
+        ctx.noise_generator.set_state(state["noise_generator"])
+        ctx.data_generator.set_state(state["data_generator"])
+        start, opt_state = state["step"], state["optimizer"]
+        log.info("resuming %s from step %d (%s)", spec.describe(), start, partial)
+
+    def save(step: int, optimizer) -> None:
+        if step < config.iterations:
+            atomic_save({"model": model.state_dict(), "ema": ema.state_dict() if ema else {}, "step": step,
+                         "optimizer": optimizer.state_dict(), "noise_generator": ctx.noise_generator.get_state(),
+                         "data_generator": ctx.data_generator.get_state()}, partial)
+
+    batches = method.batches()
+    train_spec = TrainSpec(config.iterations, config.lr, config.grad_clip, checkpoint_every=every)
+    return train(model, lambda step: method.loss(model, next(batches)), train_spec, ctx.device, ema=ema,
+                 grad_mask=method.grad_mask(), start_step=start, optimizer_state=opt_state,
+                 on_checkpoint=save if every else None, desc=f"{spec.method} class {spec.forget_class}",
+                 progress=spec.progress)

@@ -176,12 +176,14 @@ def train(
             ema.update(model)
         pending.append({name: value.detach() for name, value in terms.items()})
         done = step + 1
-        if len(pending) >= spec.check_every or done == spec.iterations:
+        checkpoint_due = on_checkpoint is not None and spec.checkpoint_every and done % spec.checkpoint_every == 0
+        # Check the pending losses before any checkpoint, so that none ever holds non-finite weights.
+        if len(pending) >= spec.check_every or done == spec.iterations or checkpoint_due:
             history.append(_check_finite(pending, done - len(pending)))
             pending = []
             bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
         bar.update(1)
-        if on_checkpoint is not None and spec.checkpoint_every and done % spec.checkpoint_every == 0:
+        if checkpoint_due:
             on_checkpoint(done, optimizer)
     synchronize(device)
     seconds = time.perf_counter() - started

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from methods.base import Context, MethodConfig, UnlearningMethod
+from methods.gradient_ascent import GradientAscent, NegGradPlus
 from methods.original import Original
+from methods.retrain import Retrain
+from methods.sa import SelectiveAmnesia
 from methods.safemax import SafeMax
+from methods.salun import SalUn
 
-METHODS: dict[str, type[UnlearningMethod]] = {cls.name: cls for cls in (Original, SafeMax)}
+METHODS: dict[str, type[UnlearningMethod]] = {
+    cls.name: cls for cls in (Original, SafeMax, SelectiveAmnesia, SalUn, Retrain, GradientAscent, NegGradPlus)
+}
 
 
 def get_method(name: str) -> type[UnlearningMethod]:

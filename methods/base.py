@@ -76,10 +76,15 @@ class UnlearningMethod:
     def preset_defaults(cls, preset: Preset) -> dict:
         """Paper-scale values this preset replaces: iterations scaled, batch size the preset's."""
         paper = cls.Config()
-        return {
-            "iterations": max(1, round(paper.iterations * preset.iteration_scale)) if paper.iterations else 0,
+        scale = preset.iteration_scale
+        defaults = {
+            "iterations": max(1, round(paper.iterations * scale)) if paper.iterations else 0,
             "batch_size": preset.unlearn_batch_size,
         }
+        if paper.ema and paper.iterations and scale != 1.0:
+            # Keep the EMA's horizon the same fraction of the (shorter) run: decay ** iterations is preserved.
+            defaults["ema_decay"] = round(paper.ema_decay ** (1.0 / scale), 6)
+        return {**defaults, **preset.method_defaults.get(cls.name, {})}
 
     def prepare(self) -> dict[str, float]:
         """Compute or load cached preparation (Fisher, mask, priors); returns seconds per named stage."""
