@@ -3,13 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# torch 2.14.1 / torchvision 0.29.1 are what resolves here; any torch >= 2.4 works.
+SYSTEM_STAMP := $(VENV)/.system-packages
+# torch 2.14.1 / torchvision 0.29.1 are what resolves on the development machines; any torch >= 2.4 works.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Debian packages: a real SLURM cluster with accounting for the tests, Chromium to render the report page,
+# and the full Fashion-MNIST for the `fashion` preset.
+APT_PACKAGES := munge slurmctld slurmd slurm-client slurmdbd mariadb-server chromium dataset-fashion-mnist
 ARGS ?=
 
-.PHONY: install run test lint clean
+.PHONY: install system-packages run report test lint clean
 
-install: $(STAMP)
+install: $(STAMP) system-packages
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,8 +22,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Installs the Debian packages where apt-get is available and we are root; elsewhere it says what is missing.
+system-packages: $(SYSTEM_STAMP)
+
+$(SYSTEM_STAMP): Makefile | $(STAMP)
+	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+		if [ -n "$$missing" ]; then \
+			echo "installing Debian packages: $$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		fi; \
+	else \
+		echo "note: cannot install Debian packages here ($(APT_PACKAGES)); SLURM, report and fashion tests need them"; \
+	fi
+	touch $(SYSTEM_STAMP)
+
 run: install
 	$(BIN)/bench run --methods all --classes 0-9 $(ARGS)
+
+report: install
+	$(BIN)/bench report --results results --out results/report
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -1,0 +1,354 @@
+"""Records -> the paper's tables: Table 1 (H, UA per forget class), Table 2 (FID, RTE, memory with mean and
+standard deviation rows), preparation time, and for CIFAR-10 the paper's numbers beside this run's.
+
+One table per (preset, protocol); seeds are averaged. Tables hold `Cell`s so that one structure renders as
+Markdown, CSV, LaTeX (booktabs) and HTML. A (method, class) without a record is a missing cell that carries
+the `bench run` command that fills it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from bench.artifacts import default_cache_dir
+from bench.config import get_preset
+from bench.metrics import HIGHER_IS_BETTER
+from reports import summary
+from reports.render import Cell, Table, mark_best
+
+# Methods the paper compares; they get a column (or a missing-cell command) even before anyone runs them.
+PAPER_METHODS = ("sa", "salun", "safemax")
+METHOD_ORDER = ("original", "retrain", "sa", "salun", "ga", "neggrad_plus", "safemax")
+DISPLAY = {"original": "Original", "retrain": "Retrain", "sa": "SA", "salun": "SalUn", "ga": "GA",
+           "neggrad_plus": "NegGrad+", "safemax": "SAFEMax"}
+# References, not unlearning methods: shown, never ranked (never bold).
+REFERENCE_METHODS = {"original", "retrain"}
+# Directions of the derived columns; the records' own `higher_is_better` takes precedence over this map.
+DIRECTIONS = {**HIGHER_IS_BETTER, "rte_min": False, "memory_gib": False, "prepare_min": False, "std": False}
+
+# Reference data, not results: the published CIFAR-10 numbers of Spartalis et al., "Unleashing Uncertainty:
+# Efficient Machine Unlearning for Generative AI" (SAFEMax), Table 1 (H, UA %) and Table 2 (FID, RTE minutes,
+# GPU GB), classes 0-9 in order, and the mu / sigma rows as printed (../shared/paper/safemax-paper.md).
+# The printed SAFEMax FID sigma (0.32) does not follow from its per-class FIDs (sample std 1.48); kept as printed.
+PAPER_CIFAR10 = {
+    "sa": {"entropy": [1.062, 0.987, 0.948, 1.006, 0.926, 0.908, 0.993, 1.007, 0.900, 0.998],
+           "ua": [98.60, 99.60, 1.80, 100.00, 100.00, 100.00, 100.00, 100.00, 100.00, 100.00],
+           "fid": [14.29, 18.72, 18.55, 17.66, 17.67, 17.31, 17.71, 18.37, 18.56, 18.28],
+           "rte_min": [174.32, 174.37, 174.38, 174.76, 174.87, 174.62, 173.75, 173.76, 174.26, 174.65],
+           "memory_gib": [17.29] * 10,
+           "mu": {"fid": 17.71, "rte_min": 174.37, "memory_gib": 17.29},
+           "sigma": {"fid": 1.29, "rte_min": 0.38, "memory_gib": 0.00},
+           "prepare_min": 1226.98},  # priors + FIM, reported apart from RTE in the text
+    "salun": {"entropy": [0.051, 0.032, 0.084, 0.068, 0.085, 0.040, 0.045, 0.027, 0.045, 0.057],
+              "ua": [99.00, 100.00, 98.80, 99.60, 99.60, 99.60, 100.00, 100.00, 99.20, 99.20],
+              "fid": [14.11, 16.85, 18.24, 16.84, 16.64, 16.95, 16.78, 16.93, 18.72, 15.55],
+              "rte_min": [11.56, 11.96, 11.97, 12.03, 12.03, 11.29, 12.00, 12.00, 11.99, 11.98],
+              "memory_gib": [23.22, 23.23, 23.24, 23.23, 23.24, 23.23, 23.23, 23.23, 23.24, 23.24],
+              "mu": {"fid": 16.76, "rte_min": 11.81, "memory_gib": 23.23},
+              "sigma": {"fid": 1.27, "rte_min": 0.25, "memory_gib": 0.01}},
+    "safemax": {"entropy": [1.132, 1.156, 1.156, 1.122, 1.128, 1.118, 1.144, 1.136, 1.152, 1.124],
+                "ua": [100.00, 100.00, 0.00, 100.00, 100.00, 100.00, 100.00, 100.00, 100.00, 100.00],
+                "fid": [13.11, 18.01, 17.07, 15.64, 16.89, 17.07, 16.80, 17.93, 18.20, 16.66],
+                "rte_min": [5.82, 5.79, 5.80, 5.89, 5.80, 5.79, 5.79, 5.90, 5.80, 5.85],
+                "memory_gib": [9.50] * 10,
+                "mu": {"fid": 16.74, "rte_min": 5.83, "memory_gib": 9.50},
+                "sigma": {"fid": 0.32, "rte_min": 0.04, "memory_gib": 0.00}},
+}
+
+METRIC_FORMAT = {"entropy": "{:.3f}", "ua": "{:.2f}", "fid": "{:.2f}", "memory_gib": "{:.2f}"}
+
+
+def method_label(method: str) -> str:
+    return DISPLAY.get(method, method)
+
+
+def fmt(metric: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if metric in ("rte_min", "prepare_min") and 0 < abs(value) < 0.1:
+        return f"{value:.2g}"  # tiny presets train for seconds: keep two significant digits
+    return METRIC_FORMAT.get(metric, "{:.2f}").format(value)
+
+
+# --- records -> DataFrame -------------------------------------------------------------------------------------
+
+def _prepare_stages(timings: dict) -> dict[str, float]:
+    stages = timings.get("prepare_s")
+    if isinstance(stages, dict):
+        return {str(k): float(v) for k, v in stages.items() if v is not None}
+    return {"prepare": float(stages)} if stages else {}
+
+
+def _extra(record: dict) -> dict:
+    memory, metrics = record.get("memory", {}), record["metrics"]
+    gpu = memory.get("peak_gpu_allocated_gib")
+    stages = _prepare_stages(record["timings"])
+    run_dir = Path(record.get("path", ".")).parent
+    return {
+        "class_name": str(record.get("forget_class_name", record["forget_class"])),
+        "num_classes": len(metrics.get("forget_histogram") or []) or None,
+        "prepare_stages": stages,
+        "prepare_min": sum(stages.values()) / 60,
+        "rte_min": (record["timings"].get("rte_s") or 0.0) / 60,
+        "memory_gib": gpu if gpu is not None else memory.get("peak_process_mib", math.nan) / 1024,
+        "memory_kind": "GPU" if gpu is not None else "RSS",
+        "noise_histogram": (metrics.get("noise_prediction") or {}).get("histogram"),
+        "hyperparameters": record.get("hyperparameters", {}),
+        "protocol_overrides": (record.get("overrides") or {}).get("protocol", {}),
+        "samples": str(run_dir / (record.get("artifacts") or {}).get("samples", "samples.png")),
+        "device": (record.get("provenance") or {}).get("device"),
+        "fid_features": (record.get("protocol") or {}).get("fid_features"),
+        "base_model_path": (record.get("base_model") or {}).get("path"),
+        "higher_is_better": record.get("higher_is_better") or {},
+    }
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    """summary.frame's headline columns plus what the report needs: stages, memory kind, histograms, paths."""
+    if not records:
+        return pd.DataFrame()
+    base = summary.frame(records).drop(columns=["peak_mem"])
+    extra = pd.DataFrame([_extra(record) for record in records], index=base.index)
+    return pd.concat([base, extra], axis=1)
+
+
+def directions(df: pd.DataFrame) -> dict[str, bool]:
+    merged = dict(DIRECTIONS)
+    for found in df.get("higher_is_better", []):
+        merged.update(found)
+    return merged
+
+
+def order_methods(methods) -> list[str]:
+    known = [m for m in METHOD_ORDER if m in methods]
+    return known + sorted(m for m in methods if m not in METHOD_ORDER)
+
+
+# --- what should exist, and the commands that fill what does not ---------------------------------------------
+
+def class_spec(classes: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    parts, run = [], []
+    for value in sorted(classes):
+        if run and value != run[-1] + 1:
+            parts.append(run)
+            run = []
+        run.append(value)
+    parts += [run] if run else []
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in parts)
+
+
+@dataclass
+class Grid:
+    """The (method, class, seed) runs one (preset, protocol) table should hold, and how to run the missing ones."""
+
+    preset: str
+    protocol: str
+    methods: list[str]
+    classes: list[int]
+    class_names: dict[int, str]
+    seeds: list[int]
+    results_dir: str
+    cache: str | None = None
+    data_root: str | None = None
+    commands: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def command(self, method: str, classes: list[int], seeds: list[int]) -> str:
+        parts = ["bench run", f"--preset {self.preset}", f"--protocol {self.protocol}", f"--methods {method}",
+                 f"--classes {class_spec(classes)}", f"--seeds {','.join(map(str, seeds))}",
+                 f"--out {self.results_dir}"]
+        if self.cache:
+            parts.append(f"--cache {self.cache}")
+        if self.data_root or self.preset == "cifar10":
+            parts.append(f"--data-root {self.data_root or 'DATA_ROOT'}")
+        return " ".join(parts)
+
+    def fill_missing(self, present: set[tuple[str, int, int]]) -> list[str]:
+        """Record, per missing (method, class), the command that runs it; returns all commands (grouped)."""
+        commands = []
+        for method in self.methods:
+            by_seed = {s: [c for c in self.classes if (method, c, s) not in present] for s in self.seeds}
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for seed, classes in by_seed.items():
+                if classes:
+                    groups.setdefault(tuple(classes), []).append(seed)
+            for classes, seeds in groups.items():
+                command = self.command(method, list(classes), seeds)
+                commands.append(command)
+                for forget_class in classes:
+                    self.commands.setdefault((method, forget_class), command)
+        return commands
+
+
+def _cache_dir(df: pd.DataFrame, preset: str) -> str | None:
+    """The --cache the records were made with (<cache>/<preset>/base.pt), unless it is the default one."""
+    paths = [Path(p) for p in df["base_model_path"].dropna()]
+    roots = Counter(str(p.parent.parent) for p in paths if p.parent.name == preset)
+    if not roots:
+        return None
+    root = roots.most_common(1)[0][0]
+    return None if Path(root) == default_cache_dir() else root
+
+
+def make_grid(df: pd.DataFrame, preset: str, protocol: str, results_dir: str, data_root: str | None = None) -> Grid:
+    """Expected methods (found + the paper's), classes (all of the preset's) and seeds (all found)."""
+    try:
+        num_classes = get_preset(preset).num_classes
+    except ValueError:  # a preset this checkout does not know: trust the records
+        num_classes = int(max(df["num_classes"].dropna().max() or 0, df["class"].max() + 1))
+    names = dict(zip(df["class"], df["class_name"]))
+    default = df[df["variant"] == "default"]
+    seeds = sorted(set((default if len(default) else df)["seed"])) or [0]
+    grid = Grid(preset, protocol, order_methods(set(df["method"]) | set(PAPER_METHODS)), list(range(num_classes)),
+                {c: names.get(c, str(c)) for c in range(num_classes)}, seeds, results_dir, _cache_dir(df, preset),
+                data_root)
+    grid.fill_missing(set(zip(default["method"], default["class"], default["seed"])))
+    return grid
+
+
+def _seed_means(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    default = df[df["variant"] == "default"]
+    return default.groupby(["method", "class"])[columns].mean()
+
+
+def _cell(means: pd.DataFrame, grid: Grid, method: str, forget_class: int, metric: str) -> Cell:
+    if (method, forget_class) in means.index:
+        value = float(means.loc[(method, forget_class), metric])
+        if not math.isnan(value):
+            return Cell(value, fmt(metric, value))
+        return Cell(None, "n/a")
+    return Cell(None, "missing", command=grid.commands.get((method, forget_class), "bench run"))
+
+
+def _class_label(grid: Grid, forget_class: int) -> str:
+    name = grid.class_names.get(forget_class, str(forget_class))
+    return str(forget_class) if name == str(forget_class) else f"{forget_class} {name}"
+
+
+def table1(df: pd.DataFrame, grid: Grid) -> Table:
+    means = _seed_means(df, ["entropy", "ua"])
+    table = Table(
+        "table1", "Table 1. Evaluation of unlearning",
+        f"H (mean entropy of the classifier on forget-class samples) and UA (100 - % classified as the forget class) "
+        f"per forget class; preset {grid.preset}, protocol {grid.protocol}, mean over seeds {grid.seeds}. "
+        "Bold: best per row among unlearning methods (Original and Retrain are references).",
+        "Class", [(method_label(m), [("H ↑", "entropy"), ("UA (%) ↑", "ua")]) for m in grid.methods],
+        rank_groups=[m not in REFERENCE_METHODS for m in grid.methods])
+    for forget_class in grid.classes:
+        cells = [_cell(means, grid, m, forget_class, metric) for m in grid.methods for metric in ("entropy", "ua")]
+        table.rows.append((_class_label(grid, forget_class), cells))
+    mark_best(table, directions(df))
+    return table
+
+
+def _memory_label(df: pd.DataFrame, method: str) -> str:
+    kinds = set(df.loc[(df["method"] == method) & (df["variant"] == "default"), "memory_kind"])
+    if kinds == {"RSS"}:
+        return "RSS GiB ↓"
+    return "GPU GiB ↓" if kinds == {"GPU"} else "GPU/RSS GiB ↓"
+
+
+def table2(df: pd.DataFrame, grid: Grid) -> Table:
+    metrics = ["fid", "rte_min", "memory_gib"]
+    means = _seed_means(df, metrics)
+    features = set(df["fid_features"].dropna())
+    fid_kind = {"classifier": "FID uses the evaluation classifier's features (not Inception).",
+                "inception": "FID uses Inception pool3 features."}.get(features.pop() if len(features) == 1 else "", "")
+    table = Table(
+        "table2", "Table 2. Evaluation of retention and efficiency",
+        f"FID on retained-class samples, RTE (unlearning run, minutes, preparation excluded) and peak memory; "
+        f"μ and σ (sample standard deviation) over the forget classes that have records; preset {grid.preset}, "
+        f"protocol {grid.protocol}, mean over seeds {grid.seeds}. GPU GiB: peak allocated GPU memory; RSS GiB "
+        "(CPU runs, no GPU figure): peak resident memory of the whole process, which grows over the runs one "
+        f"process makes. {fid_kind} Bold: best per row among unlearning methods.",
+        "Class", [(method_label(m), [("FID ↓", "fid"), ("RTE (min) ↓", "rte_min"), (_memory_label(df, m), "memory_gib")])
+                  for m in grid.methods],
+        rank_groups=[m not in REFERENCE_METHODS for m in grid.methods])
+    for forget_class in grid.classes:
+        cells = [_cell(means, grid, m, forget_class, metric) for m in grid.methods for metric in metrics]
+        table.rows.append((_class_label(grid, forget_class), cells))
+    table.rules.add(len(table.rows))
+    for label, reduce in (("μ", "mean"), ("σ", "std")):
+        cells = []
+        for method in grid.methods:
+            values = means.loc[method] if method in means.index.get_level_values(0) else pd.DataFrame(columns=metrics)
+            for metric in metrics:
+                value = getattr(values[metric].dropna(), reduce)() if len(values) else math.nan
+                partial = 0 < len(values) < len(grid.classes)
+                text = fmt(metric, value) + ("*" if partial and text_ok(value) else "")
+                cells.append(Cell(value, text) if text_ok(value) else Cell(None, "–"))
+        table.rows.append((label, cells))
+    table.notes.append("* over fewer classes than the preset has (some runs missing).")
+    mark_best(table, directions(df))
+    return table
+
+
+def text_ok(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def prepare_table(df: pd.DataFrame, grid: Grid) -> Table:
+    """Per method: each preparation stage, their total and the unlearning run (minutes, mean over runs)."""
+    default = df[df["variant"] == "default"]
+    stages = sorted({stage for found in default["prepare_stages"] for stage in found})
+    columns = [(f"{stage} (min)", "prepare_min") for stage in stages] + [
+        ("preparation (min)", "prepare_min"), ("RTE (min)", "rte_min"), ("total (min)", "rte_min"), ("runs", "n")]
+    table = Table("prepare", "Preparation time", "Preparation stages (priors, Fisher information, saliency "
+                  "masks...) are timed apart from the unlearning run (RTE), as the paper reports SA's FIM apart; "
+                  f"mean over forget classes and seeds; preset {grid.preset}, protocol {grid.protocol}.",
+                  "Method", [("", columns)])
+    for method in grid.methods:
+        runs = default[default["method"] == method]
+        if runs.empty:
+            command = grid.command(method, grid.classes, grid.seeds)
+            table.rows.append((method_label(method), [Cell(None, "missing", command=command) for _ in columns]))
+            continue
+        cells = []
+        for stage in stages:
+            value = runs["prepare_stages"].map(lambda found, s=stage: found.get(s, math.nan)).mean() / 60
+            cells.append(Cell(value, fmt("prepare_min", value)) if text_ok(value) else Cell(None, "–"))
+        prep, rte = runs["prepare_min"].mean(), runs["rte_min"].mean()
+        cells += [Cell(prep, fmt("prepare_min", prep)), Cell(rte, fmt("rte_min", rte)),
+                  Cell(prep + rte, fmt("rte_min", prep + rte)), Cell(float(len(runs)), str(len(runs)))]
+        table.rows.append((method_label(method), cells))
+    return table
+
+
+def paper_table(df: pd.DataFrame, grid: Grid) -> Table:
+    """The paper's CIFAR-10 numbers beside this run's, method by method (means over the classes run)."""
+    means = _seed_means(df, ["entropy", "ua", "fid", "rte_min", "memory_gib"])
+    quantities = [("H (mean over classes)", "entropy"), ("UA % (mean over classes)", "ua"), ("FID μ", "fid"),
+                  ("FID σ", "fid_sigma"), ("RTE min μ", "rte_min"), ("peak memory GiB μ (paper: GPU GB)", "memory_gib")]
+    table = Table("paper", "Paper vs this run (CIFAR-10)",
+                  "Paper: Spartalis et al., Tables 1-2 (all 10 classes). This run: mean over the classes that have "
+                  f"records (protocol {grid.protocol}); n = classes run.", "Quantity",
+                  [(method_label(m), [("paper", "value"), ("this run", "value")]) for m in PAPER_METHODS])
+    for label, key in quantities:
+        cells = []
+        for method in PAPER_METHODS:
+            paper = PAPER_CIFAR10[method]
+            if key == "fid_sigma":
+                published = paper["sigma"]["fid"]
+            else:
+                published = paper["mu"][key] if key in paper["mu"] else sum(paper[key]) / len(paper[key])
+            cells.append(Cell(published, fmt(key, published)))
+            ours = means.loc[method] if method in means.index.get_level_values(0) else None
+            if ours is None or ours.empty:
+                cells.append(Cell(None, "missing", command=grid.command(method, grid.classes, grid.seeds)))
+                continue
+            value = ours["fid"].std() if key == "fid_sigma" else ours[key].mean()
+            cells.append(Cell(value, f"{fmt(key, value)} (n={len(ours)})") if text_ok(value) else Cell(None, "n/a"))
+        table.rows.append((label, cells))
+    return table
+
+
+def build_tables(df: pd.DataFrame, grid: Grid) -> list[Table]:
+    tables = [table1(df, grid), table2(df, grid), prepare_table(df, grid)]
+    if grid.preset == "cifar10":
+        tables.append(paper_table(df, grid))
+    return tables

@@ -1,0 +1,162 @@
+"""Reports built from real records of a tiny run: tables, LaTeX, missing-cell commands, and the page in Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bench.config import get_preset
+from bench.orchestrate import Sweep, build_specs, run_sequential
+from reports import render, tables
+from reports.build import build_report
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """Records of original and safemax on classes 0-1 (plus safemax lambda=0 on class 0), and their report."""
+    root = tmp_path_factory.mktemp("reports")
+    results, preset = root / "results", get_preset("tiny")
+    common = dict(out=str(results), cache=str(root / "cache"), device="cpu", progress=False)
+    specs = build_specs(preset, ["original", "safemax"], [0, 1], [0], Sweep({}, {}), **common)
+    specs += build_specs(preset, ["safemax"], [0], [0], Sweep({"safemax": {"lam": [0.0]}}, {}), **common)
+    outcomes = run_sequential(specs)
+    assert [o.status for o in outcomes] == ["done"] * len(specs), [o.error for o in outcomes]
+    written = build_report(results, root / "out", figure1_points=12)
+    return {"results": results, "out": root / "out", "written": written,
+            "records": [o.record for o in outcomes]}
+
+
+def test_report_writes_tables_figures_and_page(report):
+    written = report["written"]
+    for name in ("table1", "table2", "prepare"):
+        for suffix in ("md", "csv", "tex"):
+            assert f"tiny/paper/tables/{name}.{suffix}" in written
+    for name in ("samples_class0", "samples_class1", "sweep_safemax_lam_class0", "cost", "noise_prediction"):
+        for suffix in ("png", "pdf"):
+            assert written[f"tiny/paper/figures/{name}.{suffix}"].stat().st_size > 0
+    assert written["tiny/figure1_latents.png"].stat().st_size > 0
+    assert written["report.html"] == (report["out"] / "report.html").resolve()
+
+
+def test_table1_holds_the_records_values(report):
+    frame = pd.read_csv(report["written"]["tiny/paper/tables/table1.csv"])
+    safemax = next(r for r in report["records"] if r["method"] == "safemax" and r["forget_class"] == 1
+                   and r["variant"] == "default")
+    row = frame[frame["Class"].astype(str) == "1"].iloc[0]
+    assert row["SAFEMax UA (%) ↑"] == pytest.approx(safemax["metrics"]["ua"])
+    assert row["SAFEMax H ↑"] == pytest.approx(safemax["metrics"]["entropy"])
+    assert pd.isna(frame[frame["Class"].astype(str) == "5"].iloc[0]["SAFEMax UA (%) ↑"])
+
+
+def test_missing_cells_carry_the_command_that_fills_them(report):
+    markdown = report["written"]["tiny/paper/tables/table1.md"].read_text()
+    results = report["results"]
+    command = (f"bench run --preset tiny --protocol paper --methods safemax --classes 2-9 --seeds 0 "
+               f"--out {results} --cache {results.parent / 'cache'}")
+    number = re.search(rf"\[(\d+)\] missing runs: `{re.escape(command)}`", markdown).group(1)
+    row5 = next(line for line in markdown.splitlines() if line.startswith("| 5 |"))
+    assert f"missing [{number}]" in row5
+    # SA is one of the paper's methods: it gets a column, and a command, before anyone runs it.
+    assert "--methods sa --classes 0-9" in markdown
+    page = report["written"]["report.html"].read_text()
+    cells = re.findall(r"<td class='missing' data-command='([^']*)'><a href='#([^']*)'", page)
+    assert cells
+    for cell_command, anchor in cells:
+        assert re.search(rf"<li id='{anchor}'><code>{re.escape(cell_command)}</code></li>", page)
+
+
+def test_best_value_is_bold_per_row_among_unlearning_methods():
+    grid = [("A", [("UA", "ua"), ("FID", "fid")]), ("B", [("UA", "ua"), ("FID", "fid")]),
+            ("Original", [("UA", "ua"), ("FID", "fid")])]
+    table = render.Table("t", "T", "", "Class", grid, rank_groups=[True, True, False])
+    cells = [render.Cell(v, f"{v:.2f}") for v in (90.0, 20.0, 100.0, 25.0, 0.0, 5.0)]
+    table.rows.append(("0", cells))
+    render.mark_best(table, {"ua": True, "fid": False})
+    assert [c.bold for c in cells] == [False, True, True, False, False, False]
+    assert r"\textbf{100.00}" in render.to_latex(table)
+
+
+def _tabular_columns(row: str) -> int:
+    """Cells a LaTeX row spans, counting \\multicolumn{n} as n."""
+    spans = [int(n) for n in re.findall(r"\\multicolumn\{(\d+)\}", row)]
+    return row.count("&") + 1 - len(spans) + sum(spans)
+
+
+def test_latex_tables_are_booktabs_tabulars(report):
+    for key, path in report["written"].items():
+        if not key.endswith(".tex"):
+            continue
+        text = path.read_text()
+        body = text[text.index(r"\begin{tabular}"):]
+        assert body.rstrip().endswith(r"\end{tabular}"), key
+        spec = re.match(r"\\begin\{tabular\}\{([lrc]+)\}", body).group(1)
+        assert body.index(r"\toprule") < body.index(r"\midrule") < body.index(r"\bottomrule"), key
+        rows = [line for line in body.splitlines() if line.rstrip().endswith(r"\\")]
+        assert rows and {_tabular_columns(row) for row in rows} == {len(spec)}, key
+        unescaped = body.replace(r"\{", "").replace(r"\}", "")
+        assert unescaped.count("{") == unescaped.count("}"), key
+
+
+def test_paper_comparison_table_for_cifar10(report):
+    frame = tables.records_frame(report["records"])
+    grid = tables.make_grid(frame, "cifar10", "paper", "results")
+    table = tables.paper_table(frame.assign(preset="cifar10"), grid)
+    markdown = render.to_markdown(table)
+    assert "| FID μ | 17.71 | missing [1] | 16.76 | missing [2] | 16.74 |" in markdown
+    assert "--methods sa --classes 0-9 --seeds 0 --out results --data-root DATA_ROOT" in markdown
+
+
+def test_empty_results_folder_gives_a_page_not_an_error(tmp_path):
+    written = build_report(tmp_path / "nothing", tmp_path / "out", figure1=False)
+    assert "No records under" in written["report.html"].read_text()
+
+
+PROBE = ("<script>window.addEventListener('load', function () {"
+         "  var out = [];"
+         "  document.querySelectorAll('img').forEach(function (i) { out.push(i.naturalWidth + 'x' + i.naturalHeight); });"
+         "  document.querySelectorAll('table').forEach(function (t) {"
+         "    out.push('table:' + t.offsetWidth + 'x' + t.offsetHeight); });"
+         "  var p = document.createElement('pre'); p.id = 'probe'; p.textContent = out.join(' ');"
+         "  document.body.appendChild(p); });</script>")
+
+
+def _chromium(tmp_path: Path, *args: str) -> str:
+    profile = tmp_path / f"profile-{len(list(tmp_path.iterdir()))}"
+    result = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package (make install-chromium)")
+def test_page_renders_offline_in_chromium(report, tmp_path):
+    page = report["written"]["report.html"]
+    html = page.read_text()
+    assert not re.search(r"(src|href)=['\"](https?:|//)", html), "the page must not load anything from outside"
+    images = re.findall(r"<img src='([^']{0,30})", html)
+    assert images and all(src.startswith("data:image/png;base64,") for src in images)
+
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</body>", PROBE + "</body>"))
+    dom = _chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
+    found = re.search(r'<pre id="probe">([^<]*)</pre>', dom).group(1).split()
+    sizes = [tuple(map(int, s.split("x"))) for s in found if not s.startswith("table:")]
+    boxes = [tuple(map(int, s[6:].split("x"))) for s in found if s.startswith("table:")]
+    assert len(sizes) == len(images) and all(w > 0 and h > 0 for w, h in sizes), sizes
+    assert len(boxes) == html.count("<table") and all(w > 0 and h > 0 for w, h in boxes), boxes
+
+    shot = tmp_path / "page.png"
+    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,2400", page.as_uri())
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (2400, 1400) and pixels.std() > 20, "blank screenshot"
