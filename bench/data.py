@@ -116,6 +116,52 @@ def _load_cifar_image_folder(folder: Path) -> ClassDataset:
     return ClassDataset(_uint8_to_tensor(np.stack(arrays)), torch.tensor(labels), CIFAR10_CLASSES, source)
 
 
+# --- Fashion-MNIST (Debian's dataset-fashion-mnist package, or torchvision's download folder) ---
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
+_IDX_MAGIC = {"images": 2051, "labels": 2049}
+
+
+def _read_idx_gz(path: Path, kind: str) -> np.ndarray:
+    """A gzipped IDX file of unsigned bytes: (N, rows, cols) images or (N,) labels."""
+    import gzip
+
+    with gzip.open(path, "rb") as handle:
+        raw = handle.read()
+    magic, count = int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[4:8], "big")
+    if magic != _IDX_MAGIC[kind]:
+        raise ValueError(f"{path} is not an IDX {kind} file (magic {magic}, expected {_IDX_MAGIC[kind]})")
+    if kind == "labels":
+        return np.frombuffer(raw, dtype=np.uint8, count=count, offset=8)
+    rows, cols = int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")
+    return np.frombuffer(raw, dtype=np.uint8, count=count * rows * cols, offset=16).reshape(count, rows, cols)
+
+
+def load_fashion_mnist(split: str, image_size: int = 28, root: str | Path = FASHION_MNIST_ROOT) -> ClassDataset:
+    """Fashion-MNIST from its four IDX .gz files in `root` (or `root/FashionMNIST/raw`), scaled to [-1, 1]."""
+    prefix = "train" if split == "train" else "t10k"
+    names = {"images": f"{prefix}-images-idx3-ubyte.gz", "labels": f"{prefix}-labels-idx1-ubyte.gz"}
+    root = Path(root)
+    folder = next((f for f in (root, root / "FashionMNIST" / "raw") if (f / names["images"]).is_file()), None)
+    if folder is None:
+        raise FileNotFoundError(
+            f"no Fashion-MNIST {split} split in {root}: expected {names['images']} and {names['labels']}. Install "
+            f"Debian's dataset-fashion-mnist package (`apt-get install dataset-fashion-mnist`, files in "
+            f"{FASHION_MNIST_ROOT}) or pass --data-root to a folder with the four IDX .gz files"
+        )
+    images = torch.from_numpy(_read_idx_gz(folder / names["images"], "images").copy())
+    labels = torch.from_numpy(_read_idx_gz(folder / names["labels"], "labels").astype(np.int64))
+    if len(images) != len(labels):
+        raise ValueError(f"{folder} holds {len(images)} {split} images but {len(labels)} labels")
+    images = images.float().div(127.5).sub(1.0).unsqueeze(1)
+    return ClassDataset(fit_to_size(images, image_size), labels, FASHION_CLASSES, "Fashion-MNIST")
+
+
+# --- end of Fashion-MNIST ---
+
+
 def load_dataset(name: str, split: str, *, image_size: int, root: str | Path | None = None) -> ClassDataset:
     """The registry of data sets by preset `dataset` name."""
     if split not in ("train", "test"):
@@ -126,7 +172,9 @@ def load_dataset(name: str, split: str, *, image_size: int, root: str | Path | N
         if root is None:
             raise ValueError("the cifar10 data set needs --data-root (a torchvision CIFAR10 root or an ImageFolder tree)")
         return load_cifar10(split, root)
-    raise ValueError(f"unknown data set {name!r}; choose from cifar10, digits")
+    if name == "fashion":  # Fashion-MNIST: Debian's package folder unless --data-root says otherwise
+        return load_fashion_mnist(split, image_size, root if root is not None else FASHION_MNIST_ROOT)
+    raise ValueError(f"unknown data set {name!r}; choose from cifar10, digits, fashion")
 
 
 def infinite_batches(

@@ -22,8 +22,8 @@ def swish(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 def timestep_embedding(timesteps: Tensor, dim: int) -> Tensor:
@@ -46,12 +46,12 @@ class Embedding(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float, groups: int = 32):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.temb_cemb_proj = nn.Linear(2 * emb_channels, out_channels)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -69,9 +69,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, through PyTorch's fused attention."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -118,7 +118,7 @@ class ConditionalUNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
-        ch, mults, emb_ch = config.ch, tuple(config.ch_mult), config.ch * 4
+        ch, mults, emb_ch, groups = config.ch, tuple(config.ch_mult), config.ch * 4, config.norm_groups
         self.null_classes_emb = nn.Parameter(torch.zeros(ch))
         self.temb = Embedding(ch, emb_ch)
         self.classes_emb = nn.Embedding(config.num_classes, ch)
@@ -131,36 +131,36 @@ class ConditionalUNet(nn.Module):
         for level, mult in enumerate(mults):
             down, block_in = Level(), ch * in_mults[level]
             for _ in range(config.num_res_blocks):
-                down.block.append(ResnetBlock(block_in, ch * mult, emb_ch, config.dropout))
+                down.block.append(ResnetBlock(block_in, ch * mult, emb_ch, config.dropout, groups))
                 block_in = ch * mult
                 if resolution in config.attn_resolutions:
-                    down.attn.append(AttnBlock(block_in))
+                    down.attn.append(AttnBlock(block_in, groups))
             if level != len(mults) - 1:
                 down.downsample = Downsample(block_in)
                 resolution //= 2
             self.down.append(down)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, emb_ch, config.dropout)
-        self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, emb_ch, config.dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, emb_ch, config.dropout, groups)
+        self.mid.attn_1 = AttnBlock(block_in, groups)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, emb_ch, config.dropout, groups)
 
         ups = []
         for level in reversed(range(len(mults))):
             up, block_out = Level(), ch * mults[level]
             for index in range(config.num_res_blocks + 1):
                 skip_in = ch * (in_mults[level] if index == config.num_res_blocks else mults[level])
-                up.block.append(ResnetBlock(block_in + skip_in, block_out, emb_ch, config.dropout))
+                up.block.append(ResnetBlock(block_in + skip_in, block_out, emb_ch, config.dropout, groups))
                 block_in = block_out
                 if resolution in config.attn_resolutions:
-                    up.attn.append(AttnBlock(block_in))
+                    up.attn.append(AttnBlock(block_in, groups))
             if level != 0:
                 up.upsample = Upsample(block_in)
                 resolution *= 2
             ups.insert(0, up)
         self.up = nn.ModuleList(ups)
 
-        self.norm_out = group_norm(block_in)
+        self.norm_out = group_norm(block_in, groups)
         self.conv_out = nn.Conv2d(block_in, config.in_channels, 3, padding=1)
 
     def embed(self, timesteps: Tensor, labels: Tensor) -> Tensor:
