@@ -8,7 +8,9 @@ Pretraining saves a partial checkpoint periodically and resumes from it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import math
 import os
@@ -70,6 +72,18 @@ def atomic_save(payload: dict, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left behind when something above failed
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on `path` (created if needed): parallel runs build a cached artifact once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_checkpoint(path: Path, kind: str, preset: Preset, rebuild: str) -> dict:

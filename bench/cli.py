@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -26,9 +27,11 @@ def _fail(message: str) -> None:
 
 preset_option = click.option("--preset", default="digits", show_default=True,
                              help=f"one of: {', '.join(PRESETS)}")
-cache_option = click.option("--cache", "cache_dir", default=None,
-                            help=f"cache folder for base models and classifiers [default: $BENCH_CACHE or {default_cache_dir()}]")
-data_root_option = click.option("--data-root", default=None, help="data set root (CIFAR-10: torchvision root or ImageFolder tree)")
+cache_option = click.option(
+    "--cache", "cache_dir", default=None,
+    help=f"cache folder for base models and classifiers [default: $BENCH_CACHE or {default_cache_dir()}]")
+data_root_option = click.option(
+    "--data-root", default=None, help="data set root (CIFAR-10: torchvision root or ImageFolder tree)")
 device_option = click.option("--device", default=None, help="torch device [default: cuda if available, else cpu]")
 
 
@@ -108,12 +111,31 @@ def classifier_cmd(preset, cache_dir, data_root, device, seed, force) -> None:
 @device_option
 @click.option("--force", is_flag=True, help="redo runs that already have a record")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
+@click.option("--cluster", type=click.Choice(["local", "slurm", "debug"]), default=None,
+              help="run each (method, class, seed) as a submitit job: processes on this machine (local), a SLURM "
+                   "job array (slurm), or in this process through the job path (debug) [default: in this process]")
+@click.option("--cluster-config", default=None, metavar="NAME|PATH",
+              help="cluster parameters: slurm/clusters/NAME.yaml or a YAML path (needed with --cluster slurm)")
+@click.option("--jobs-folder", default=None, help="submitit pickles and job logs, on storage the jobs can see "
+                                                   "[default: OUT/.submitit]")
+@click.option("--no-wait", is_flag=True, help="submit and exit; see `bench status --out OUT` for progress")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="without --cluster: runs at once in worker processes on this machine, CPU threads split between them")
 def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, out, cache_dir, data_root, device, force,
-            no_progress) -> None:
+            no_progress, cluster, cluster_config, jobs_folder, no_wait, workers) -> None:
     """Unlearn each forget class with each method, evaluate, and write one record per run."""
-    from bench.orchestrate import build_specs, check_writable, parse_classes, parse_seeds, parse_sets, run_sequential
+    from submitit.core.utils import FailedSubmissionError
+
+    from bench.orchestrate import (
+        PrerequisitesFailed,
+        build_specs,
+        check_writable,
+        parse_classes,
+        parse_seeds,
+        parse_sets,
+        run_sequential,
+    )
     from methods import parse_methods
-    from reports.summary import summary_text
 
     preset_obj = _preset(preset)
     try:
@@ -123,26 +145,137 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, out, cach
         preset_obj.protocol(protocol)
         sweep = parse_sets(sets, methods)
         check_writable(out)
-    except (ValueError, PermissionError) as exc:
+        config = _cluster_config(cluster, cluster_config, no_wait)
+    except (ValueError, PermissionError, FileNotFoundError) as exc:
         _fail(str(exc))
+    if cluster is not None:  # jobs may start elsewhere: give them absolute paths, and the default cache explicitly
+        out, cache_dir = str(Path(out).resolve()), str(Path(cache_dir or default_cache_dir()).resolve())
+        data_root = str(Path(data_root).resolve()) if data_root else None
     specs = build_specs(preset_obj, methods, classes, seed_list, sweep, out=out, cache=cache_dir, protocol=protocol,
-                        data_root=data_root, device=device, progress=not no_progress)
+                        data_root=data_root, device=device,
+                        progress=not no_progress and cluster is None and workers == 1)
     click.echo(f"{len(specs)} run(s): methods {', '.join(methods)} x classes {classes_spec} x seeds {seeds}; "
                f"records under {out}/{preset_obj.name}/")
     try:
-        outcomes = run_sequential(specs, force=force)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        if cluster is None:
+            outcomes = run_sequential(specs, force=force, workers=workers)
+        else:
+            outcomes = _run_on_cluster(specs, cluster, config, jobs_folder or str(Path(out) / ".submitit"), force,
+                                       no_wait, not no_progress, out)
+    except (CheckpointError, FileNotFoundError, ValueError, PrerequisitesFailed, FailedSubmissionError) as exc:
         _fail(str(exc))
-    finished = [o.record for o in outcomes if o.record is not None]
+    if outcomes is not None:
+        _report(outcomes, out)
+
+
+def _cluster_config(cluster: str | None, name_or_path: str | None, no_wait: bool) -> dict:
+    from bench.cluster import load_cluster_config
+
+    if cluster is None:
+        if name_or_path or no_wait:
+            raise ValueError("--cluster-config and --no-wait need --cluster local, slurm or debug")
+        return {}
+    if no_wait and cluster == "debug":
+        raise ValueError("--no-wait needs --cluster local or slurm: debug jobs run in this process")
+    if name_or_path is None:
+        if cluster == "slurm":
+            raise ValueError("--cluster slurm needs --cluster-config NAME|PATH (slurm/clusters/NAME.yaml; "
+                             "copy example.yaml)")
+        return {"timeout_min": 7 * 24 * 60}  # local processes: no time limit to speak of
+    return load_cluster_config(name_or_path)
+
+
+def _run_on_cluster(specs, cluster: str, config: dict, jobs_folder: str, force: bool, no_wait: bool,
+                    progress: bool, out: str):
+    """Submit, then wait and return the outcomes; with `no_wait`, say what was submitted and return None."""
+    from bench.orchestrate import submit_runs, wait_runs
+
+    submission = submit_runs(specs, cluster, config, jobs_folder, force=force, wait_prerequisites=not no_wait)
+    if submission.jobs:
+        ids = [job.job_id for job in submission.jobs]
+        shown = f"array {ids[0].split('_')[0]} ({len(ids)} tasks)" if cluster == "slurm" else ", ".join(ids)
+        click.echo(f"submitted {len(ids)} run(s) to {cluster}: job {shown}; logs in {jobs_folder}")
+    if no_wait:
+        if submission.prerequisites_jobs:
+            click.echo(f"the runs wait for job {', '.join(submission.prerequisites_jobs)} (base model, classifier)")
+        status_folder = "" if Path(jobs_folder) == Path(out) / ".submitit" else f" --jobs-folder {jobs_folder}"
+        click.echo(f"check progress with: bench status --out {out}{status_folder}")
+        return None
+    return wait_runs(submission, progress=progress)
+
+
+def _report(outcomes, out: str) -> None:
+    """The summary table over every record of the sweep, then each failure with its log; exit 1 if any failed."""
+    from bench.orchestrate import finished_record
+    from reports.summary import summary_text
+
+    # runs left to another process may have finished meanwhile: show them too
+    finished = [o.record or (finished_record(o.spec) if o.status == "busy" else None) for o in outcomes]
+    finished = [record for record in finished if record is not None]
     click.echo("\n" + summary_text(finished))
+    count = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "busy", "failed")}
+    busy = f", {count['busy']} left to another process running them" if count["busy"] else ""
+    click.echo(f"\n{count['done']} run(s) done, {count['skipped']} skipped (already finished){busy}, "
+               f"{count['failed']} failed; records in {out}/")
     failed = [o for o in outcomes if o.status == "failed"]
-    done = sum(o.status == "done" for o in outcomes)
-    skipped = sum(o.status == "skipped" for o in outcomes)
-    click.echo(f"\n{done} run(s) done, {skipped} skipped (already finished), {len(failed)} failed; records in {out}/")
+    for outcome in failed:
+        spec = outcome.spec
+        where = f"\n  log: {outcome.log_path}" if outcome.log_path else ""
+        click.echo(f"FAILED {spec.method} [{spec.variant}] class {spec.forget_class} seed {spec.seed}: "
+                   f"{outcome.error}{where}", err=True)
     if failed:
-        for outcome in failed:
-            click.echo(f"FAILED {outcome.spec.describe()}: {outcome.error}", err=True)
         sys.exit(1)
+
+
+@main.command("status")
+@click.option("--out", default="results", show_default=True, help="results folder")
+@click.option("--jobs-folder", default=None, help="the submitit folder given to `bench run` [default: OUT/.submitit]")
+def status_cmd(out, jobs_folder) -> None:
+    """Show done / running / failed / missing for every (method, class, seed) submitted or recorded."""
+    from bench.orchestrate import STATES, status
+
+    if not Path(out).is_dir():
+        _fail(f"results folder {out} does not exist")
+    rows = status(out, jobs_folder or Path(out) / ".submitit")
+    if not rows:
+        click.echo(f"nothing submitted or recorded under {out}")
+        return
+    width = max(len(r.method) for r in rows), max(len(r.variant) for r in rows)
+    click.echo(f"{'method':{width[0]}}  {'variant':{width[1]}}  class  seed  {'state':8} detail")
+    for r in rows:
+        click.echo(f"{r.method:{width[0]}}  {r.variant:{width[1]}}  {r.forget_class:5d}  {r.seed:4d}  "
+                   f"{r.state:8} {r.detail}")
+    click.echo(", ".join(f"{sum(r.state == s for r in rows)} {s}" for s in STATES))
+
+
+@main.command("report")
+@click.option("--results", default="results", show_default=True, help="results folder holding the records")
+@click.option("--out", default=None, help="where the report goes [default: RESULTS/report]")
+@data_root_option
+@click.option("--no-figure1", is_flag=True, help="skip Figure 1 (latent entropy against t), which reads the data set")
+def report_cmd(results, out, data_root, no_figure1) -> None:
+    """Tables (Markdown, CSV, LaTeX), figures and one self-contained report.html from the records."""
+    from reports.build import build_report
+
+    out = out or str(Path(results) / "report")
+    written = build_report(results, out, data_root=data_root, figure1=not no_figure1)
+    click.echo(f"report: {Path(out) / 'report.html'} ({len(written)} files under {out}/)")
+
+
+@main.command("import-checkpoint")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@preset_option
+@cache_option
+@click.option("--force", is_flag=True, help="replace an existing base model")
+def import_checkpoint_cmd(checkpoint, preset, cache_dir, force) -> None:
+    """Import a checkpoint written by the published SA/SalUn code (ckpt.pth) as the preset's base model."""
+    from bench.checkpoints import import_published_checkpoint
+
+    try:
+        path = import_published_checkpoint(Path(checkpoint), _preset(preset), Cache(cache_dir), force=force)
+    except (CheckpointError, ValueError, FileExistsError) as exc:
+        _fail(str(exc))
+    click.echo(f"base model: {path}")
 
 
 if __name__ == "__main__":

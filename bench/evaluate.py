@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from bench import metrics
 from bench.classifier import predict
 from bench.config import Preset, Protocol
 from bench.diffusion import NoiseSchedule, sample
+from bench.runner import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class Sampler:
         chunks = []
         steps = min(protocol.sampler_steps, self.schedule.timesteps)
         total = steps * -(-count // protocol.batch_size)
-        with tqdm(total=total, desc=f"sample class {label}", disable=not self.progress, leave=False) as bar:
+        with progress_bar(total=total, desc=f"sample class {label}", disable=not self.progress, leave=False) as bar:
             for start in range(0, count, protocol.batch_size):
                 size = min(protocol.batch_size, count - start)
                 labels = torch.full((size,), label, device=self.device, dtype=torch.long)

@@ -77,7 +77,7 @@ def resolve_method_config(preset: Preset, spec: RunSpec):
     cls = get_method(spec.method)
     paper = cls.Config()
     scaled = cls.preset_defaults(preset)
-    config = dataclasses.replace(paper, **scaled, **dict(spec.method_overrides))
+    config = dataclasses.replace(paper, **{**scaled, **dict(spec.method_overrides)})  # the user's value wins
     changes = {k: {"paper": getattr(paper, k), "preset": v} for k, v in scaled.items() if getattr(paper, k) != v}
     return cls, config, changes
 
@@ -162,9 +162,9 @@ def run_one(spec: RunSpec) -> dict:
     prep_started = time.perf_counter()
     prepare = method.prepare()  # stage -> seconds it took to compute (also when loaded from the cache)
     prepare_wall = time.perf_counter() - prep_started
-    result = None
+    result, resumed_from = None, 0
     if config.iterations > 0:
-        result = _train(spec, preset, model, ema, method, config, ctx)
+        result, resumed_from = _train(spec, preset, model, ema, method, config, ctx)
     memory = result.memory if result else memory_snapshot(device)
     if ema is not None:
         ema.copy_to(model)
@@ -199,6 +199,7 @@ def run_one(spec: RunSpec) -> dict:
         "timings": {
             "rte_s": result.seconds if result else 0.0,
             "iterations": result.steps if result else 0,
+            "resumed_from_step": resumed_from,
             "prepare_s": prepare,
             "prepare_total_s": sum(prepare.values()),
             "prepare_wall_s": prepare_wall,
@@ -224,10 +225,14 @@ PARTIAL_NAME = "partial.pt"
 
 
 def _train(spec: RunSpec, preset: Preset, model, ema, method, config, ctx: Context):
-    """The unlearning loop; runs longer than the preset's checkpoint interval save and resume `partial.pt`."""
+    """The unlearning loop; runs longer than the preset's checkpoint interval save and resume `partial.pt`.
+
+    A resumed run reports the whole run: `steps` counts from step 0 and `seconds` adds the time before the
+    interruption (stored in `partial.pt`); `resumed_from` is the step it went on from.
+    """
     every = preset.pretrain.checkpoint_every if config.iterations > preset.pretrain.checkpoint_every else None
     partial = spec.directory / PARTIAL_NAME
-    start, opt_state = 0, None
+    start, opt_state, seconds_before = 0, None, 0.0
     if every and partial.exists():
         state = torch.load(partial, map_location=ctx.device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -235,18 +240,21 @@ def _train(spec: RunSpec, preset: Preset, model, ema, method, config, ctx: Conte
             ema.shadow = [state["ema"][name].to(ctx.device) for name in ema.names]
         ctx.noise_generator.set_state(state["noise_generator"])
         ctx.data_generator.set_state(state["data_generator"])
-        start, opt_state = state["step"], state["optimizer"]
-        log.info("resuming %s from step %d (%s)", spec.describe(), start, partial)
+        start, opt_state, seconds_before = state["step"], state["optimizer"], float(state.get("seconds", 0.0))
+        log.info("resuming %s from step %d of %d (%s)", spec.describe(), start, config.iterations, partial)
+    began = time.perf_counter()
 
     def save(step: int, optimizer) -> None:
         if step < config.iterations:
             atomic_save({"model": model.state_dict(), "ema": ema.state_dict() if ema else {}, "step": step,
                          "optimizer": optimizer.state_dict(), "noise_generator": ctx.noise_generator.get_state(),
-                         "data_generator": ctx.data_generator.get_state()}, partial)
+                         "data_generator": ctx.data_generator.get_state(),
+                         "seconds": seconds_before + time.perf_counter() - began}, partial)
 
     batches = method.batches()
     train_spec = TrainSpec(config.iterations, config.lr, config.grad_clip, checkpoint_every=every)
-    return train(model, lambda step: method.loss(model, next(batches)), train_spec, ctx.device, ema=ema,
-                 grad_mask=method.grad_mask(), start_step=start, optimizer_state=opt_state,
-                 on_checkpoint=save if every else None, desc=f"{spec.method} class {spec.forget_class}",
-                 progress=spec.progress)
+    result = train(model, lambda step: method.loss(model, next(batches)), train_spec, ctx.device, ema=ema,
+                   grad_mask=method.grad_mask(), start_step=start, optimizer_state=opt_state,
+                   on_checkpoint=save if every else None, desc=f"{spec.method} class {spec.forget_class}",
+                   progress=spec.progress)
+    return dataclasses.replace(result, steps=start + result.steps, seconds=seconds_before + result.seconds), start

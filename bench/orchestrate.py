@@ -1,22 +1,35 @@
-"""The grid: methods x forget classes x seeds x swept values -> run specs -> skip finished -> run.
+"""The grid: methods x forget classes x seeds x swept values -> run specs -> skip finished -> run or submit.
 
 `--set method.field=v1,v2` sweeps a method hyperparameter and `--set protocol.field=v` changes the evaluation;
 values are parsed to the field's declared type and checked by the config itself.
+
+Runs go through one job callable, `Job`, whether they run in this process (`run_sequential`) or through
+submitit (`submit_runs` with `debug`, `local` or `slurm`). Each run is claimed with a lock file in its folder
+while it runs (`records.try_claim`), so two orchestrators on one results folder never run or write it twice.
+A submission leaves a manifest in the jobs folder, from which `status` tells done, running, failed and missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import os
+import socket
+import time
 import traceback
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import submitit
+import torch
+
 from bench import records
-from bench.config import Preset, Protocol
+from bench.artifacts import Cache
+from bench.cluster import make_executor, submit_all, wait_all
+from bench.config import Preset, Protocol, get_preset
 from bench.experiment import RunSpec, prepare_prerequisites, run_one
 from methods import get_method
 
@@ -140,29 +153,383 @@ def check_writable(out: str | Path) -> None:
 @dataclass
 class Outcome:
     spec: RunSpec
-    status: str  # done, skipped, failed
+    status: str  # done, skipped (had a record), busy (claimed by another live process), failed
     record: dict | None = None
     error: str | None = None
+    log_path: str | None = None
 
 
-def run_sequential(specs: list[RunSpec], force: bool = False) -> list[Outcome]:
-    """Run every spec in this process; finished runs are skipped unless `force`; failures do not stop the rest."""
-    outcomes, todo = [], []
+def finished_record(spec: RunSpec) -> dict | None:
+    """The run's valid record, or None; a corrupt record is reported by name and counts as unfinished."""
+    path = spec.directory / records.RECORD_NAME
+    if not path.exists():
+        return None
+    try:
+        return records.read_record(path)
+    except records.CorruptRecord as exc:
+        log.warning("corrupt record, will re-run %s: %s", spec.describe(), exc)
+        return None
+
+
+def run_claimed(spec: RunSpec, force: bool = False, job_id: str | None = None) -> Outcome:
+    """Run one spec while holding its claim; returns skipped (finished) or busy (claimed) without running.
+
+    Exceptions of the run propagate, so that a job that fails is failed in the scheduler's accounting too.
+    """
+    if not force and (record := finished_record(spec)) is not None:
+        return Outcome(spec, "skipped", record)
+    claim = records.try_claim(spec.directory / records.CLAIM_NAME, job_id)
+    if claim is None:
+        held = records.read_claim(spec.directory / records.CLAIM_NAME)
+        holder = records.describe_holder(held[1]) if held and held[1] else "another process"
+        log.info("%s is being run by %s; leaving it to that process", spec.describe(), holder)
+        return Outcome(spec, "busy", error=f"claimed by {holder}")
+    try:
+        if not force and (record := finished_record(spec)) is not None:  # finished before we got the claim
+            return Outcome(spec, "skipped", record)
+        return Outcome(spec, "done", run_one(spec))
+    finally:
+        claim.release()
+
+
+@dataclass(frozen=True)
+class Prerequisites:
+    """What every run of a preset needs first: the base model and the classifier in the cache."""
+
+    preset: str
+    cache: str | None
+    data_root: str | None = None
+    device: str | None = None
+    progress: bool = True
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> Prerequisites:
+        return cls(spec.preset, spec.cache, spec.data_root, spec.device, spec.progress)
+
+    def cached(self) -> bool:
+        """True when both are in the cache (and load: a corrupt file raises CheckpointError naming it)."""
+        preset, cache = get_preset(self.preset), Cache(self.cache, self.data_root)
+        if not (cache.base_path(preset).exists() and cache.classifier_path(preset).exists()):
+            return False
+        prepare_prerequisites(self.preset, self.cache, self.data_root, "cpu", progress=False)
+        return True
+
+
+PREPARE_CLAIM = "prepare.claim.json"
+
+
+def prepare_once(task: Prerequisites, job_id: str | None = None, poll_s: float = 5.0) -> dict:
+    """Build (or load) the prerequisites; a second process waits for the first instead of training them again."""
+    path = Cache(task.cache, task.data_root).path(get_preset(task.preset), PREPARE_CLAIM)
+    while (claim := records.try_claim(path, job_id)) is None:
+        log.info("waiting for another process building the %s prerequisites (%s)", task.preset, path)
+        time.sleep(poll_s)
+    try:
+        return prepare_prerequisites(task.preset, task.cache, task.data_root, task.device, task.progress)
+    finally:
+        claim.release()
+
+
+def _job_id() -> str | None:
+    try:
+        return submitit.JobEnvironment().job_id
+    except RuntimeError:  # not inside a submitit job
+        return None
+
+
+def _job_setup() -> None:
+    """Logging for the job's log file, and as many torch threads as SLURM gave CPUs (not the node's count)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus and cpus.isdigit() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(int(cpus))
+
+
+class Job(submitit.helpers.Checkpointable):
+    """The one job callable of every executor: a RunSpec -> Outcome, or Prerequisites -> where they are.
+
+    When SLURM preempts a job or its time runs out, submitit calls `checkpoint`, which resubmits the same
+    argument: the requeued job resumes from the run's `partial.pt` (pretraining from `base.partial.pt`) and
+    reaches the same final step count. A job killed outright is resumed the same way by the next `bench run`.
+    """
+
+    def __init__(self, force: bool = False):
+        self.force = force
+
+    def __call__(self, task: RunSpec | Prerequisites):
+        _job_setup()
+        if isinstance(task, Prerequisites):
+            return prepare_once(task, _job_id())
+        return run_claimed(task, self.force, _job_id())
+
+    def checkpoint(self, task: RunSpec | Prerequisites) -> submitit.helpers.DelayedSubmission:
+        log.warning("checkpoint: requeueing %s; it resumes from its last partial checkpoint", task)
+        return submitit.helpers.DelayedSubmission(self, task)
+
+
+def split_finished(specs: list[RunSpec], force: bool = False) -> tuple[list[Outcome], list[RunSpec]]:
+    """(outcomes of runs already finished or claimed by a live process, the specs still to run)."""
+    known, todo = [], []
     for spec in specs:
-        if not force and records.is_done(spec.directory):
-            outcomes.append(Outcome(spec, "skipped", records.read_record(spec.directory / records.RECORD_NAME)))
+        record = None if force else finished_record(spec)
+        claim_path = spec.directory / records.CLAIM_NAME
+        held = records.read_claim(claim_path)
+        if record is not None:
+            known.append(Outcome(spec, "skipped", record))
+        elif held is not None and not records.claim_is_stale(claim_path, held[1]):
+            holder = records.describe_holder(held[1]) if held[1] else "another process"
+            known.append(Outcome(spec, "busy", error=f"claimed by {holder}"))
         else:
             todo.append(spec)
-    if outcomes:
-        log.info("skipping %d finished run(s) (use --force to redo them)", len(outcomes))
+    skipped = sum(o.status == "skipped" for o in known)
+    if skipped:
+        log.info("skipping %d finished run(s) (use --force to redo them)", skipped)
+    for outcome in known:
+        if outcome.status == "busy":
+            log.info("not submitting %s: %s", outcome.spec.describe(), outcome.error)
+    return known, todo
+
+
+def run_sequential(specs: list[RunSpec], force: bool = False, workers: int = 1) -> list[Outcome]:
+    """Run every spec on this machine; finished runs are skipped unless `force`; failures do not stop the rest.
+
+    With `workers` > 1 the runs go to that many worker processes, the CPU threads split between them: small
+    models use a multi-core CPU better as parallel runs than as threads of one run.
+    """
+    outcomes, todo = split_finished(specs, force)
     if todo:
-        first = todo[0]
-        prepare_prerequisites(first.preset, first.cache, first.data_root, first.device, first.progress)
+        prepare_once(Prerequisites.of(todo[0]))
+    if workers > 1 and len(todo) > 1:
+        return in_spec_order(outcomes + _run_in_workers(todo, force, workers), specs)
+    job = Job(force)
     for index, spec in enumerate(todo, 1):
         log.info("[%d/%d] %s", index, len(todo), spec.describe())
-        try:
-            outcomes.append(Outcome(spec, "done", run_one(spec)))
-        except Exception as exc:  # one failed run must not stop the sweep
-            log.error("run failed: %s: %s\n%s", spec.describe(), exc, traceback.format_exc())
-            outcomes.append(Outcome(spec, "failed", error=f"{type(exc).__name__}: {exc}"))
+        outcomes.append(_run_guarded(job, spec))
+    return in_spec_order(outcomes, specs)
+
+
+def _run_guarded(job: Job, spec: RunSpec) -> Outcome:
+    try:
+        return job(spec)
+    except Exception as exc:  # one failed run must not stop the sweep
+        log.error("run failed: %s: %s\n%s", spec.describe(), exc, traceback.format_exc())
+        return Outcome(spec, "failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _worker_run(spec: RunSpec, force: bool) -> Outcome:
+    return _run_guarded(Job(force), spec)
+
+
+def _run_in_workers(todo: list[RunSpec], force: bool, workers: int) -> list[Outcome]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    log.info("running %d run(s) in %d worker processes, %d thread(s) each", len(todo), workers, threads)
+    context = multiprocessing.get_context("spawn")  # no fork of a process that already runs OpenMP threads
+    outcomes = []
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {pool.submit(_worker_run, spec, force): spec for spec in todo}
+        for index, future in enumerate(as_completed(futures), 1):
+            outcome = future.result()
+            log.info("[%d/%d] %s: %s", index, len(todo), outcome.spec.describe(), outcome.status)
+            outcomes.append(outcome)
     return outcomes
+
+
+def in_spec_order(outcomes: list[Outcome], specs: list[RunSpec]) -> list[Outcome]:
+    position = {spec: index for index, spec in enumerate(specs)}
+    return sorted(outcomes, key=lambda outcome: position.get(outcome.spec, len(specs)))
+
+
+# -- submitit: prerequisites job, then one job array; a manifest for `status` ------------------------------------
+class PrerequisitesFailed(RuntimeError):
+    """The job building the base model or classifier failed; no run was submitted."""
+
+
+@dataclass
+class Submission:
+    """What `submit_runs` did: outcomes known without a job, and one job per spec still to run."""
+
+    kind: str
+    folder: Path
+    known: list[Outcome]
+    todo: list[RunSpec]
+    jobs: list
+    prerequisites_jobs: list[str] = dataclasses.field(default_factory=list)
+
+
+def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Path, force: bool = False,
+                wait_prerequisites: bool = True) -> Submission:
+    """Submit every unfinished spec as one job array, after a job building missing prerequisites.
+
+    With `wait_prerequisites=False` on SLURM the array waits for that job in the queue (afterok), so nothing
+    here blocks; elsewhere this waits for it. Raises PrerequisitesFailed if it fails.
+    """
+    folder = Path(folder)
+    known, todo = split_finished(specs, force)
+    executor = make_executor(kind, folder, config)
+    prerequisites = _prerequisites(executor, todo, wait_prerequisites or kind != "slurm") if todo else []
+    if prerequisites and kind == "slurm" and not wait_prerequisites:
+        executor.update_parameters(slurm_additional_parameters={
+            "dependency": "afterok:" + ":".join(prerequisites), "kill-on-invalid-dep": "yes"})
+    jobs = submit_all(executor, Job(force), todo)
+    submission = Submission(kind, folder, known, todo, jobs, prerequisites)
+    if jobs:
+        write_manifest(submission)
+    return submission
+
+
+def _prerequisites(executor, todo: list[RunSpec], wait: bool) -> list[str]:
+    """Submit one job per preset whose base model or classifier is missing (and wait for it); their job ids."""
+    tasks = [t for t in dict.fromkeys(Prerequisites.of(spec) for spec in todo) if not t.cached()]
+    if not tasks:
+        return []
+    jobs = submit_all(executor, Job(), tasks)
+    for task, job in zip(tasks, jobs):
+        log.info("building the %s base model and classifier first: job %s (log %s)", task.preset, job.job_id,
+                 job.paths.stderr)
+    if wait:
+        for finished in wait_all(jobs, tasks, progress=False, poll_s=2.0, refresh_s=10.0):
+            if finished.failed:
+                raise PrerequisitesFailed(f"building the {finished.item.preset} prerequisites failed: "
+                                          f"{short_error(finished.outcome)} (log: {finished.log_path})")
+    return [job.job_id for job in jobs]
+
+
+def wait_runs(submission: Submission, progress: bool = True) -> list[Outcome]:
+    """Wait for every job (progress bar over finished runs); returns all outcomes, failed ones with their log."""
+    outcomes = list(submission.known)
+    for finished in wait_all(submission.jobs, submission.todo, progress=progress, poll_s=2.0, refresh_s=10.0):
+        if finished.failed:
+            outcomes.append(Outcome(finished.item, "failed", error=short_error(finished.outcome),
+                                    log_path=str(finished.log_path)))
+        else:
+            outcomes.append(dataclasses.replace(finished.outcome, log_path=str(finished.log_path)))
+    return in_spec_order(outcomes, [o.spec for o in submission.known] + submission.todo)
+
+
+def short_error(error: BaseException | str) -> str:
+    """The last line of a job's traceback (`Type: message`), or the first line of a scheduler error."""
+    text = str(error)
+    if "failed during processing with trace" in text:
+        return _last_line(text.split("----------------------")[1])
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+def write_manifest(submission: Submission) -> Path:
+    """Record what was submitted (spec identity + job id) in the jobs folder, one file per submission."""
+    runs = [{"preset": s.preset, "protocol": s.protocol_name, "method": s.method, "variant": s.variant,
+             "forget_class": s.forget_class, "seed": s.seed, "directory": str(Path(s.directory).resolve()),
+             "job_id": job.job_id} for s, job in zip(submission.todo, submission.jobs)]
+    payload = {"cluster": submission.kind, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "host": socket.gethostname(), "pid": os.getpid(),
+               "prerequisites_jobs": submission.prerequisites_jobs, "runs": runs}
+    path = submission.folder / f"submission-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    records.write_json_atomic(path, payload)
+    return path
+
+
+# -- status: done / running / failed / missing per run, from records, claims and the jobs folder -----------------
+STATES = ("done", "running", "failed", "missing")
+SCHEDULER_RUNNING = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
+                     "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "READY"}
+SCHEDULER_FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+                    "DEADLINE"}
+
+
+@dataclass
+class RunStatus:
+    method: str
+    variant: str
+    forget_class: int
+    seed: int
+    state: str  # one of STATES
+    detail: str = ""
+
+
+def status(out: str | Path, folder: str | Path) -> list[RunStatus]:
+    """The state of every run that was submitted (manifests in `folder`) or has a record under `out`."""
+    folder, entries = Path(folder), {}
+    for manifest in sorted(folder.glob("submission-*.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            payload = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("skipping unreadable manifest %s: %s", manifest, exc)
+            continue
+        for run in payload["runs"]:
+            entries[run["directory"]] = {**run, "cluster": payload["cluster"]}
+    for path in Path(out).rglob(records.RECORD_NAME):
+        entries.setdefault(str(path.parent.resolve()), _entry_from_path(path.parent))
+    slurm_ids = [e["job_id"] for e in entries.values() if e.get("cluster") == "slurm"]
+    scheduler = _scheduler_states(folder, slurm_ids)
+    rows = [_run_status(entry, folder, scheduler) for entry in entries.values()]
+    return sorted(rows, key=lambda r: (r.method, r.variant, r.forget_class, r.seed))
+
+
+def _entry_from_path(directory: Path) -> dict:
+    *_, method, variant, forget_class, seed = directory.parts
+    return {"method": method, "variant": variant, "forget_class": int(forget_class.removeprefix("class")),
+            "seed": int(seed.removeprefix("seed")), "directory": str(directory.resolve())}
+
+
+def _scheduler_states(folder: Path, job_ids: list[str]) -> dict[str, str]:
+    """SLURM state per job id, from one sacct call; empty where sacct is not available."""
+    jobs = {job_id: submitit.SlurmJob(folder, job_id) for job_id in job_ids}
+    if not jobs:
+        return {}
+    try:
+        next(iter(jobs.values())).get_info(mode="force")  # one call updates every registered job
+        return {job_id: job.state for job_id, job in jobs.items()}
+    except Exception as exc:  # sacct missing or failing: say so, and judge from files alone
+        log.warning("cannot ask SLURM for job states (%s); judging from files only", exc)
+        return {}
+
+
+def _run_status(entry: dict, folder: Path, scheduler: dict[str, str]) -> RunStatus:
+    row = RunStatus(entry["method"], entry["variant"], entry["forget_class"], entry["seed"], "missing")
+    directory = Path(entry["directory"])
+    record_path, claim_path = directory / records.RECORD_NAME, directory / records.CLAIM_NAME
+    if record_path.exists():
+        try:
+            records.read_record(record_path)
+            return dataclasses.replace(row, state="done", detail=str(record_path))
+        except records.CorruptRecord:
+            return dataclasses.replace(row, state="failed", detail=f"corrupt record {record_path}")
+    held = records.read_claim(claim_path)
+    if held is not None and not records.claim_is_stale(claim_path, held[1]):
+        return dataclasses.replace(row, state="running", detail=records.describe_holder(held[1] or {}))
+    job_id = entry.get("job_id")
+    if not job_id:
+        return row
+    paths = submitit.core.utils.JobPaths(folder, job_id, 0)
+    if paths.result_pickle.exists():
+        kind, value = submitit.core.utils.pickle_load(paths.result_pickle)
+        if kind == "error":
+            return dataclasses.replace(row, state="failed", detail=f"job {job_id}: {_last_line(str(value))}; "
+                                                                   f"log {paths.stderr}")
+        return dataclasses.replace(row, detail=f"job {job_id} ended without a record ({value.status}); "
+                                               f"log {paths.stderr}")
+    state = scheduler.get(job_id, "")
+    if state in SCHEDULER_RUNNING or (entry.get("cluster") == "local" and _local_job_alive(job_id)):
+        return dataclasses.replace(row, state="running", detail=f"job {job_id} {state.lower() or 'running'}")
+    if state.split(" ")[0] in SCHEDULER_FAILED:
+        return dataclasses.replace(row, state="failed", detail=f"job {job_id} {state}; log {paths.stderr}")
+    return dataclasses.replace(row, detail=f"job {job_id} ended without a record; log {paths.stderr}")
+
+
+def _local_job_alive(job_id: str) -> bool:
+    return job_id.isdigit() and records.process_start(int(job_id)) is not None

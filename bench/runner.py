@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,11 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[int], dict[str, Tensor]]
+
+
+def progress_bar(**kwargs) -> tqdm:
+    """A tqdm bar that redraws live on a terminal and every 30 s in a log file (SLURM, CI)."""
+    return tqdm(mininterval=0.1 if sys.stderr.isatty() else 30.0, **kwargs)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -159,7 +165,7 @@ def train(
     reset_peak_memory(device)
     history: list[dict[str, float]] = []
     pending: list[dict[str, Tensor]] = []
-    bar = tqdm(total=spec.iterations, initial=start_step, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=spec.iterations, initial=start_step, desc=desc, disable=not progress, leave=False)
     synchronize(device)
     started = time.perf_counter()
     for step in range(start_step, spec.iterations):

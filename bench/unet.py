@@ -174,7 +174,7 @@ class ConditionalUNet(nn.Module):
         """Predict the noise in `x` at integer or float `timesteps` for class `labels` (-1: null class)."""
         emb = self.embed(timesteps, labels)
         skips = [self.conv_in(x)]
-        for level, down in enumerate(self.down):
+        for down in self.down:
             for index, block in enumerate(down.block):
                 h = block(skips[-1], emb)
                 if len(down.attn) > 0:

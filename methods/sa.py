@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from tqdm.auto import tqdm
 
 from bench.data import ClassDataset, infinite_batches
 from bench.diffusion import NoiseSchedule
+from bench.runner import progress_bar
 from methods.base import Batch, MethodConfig, UnlearningMethod, drop_labels, squared_error
 
 FIM_INPUTS = ("unit", "model")
@@ -72,7 +72,8 @@ def diagonal_fisher(model: nn.Module, schedule: NoiseSchedule, images: Tensor, l
 
     per_sample_grad = vmap(grad(image_loss), in_dims=(None, 0, 0, 0, None))
     fisher = {name: torch.zeros_like(p) for name, p in params.items()}
-    for start in tqdm(range(0, len(images), batch_size), desc="fisher", disable=not progress, leave=False):
+    for start in progress_bar(iterable=range(0, len(images), batch_size), desc="fisher", disable=not progress,
+                              leave=False):
         x0, y = images[start : start + batch_size], labels[start : start + batch_size]
         noise = torch.randn((len(x0), len(timesteps), *x0.shape[1:]), generator=generator, device=device)
         total = None
@@ -91,6 +92,13 @@ class SelectiveAmnesia(UnlearningMethod):
     description = "Selective Amnesia: EWC with a diagonal Fisher + generative replay, forget class -> uniform noise"
 
     def prepare(self) -> dict[str, float]:
+        from bench.artifacts import file_lock
+
+        # Priors and Fisher are shared by every forget class: parallel runs wait for the first to build them.
+        with file_lock(self.ctx.cache.path(self.ctx.preset, "sa", self.ctx.base_id, "prepare.lock")):
+            return self._prepare()
+
+    def _prepare(self) -> dict[str, float]:
         from bench.artifacts import atomic_save, load_unet
         from bench.evaluate import Sampler, from_uint8
 

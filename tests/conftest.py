@@ -2,11 +2,16 @@
 
 Every test runs on the CPU with one torch thread: the suite shares small machines with other jobs, and
 oversubscribed intra-op threads made a tiny UNet step ~50x slower there. `tiny_cache` builds the `tiny`
-preset's base model and classifier once per session so that end-to-end and CLI tests reuse them.
+preset's base model and classifier once per session so that end-to-end and CLI tests reuse them;
+`debug_sweep` runs the tiny sweep once through `--cluster debug`, the reference the other executors must match.
+Subprocesses (`bench_cli`) and the jobs they start get OMP_NUM_THREADS=1 for the same reason.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +38,54 @@ def tiny_cache(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("tiny-cache")
     prepare_prerequisites("tiny", str(root), device="cpu", progress=False)
     return str(root)
+
+
+# The tiny sweep every executor runs: 2 methods x 2 forget classes on the tiny preset.
+TINY_SWEEP = ("--preset", "tiny", "--methods", "original,safemax", "--classes", "0,1", "--no-progress")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_bench(*args: str, env: dict | None = None, timeout_s: float = 300,
+              cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """`bench ARGS` in a subprocess of this Python, one torch thread in it and in its jobs."""
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True,
+                          timeout=timeout_s, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                          cwd=cwd or REPO)
+
+
+def read_sweep(out: str | Path) -> dict[tuple, dict]:
+    """(method, variant, forget class, seed) -> metrics of every record under `out`; fails on a corrupt one."""
+    from bench import records
+
+    found, corrupt = records.read_all(out)
+    assert not corrupt, corrupt
+    return {(r["method"], r["variant"], r["forget_class"], r["seed"]): r["metrics"] for r in found}
+
+
+@pytest.fixture(scope="session")
+def bench_cli():
+    return run_bench
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep() -> tuple[str, ...]:
+    return TINY_SWEEP
+
+
+@pytest.fixture(scope="session")
+def sweep_records():
+    return read_sweep
+
+
+@pytest.fixture(scope="session")
+def debug_sweep(tmp_path_factory, tiny_cache) -> Path:
+    """The tiny sweep run once through `bench run --cluster debug` (jobs in this process); its results folder."""
+    from click.testing import CliRunner
+
+    from bench.cli import main
+
+    out = tmp_path_factory.mktemp("debug-sweep")
+    result = CliRunner().invoke(main, ["run", *TINY_SWEEP, "--cache", tiny_cache, "--out", str(out),
+                                       "--cluster", "debug"])
+    assert result.exit_code == 0, result.output
+    return out

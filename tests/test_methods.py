@@ -77,7 +77,7 @@ def test_sa_priors_and_fisher_are_cached_once(tiny_cache, tmp_path):
 
 
 def test_batched_fisher_equals_per_sample_brute_force():
-    from bench.config import DiffusionConfig, UNETS
+    from bench.config import UNETS, DiffusionConfig
     from bench.diffusion import NoiseSchedule
     from methods.base import squared_error
 

@@ -1,19 +1,28 @@
-"""A real SLURM cluster (with accounting) runs sbatch jobs and submitit job arrays; failures surface, kills end.
+"""A real SLURM cluster (with accounting) runs sbatch jobs, submitit job arrays and `bench run --cluster slurm`.
 
-The cluster is started once per session and stopped at the end; if it cannot start, these tests fail.
+The cluster is started once per session and stopped at the end; if it cannot start, these tests fail. The bench
+tests run the tiny sweep as a job array and through `sbatch slurm/bench.sbatch`, and check the faults a cluster
+user meets: a SIGKILLed run (rerun resumes it, no partial record ever visible), a run that raises (named with
+its log, exit code 1), and a preempted long run (requeued by submitit, resumes from its checkpoint).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import cloudpickle
 import pytest
 import submitit
+from click.testing import CliRunner
 
+from bench import records
+from bench.cli import main
 from bench.cluster import load_cluster_config, make_executor, submit_all, wait_all
 
 try:
@@ -39,7 +48,7 @@ def slurm_cluster(tmp_path_factory):
     if problem:
         pytest.fail(f"could not start the local SLURM cluster (a SLURM test never skips): {problem}", pytrace=False)
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in cluster.env.items():
+        for key, value in {**cluster.env, "OMP_NUM_THREADS": "1"}.items():  # jobs inherit this environment
             patch.setenv(key, value)
         try:
             yield cluster
@@ -105,7 +114,7 @@ def test_submitit_surfaces_job_exception(slurm_cluster, tmp_path):
     assert finished.log_path.exists() and "boom 7" in finished.log_path.read_text()
     with pytest.raises(submitit.core.utils.FailedJobError, match="boom 7"):
         job.result()
-    assert slurm_cluster.sacct_state(job.job_id) == "FAILED"
+    assert finished_state(slurm_cluster, job.job_id) == "FAILED"  # accounting may lag the result file
 
 
 @pytest.mark.slow
@@ -119,19 +128,6 @@ def test_sigkilled_job_is_reported_not_hung(slurm_cluster, tmp_path):
     assert isinstance(finished.outcome, submitit.core.utils.UncompletedJobError)
     assert slurm_cluster.sacct_state(job.job_id) in ("FAILED", "CANCELLED")
     wait_for(lambda: not process_alive(worker), 30, "the killed worker process gone")
-
-
-@pytest.mark.slow
-def test_bench_sbatch_runs_the_orchestrator_as_a_job(slurm_cluster, tiny_cache, tmp_path):
-    out, log = tmp_path / "results", tmp_path / "bench.out"
-    job_id = slurm_cluster.run("sbatch", "--parsable", f"--output={log}", "slurm/bench.sbatch", "--preset", "tiny",
-                               "--methods", "original", "--classes", "0", "--out", str(out), "--cache",
-                               tiny_cache, "--no-progress", cwd=REPO).stdout.strip()
-    state = wait_for(lambda: slurm_cluster.sacct_state(job_id) not in ("", "PENDING", "RUNNING")
-                     and slurm_cluster.sacct_state(job_id), 600, f"bench job {job_id} finishing")
-    assert state == "COMPLETED", log.read_text()[-3000:]
-    assert f"records go to {out}" in log.read_text()
-    assert [p.relative_to(out).parts[:3] for p in out.rglob("record.json")] == [("tiny", "paper", "original")]
 
 
 def test_cluster_config_rejects_unknown_key(tmp_path):
@@ -160,3 +156,184 @@ def test_same_job_path_without_slurm(kind, tmp_path):
     finished = wait_all(jobs, progress=False, poll_s=0.2, timeout_s=WAIT_S)
     assert [f.outcome for f in finished[:2]] == [4, 9]
     assert finished[2].failed and "boom 4" in str(finished[2].outcome)
+
+
+# -- bench run on the cluster -------------------------------------------------------------------------------------
+SLURM = ("--cluster", "slurm", "--cluster-config", "local")
+RETRAIN = ("--preset", "tiny", "--methods", "retrain", "--classes", "0", "--set", "retrain.iterations=120",
+           "--no-progress")
+
+
+def manifests(out: Path) -> list[dict]:
+    paths = sorted((out / ".submitit").glob("submission-*.json"), key=lambda p: p.stat().st_mtime)
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def job_log(out: Path, job_id: str) -> Path:
+    return submitit.core.utils.JobPaths(out / ".submitit", job_id, 0).stderr
+
+
+def finished_state(cluster: LocalSlurmCluster, job_id: str, timeout_s: float = WAIT_S) -> str:
+    return wait_for(lambda: cluster.sacct_state(job_id) not in ("", "PENDING", "RUNNING", "REQUEUED")
+                    and cluster.sacct_state(job_id), timeout_s, f"job {job_id} finishing")
+
+
+class RecordWatcher:
+    """Reads a record path every few ms while a run goes on: notes each time it was absent, whole or broken."""
+
+    def __init__(self, path: Path):
+        self.path, self.seen, self._stop = path, [], threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            if not self.path.exists():
+                state = "absent"
+            else:
+                try:
+                    records.read_record(self.path)
+                    state = "whole"
+                except records.CorruptRecord:
+                    state = "broken" if self.path.exists() else "absent"
+            if not self.seen or self.seen[-1] != state:
+                self.seen.append(state)
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(5)
+        return self.seen
+
+
+@pytest.fixture(scope="module")
+def slurm_sweep(slurm_cluster, tiny_cache, tiny_sweep, bench_cli, tmp_path_factory):
+    out = tmp_path_factory.mktemp("slurm-sweep")
+    return out, bench_cli("run", *tiny_sweep, "--cache", tiny_cache, "--out", str(out), *SLURM)
+
+
+@pytest.mark.slow
+def test_bench_run_fans_the_sweep_out_as_one_job_array(slurm_cluster, slurm_sweep, debug_sweep, sweep_records):
+    out, result = slurm_sweep
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sweep_records(out) == sweep_records(debug_sweep)  # same runs and numbers as in-process jobs
+    (manifest,) = manifests(out)
+    job_ids = [run["job_id"] for run in manifest["runs"]]
+    assert len({job_id.split("_")[0] for job_id in job_ids}) == 1 and all("_" in j for j in job_ids), job_ids
+    assert manifest["prerequisites_jobs"] == []  # tiny_cache has them
+    assert {finished_state(slurm_cluster, job_id) for job_id in job_ids} == {"COMPLETED"}
+    assert "original default      0     0" in result.stdout and "4 run(s) done, 0 skipped" in result.stdout
+
+
+@pytest.mark.slow
+def test_rerun_submits_nothing_and_status_shows_all_done(slurm_sweep, tiny_cache, tiny_sweep):
+    out, _ = slurm_sweep
+    rerun = CliRunner().invoke(main, ["run", *tiny_sweep, "--cache", tiny_cache, "--out", str(out), *SLURM])
+    assert rerun.exit_code == 0, rerun.output
+    assert "0 run(s) done, 4 skipped" in rerun.output and "submitted" not in rerun.output
+    assert len(manifests(out)) == 1
+    shown = CliRunner().invoke(main, ["status", "--out", str(out)])
+    assert "4 done, 0 running, 0 failed, 0 missing" in shown.output, shown.output
+
+
+@pytest.mark.slow
+def test_bench_sbatch_runs_the_orchestrator_that_fans_out(slurm_cluster, tiny_cache, tiny_sweep, debug_sweep,
+                                                          sweep_records, tmp_path):
+    out, log = tmp_path / "results", tmp_path / "bench.out"
+    job_id = slurm_cluster.run("sbatch", "--parsable", f"--output={log}", "slurm/bench.sbatch", *tiny_sweep,
+                               "--out", str(out), "--cache", tiny_cache, *SLURM, cwd=REPO).stdout.strip()
+    state = finished_state(slurm_cluster, job_id, 300)
+    assert state == "COMPLETED", log.read_text()[-3000:]
+    assert f"records go to {out}" in log.read_text()
+    assert sweep_records(out) == sweep_records(debug_sweep)
+    (manifest,) = manifests(out)
+    assert {run["job_id"].split("_")[0] for run in manifest["runs"]} != {job_id}  # runs were jobs of their own
+
+
+@pytest.mark.slow
+def test_sigkilled_run_leaves_no_record_and_the_rerun_resumes_it(slurm_cluster, tiny_cache, bench_cli, tmp_path):
+    out = tmp_path / "results"
+    args = ("run", *RETRAIN, "--cache", tiny_cache, "--out", str(out), *SLURM)
+    run_dir = out / "tiny" / "paper" / "retrain" / "iterations=120" / "class0" / "seed0"
+    watcher = RecordWatcher(run_dir / records.RECORD_NAME)
+    first = subprocess.Popen([sys.executable, "-m", "bench.cli", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO)
+    wait_for((run_dir / "partial.pt").exists, WAIT_S, "the run's first checkpoint")
+    (killed,) = [run["job_id"] for run in manifests(out)[0]["runs"]]
+    slurm_cluster.run("scancel", "--signal=KILL", killed)
+    _, stderr = first.communicate(timeout=WAIT_S)
+    assert first.returncode == 1 and "FAILED retrain [iterations=120] class 0 seed 0" in stderr, stderr
+    assert not (run_dir / records.RECORD_NAME).exists()
+
+    second = bench_cli(*args)
+    seen = watcher.stop()
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert seen == ["absent", "whole"]  # never half a record, and none before the run completed
+    timings = records.read_record(run_dir / records.RECORD_NAME)["timings"]
+    assert timings["iterations"] == 120 and timings["resumed_from_step"] >= 10, timings
+    (resumed,) = [run["job_id"] for run in manifests(out)[1]["runs"]]
+    text = job_log(out, resumed).read_text()
+    assert "taking over abandoned claim" in text and "resuming retrain [iterations=120] class 0 seed 0" in text
+    assert not (run_dir / "partial.pt").exists() and not (run_dir / records.CLAIM_NAME).exists()
+
+
+@pytest.mark.slow
+def test_a_job_that_raises_is_named_with_its_log_and_the_others_finish(slurm_cluster, tiny_cache, bench_cli,
+                                                                       tmp_path):
+    out = tmp_path / "results"
+    result = bench_cli("run", "--preset", "tiny", "--methods", "original,safemax", "--classes", "0", "--set",
+                       "safemax.lr=1e30", "--cache", tiny_cache, "--out", str(out), "--no-progress", *SLURM)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAILED safemax [lr=1e+30] class 0 seed 0: bench.runner.NonFiniteLoss: non-finite loss" in result.stderr
+    (failed_job,) = [r["job_id"] for r in manifests(out)[0]["runs"] if r["method"] == "safemax"]
+    log_path = job_log(out, failed_job)
+    assert f"log: {log_path}" in result.stderr and "NonFiniteLoss" in log_path.read_text()
+    assert finished_state(slurm_cluster, failed_job) == "FAILED"
+    assert "original default      0     0" in result.stdout and "1 run(s) done" in result.stdout
+    assert [r["method"] for r in records.read_all(out)[0]] == ["original"]
+
+
+@pytest.mark.slow
+def test_preempted_long_run_is_requeued_and_resumes_from_its_checkpoint(slurm_cluster, tiny_cache, bench_cli,
+                                                                        tmp_path):
+    out = tmp_path / "results"
+    submitted = bench_cli("run", *RETRAIN, "--cache", tiny_cache, "--out", str(out), *SLURM, "--no-wait")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert f"bench status --out {out}" in submitted.stdout
+    (job_id,) = [run["job_id"] for run in manifests(out)[0]["runs"]]
+    run_dir = out / "tiny" / "paper" / "retrain" / "iterations=120" / "class0" / "seed0"
+    wait_for((run_dir / "partial.pt").exists, WAIT_S, "the run's first checkpoint")
+    running = CliRunner().invoke(main, ["status", "--out", str(out)])
+    assert "0 done, 1 running" in running.output, running.output
+
+    slurm_cluster.run("scancel", "--signal=USR2", job_id)  # what SLURM sends before preemption or the time limit
+    wait_for(lambda: slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%T").stdout.strip() == "PENDING",
+             WAIT_S, "the job requeued")
+    # this cluster holds a requeued job back for 120 s (cred_expire); let it start now
+    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    assert finished_state(slurm_cluster, job_id) == "COMPLETED"
+    timings = records.read_record(run_dir / records.RECORD_NAME)["timings"]
+    assert timings["iterations"] == 120 and timings["resumed_from_step"] >= 10, timings
+    text = job_log(out, job_id).read_text()
+    assert "checkpoint: requeueing" in text and "resuming retrain [iterations=120] class 0 seed 0" in text
+    done = CliRunner().invoke(main, ["status", "--out", str(out)])
+    assert "1 done, 0 running, 0 failed, 0 missing" in done.output, done.output
+
+
+@pytest.mark.slow
+def test_missing_prerequisites_are_built_by_one_job_the_array_waits_for(slurm_cluster, bench_cli, tmp_path):
+    out, cache = tmp_path / "results", tmp_path / "empty-cache"
+    submitted = bench_cli("run", "--preset", "tiny", "--methods", "original", "--classes", "0,1", "--out", str(out),
+                          "--cache", str(cache), "--no-progress", *SLURM, "--no-wait")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    (manifest,) = manifests(out)
+    (prerequisites,), runs = manifest["prerequisites_jobs"], [run["job_id"] for run in manifest["runs"]]
+    assert f"the runs wait for job {prerequisites}" in submitted.stdout
+    assert [finished_state(slurm_cluster, job_id) for job_id in [prerequisites, *runs]] == ["COMPLETED"] * 3
+
+    def times(job_id: str) -> tuple[str, str]:
+        start, end = slurm_cluster.run("sacct", "-n", "-X", "-P", "-o", "Start,End", "-j", job_id).stdout.split("|")
+        return start.strip(), end.strip()
+
+    assert all(times(job_id)[0] >= times(prerequisites)[1] for job_id in runs)  # ISO times sort as text
+    assert len(records.read_all(out)[0]) == 2
+    assert (cache / "tiny" / "base.pt").is_file()

@@ -1,0 +1,269 @@
+"""The orchestrator off SLURM: the same job path for `debug` and `local`, claims that keep concurrent sweeps from
+running or writing a run twice, corrupt records re-run, `--no-wait` + `bench status`, prerequisites first, resume.
+
+The real SLURM cluster tests are in test_slurm_cluster.py.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bench import experiment, records
+from bench.cli import main
+from bench.config import get_preset
+from bench.orchestrate import Job, Prerequisites, Sweep, build_specs, prepare_once, run_sequential, status
+
+WAIT_S = 180
+
+
+def _specs(out, cache: str, method: str = "original", classes=(0,), overrides=()):
+    sweep = Sweep({method: {k: [v] for k, v in overrides}} if overrides else {}, {})
+    return build_specs(get_preset("tiny"), [method], list(classes), [0], sweep, out=str(out), cache=cache,
+                       device="cpu", progress=False)
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_claim(path: Path, age_s: float = 0.0, **holder) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": socket.gethostname(), "pid": _dead_pid(), "pid_start": "1", "job_id": None,
+                                "token": "someone-else", "since": "earlier", **holder}))
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                  if p.name.endswith(".tmp") or "claim" in p.name or p.name == experiment.PARTIAL_NAME)
+
+
+# -- one job path -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_local_jobs_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache, tiny_sweep, tmp_path, bench_cli,
+                                                        sweep_records):
+    out = tmp_path / "results"
+    result = bench_cli("run", *tiny_sweep, "--cache", tiny_cache, "--out", str(out), "--cluster", "local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    reference = sweep_records(debug_sweep)
+    assert sorted(reference) == [(m, "default", c, 0) for m in ("original", "safemax") for c in (0, 1)]
+    assert sweep_records(out) == reference  # same runs, and the same numbers: seeded, one thread
+    assert "4 run(s) done, 0 skipped" in result.stdout
+    assert _leftovers(out) == []
+
+
+def test_job_checkpoint_resubmits_the_same_spec(tmp_path):
+    (spec,) = _specs(tmp_path, str(tmp_path / "cache"), "retrain")
+    job = Job(force=True)
+    delayed = job.checkpoint(spec)
+    assert delayed.function is job and delayed.args == (spec,) and not delayed.kwargs
+
+
+# -- claims ---------------------------------------------------------------------------------------------------------
+def test_a_held_claim_is_refused_until_released(tmp_path):
+    path = tmp_path / "run" / records.CLAIM_NAME
+    claim = records.try_claim(path, job_id="7")
+    assert claim is not None and json.loads(path.read_text())["job_id"] == "7"
+    assert records.try_claim(path) is None
+    claim.release()
+    assert not path.exists()
+    again = records.try_claim(path)
+    assert again is not None
+    again.release()
+
+
+def test_claim_of_a_dead_process_is_taken_over(tmp_path):
+    path = tmp_path / "run" / records.CLAIM_NAME
+    _write_claim(path)
+    claim = records.try_claim(path)
+    assert claim is not None and json.loads(path.read_text())["pid"] == os.getpid()
+    claim.release()
+
+
+def test_claim_from_another_host_is_stale_only_when_its_heartbeat_stopped(tmp_path):
+    path = tmp_path / "run" / records.CLAIM_NAME
+    _write_claim(path, host="another-node", pid=1)
+    assert records.try_claim(path) is None
+    _write_claim(path, age_s=records.STALE_AFTER_S + 5, host="another-node", pid=1)
+    claim = records.try_claim(path)
+    assert claim is not None
+    claim.release()
+
+
+def test_requeued_job_takes_over_its_own_claim(tmp_path):
+    path = tmp_path / "run" / records.CLAIM_NAME
+    _write_claim(path, host="another-node", pid=1, job_id="42_3")
+    assert records.try_claim(path, job_id="42_4") is None
+    claim = records.try_claim(path, job_id="42_3")
+    assert claim is not None
+    claim.release()
+
+
+def _race_for_claim(path: str, barrier, winners) -> None:
+    if records.try_claim(path) is not None:
+        winners.put(os.getpid())
+    barrier.wait(30)  # hold any claim until everyone has tried
+
+
+def test_an_abandoned_claim_is_taken_over_by_exactly_one_process(tmp_path):
+    path = tmp_path / "run" / records.CLAIM_NAME
+    _write_claim(path)
+    context = multiprocessing.get_context("fork")
+    barrier, winners = context.Barrier(4), context.Queue()
+    procs = [context.Process(target=_race_for_claim, args=(str(path), barrier, winners)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
+    won = [winners.get(timeout=5) for _ in range(winners.qsize())]
+    assert len(won) == 1, won
+    assert json.loads(path.read_text())["pid"] == won[0]
+
+
+@pytest.mark.slow
+def test_two_orchestrators_on_one_folder_run_each_run_exactly_once(tmp_path, tiny_cache):
+    out = tmp_path / "results"
+    argv = [sys.executable, "-m", "bench.cli", "run", "--preset", "tiny", "--methods", "safemax", "--classes",
+            "0-3", "--set", "safemax.iterations=40", "--cache", tiny_cache, "--out", str(out), "--no-progress",
+            "--cluster", "debug"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outputs = [proc.communicate(timeout=WAIT_S) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    done = [int(re.search(r"(\d+) run\(s\) done", stdout).group(1)) for stdout, _ in outputs]
+    assert sum(done) == 4, outputs  # a run done by both would count twice
+    found, corrupt = records.read_all(out)
+    assert not corrupt and sorted(r["forget_class"] for r in found) == [0, 1, 2, 3]
+    assert _leftovers(out) == []
+
+
+# -- corrupt records, status --------------------------------------------------------------------------------------
+def test_corrupt_record_is_named_by_status_and_rerun(tmp_path, tiny_cache, caplog):
+    out = tmp_path / "results"
+    common = ("run", "--preset", "tiny", "--methods", "original", "--classes", "0", "--cache", tiny_cache,
+              "--out", str(out), "--device", "cpu", "--no-progress")
+    assert _invoke(*common).exit_code == 0
+    (path,) = out.rglob(records.RECORD_NAME)
+    path.write_text('{"schema": 1, "metr')
+    shown = _invoke("status", "--out", str(out))
+    assert shown.exit_code == 0 and f"failed   corrupt record {path}" in shown.output
+    assert "0 done, 0 running, 1 failed, 0 missing" in shown.output
+    with caplog.at_level("WARNING", logger="bench.orchestrate"):
+        rerun = _invoke(*common, "--cluster", "debug")
+    assert rerun.exit_code == 0, rerun.output
+    assert any(str(path) in message and "corrupt" in message for message in caplog.messages), caplog.messages
+    assert "1 run(s) done, 0 skipped" in rerun.output
+    assert records.read_record(path)["method"] == "original"
+
+
+@pytest.mark.slow
+def test_no_wait_submits_and_status_follows_to_done_and_failed(tmp_path, tiny_cache, bench_cli):
+    out = tmp_path / "results"
+    result = bench_cli("run", "--preset", "tiny", "--methods", "original,safemax", "--classes", "0", "--set",
+                       "safemax.lr=1e30", "--cache", tiny_cache, "--out", str(out), "--cluster", "local",
+                       "--no-wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"check progress with: bench status --out {out}" in result.stdout
+    first = status(out, out / ".submitit")
+    assert [(r.method, r.state in ("running", "done", "failed")) for r in first] == [("original", True),
+                                                                                      ("safemax", True)]
+    deadline = time.monotonic() + WAIT_S
+    while any(r.state == "running" for r in status(out, out / ".submitit")) and time.monotonic() < deadline:
+        time.sleep(1)
+    shown = _invoke("status", "--out", str(out))
+    assert "1 done, 0 running, 1 failed, 0 missing" in shown.output, shown.output
+    (failed,) = [line for line in shown.output.splitlines() if line.startswith("safemax")]
+    assert "NonFiniteLoss" in failed
+    log_path = Path(failed.rsplit("log ", 1)[1])
+    assert log_path.is_file() and "NonFiniteLoss" in log_path.read_text()
+
+
+def test_cluster_options_are_checked_before_any_work(tmp_path):
+    common = ("run", "--preset", "tiny", "--methods", "original", "--classes", "0", "--out",
+              str(tmp_path / "results"), "--cache", str(tmp_path / "cache"))
+    no_config = _invoke(*common, "--cluster", "slurm")
+    assert no_config.exit_code != 0 and "--cluster-config" in no_config.output and "example" in no_config.output
+    unknown = _invoke(*common, "--cluster", "slurm", "--cluster-config", "nosuchcluster")
+    assert unknown.exit_code != 0 and "nosuchcluster" in unknown.output and "local" in unknown.output
+    assert _invoke(*common, "--no-wait").exit_code != 0
+    debug = _invoke(*common, "--cluster", "debug", "--no-wait")
+    assert debug.exit_code != 0 and "debug" in debug.output
+    assert not (tmp_path / "cache").exists()
+
+
+# -- prerequisites, resume ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_prerequisites_are_built_by_one_job_first_and_not_again(tmp_path):
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    common = ("run", "--preset", "tiny", "--methods", "original", "--out", str(out), "--cache", str(cache),
+              "--device", "cpu", "--no-progress", "--cluster", "debug")
+    assert _invoke(*common, "--classes", "0,1").exit_code == 0
+    assert _invoke(*common, "--classes", "2").exit_code == 0
+    manifests = sorted((out / ".submitit").glob("submission-*.json"), key=lambda p: p.stat().st_mtime)
+    first, second = (json.loads(p.read_text()) for p in manifests)
+    assert first["prerequisites_jobs"] and len(first["runs"]) == 2
+    assert second["prerequisites_jobs"] == []  # cached: no job
+    assert (cache / "tiny" / "base.pt").is_file() and (cache / "tiny" / "classifier.pt").is_file()
+
+
+def test_prerequisites_wait_while_another_process_builds_them(tmp_path, tiny_cache):
+    holder = subprocess.Popen(["sleep", "60"])
+    task = Prerequisites("tiny", tiny_cache, device="cpu", progress=False)
+    claim_path = Path(tiny_cache) / "tiny" / "prepare.claim.json"
+    try:
+        claim_path.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                          "pid_start": records.process_start(holder.pid), "token": "builder"}))
+        result = {}
+        waiter = threading.Thread(target=lambda: result.update(prepare_once(task, poll_s=0.1)))
+        waiter.start()
+        time.sleep(1.5)
+        assert waiter.is_alive() and not result  # waits while the builder lives
+    finally:
+        holder.kill()
+        holder.wait()
+    waiter.join(60)
+    assert result["base"] == str(Path(tiny_cache) / "tiny" / "base.pt")
+    assert not claim_path.exists()
+
+
+def test_interrupted_run_resumes_to_the_requested_step_count(tmp_path, tiny_cache, monkeypatch):
+    (spec,) = _specs(tmp_path, tiny_cache, "retrain", overrides=[("iterations", 30)])
+    saves = []
+    real_save = experiment.atomic_save
+
+    def save_then_die(payload, path):
+        real_save(payload, path)
+        saves.append(payload["step"])
+        raise KeyboardInterrupt("killed after the first checkpoint")
+
+    monkeypatch.setattr(experiment, "atomic_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        Job()(spec)
+    assert saves == [10] and (spec.directory / experiment.PARTIAL_NAME).exists()
+    assert not (spec.directory / records.RECORD_NAME).exists()
+    monkeypatch.setattr(experiment, "atomic_save", real_save)
+    (outcome,) = run_sequential([spec])
+    timings = outcome.record["timings"]
+    assert (outcome.status, timings["iterations"], timings["resumed_from_step"]) == ("done", 30, 10)
+    assert _leftovers(tmp_path) == []
