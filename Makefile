@@ -41,7 +41,7 @@ $(SYSTEM_STAMP): Makefile | $(STAMP)
 	touch $(SYSTEM_STAMP)
 
 run: install
-	$(BIN)/bench run --methods all --classes 0-9 $(ARGS)
+	$(BIN)/bench run --methods all --classes 0-9 --workers 2 $(ARGS)
 
 report: install
 	$(BIN)/bench report --results results --out results/report

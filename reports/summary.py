@@ -31,6 +31,8 @@ def frame(records: list[dict]) -> pd.DataFrame:
             "rte_s": record["timings"].get("rte_s"),
             "prepare_total_s": record["timings"].get("prepare_total_s"),
             "peak_mem": f"{gpu:.2f} GiB" if gpu is not None else f"{memory.get('peak_process_mib', 0):.0f} MiB RSS",
+            "peak_gpu_gib": gpu,
+            "peak_rss_mib": memory.get("peak_process_mib"),
         })
     return pd.DataFrame(rows)
 
@@ -40,11 +42,29 @@ def summary_text(records: list[dict]) -> str:
     if not records:
         return "(no records)"
     df = frame(records).sort_values(["preset", "protocol", "method", "variant", "class", "seed"])
-    runs = df.rename(columns=COLUMNS).drop(columns=["preset", "protocol", "noise_top_class"])
+    runs = df.rename(columns=COLUMNS).drop(columns=["preset", "protocol", "noise_top_class", "peak_gpu_gib",
+                                                     "peak_rss_mib"])
     numeric = ["ua", "entropy", "fid", "retain_accuracy", "rte_s", "prepare_total_s"]
     means = df.groupby(["method", "variant"], sort=False)[numeric].mean().reset_index().rename(columns=COLUMNS)
     fid_label = "FID (classifier features)" if any(
         r.get("protocol", {}).get("fid_features") == "classifier" for r in records) else "FID (Inception)"
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
         return (f"{runs.to_string(index=False)}\n\nMean over classes and seeds ({fid_label}):\n"
-                f"{means.to_string(index=False)}")
+                f"{means.to_string(index=False)}\n\n{efficiency_text(df)}")
+
+
+def efficiency(df: pd.DataFrame, reference: str = "safemax") -> pd.DataFrame:
+    """Per (method, variant): mean RTE, its ratio to the reference method's, preparation time, peak memory."""
+    grouped = df.groupby(["method", "variant"], sort=False)
+    table = grouped.agg(rte_s=("rte_s", "mean"), prepare_s=("prepare_total_s", "mean"),
+                        peak_gpu_gib=("peak_gpu_gib", "max"), peak_rss_mib=("peak_rss_mib", "max")).reset_index()
+    base = table[(table.method == reference) & (table.variant == "default")]["rte_s"]
+    table["rte_vs_" + reference] = table["rte_s"] / float(base.iloc[0]) if len(base) and base.iloc[0] > 0 else None
+    return table
+
+
+def efficiency_text(df: pd.DataFrame) -> str:
+    table = efficiency(df).dropna(axis=1, how="all")
+    note = ("RTE: wall time of the unlearning loop; prep: priors, Fisher, masks (computed once, reused by later runs); "
+            "peak RSS is the whole worker process.")
+    return f"Efficiency (mean over runs):\n{table.to_string(index=False)}\n{note}"
