@@ -111,6 +111,24 @@ def prepare_prerequisites(preset_name: str, cache_dir: str | None, data_root: st
             "classifier_seconds": classifier.get("seconds")}
 
 
+def shared_preparation_ready(spec: RunSpec) -> bool:
+    """Whether the forget-class-independent preparation of `spec`'s method is cached (needs the base model)."""
+    preset = get_preset(spec.preset)
+    cls, config, _ = resolve_method_config(preset, spec)
+    cache = Cache(spec.cache, spec.data_root)
+    if not cache.base_path(preset).exists():
+        return False
+    base_id = torch.load(cache.base_path(preset), map_location="cpu", weights_only=True)["id"]
+    return cls.preparation_ready(cache, preset, base_id, config)
+
+
+def prepare_shared(spec: RunSpec) -> dict[str, float]:
+    """Build the preparation every forget class of `spec`'s method shares; returns seconds per stage."""
+    setup = setup_method(spec)
+    log.info("preparing %s once for every forget class", spec.method)
+    return setup.method.prepare()
+
+
 @dataclass
 class Setup:
     """A method bound to its context, with the model it trains and that model's EMA (if any)."""

@@ -30,7 +30,7 @@ from bench import records
 from bench.artifacts import Cache
 from bench.cluster import make_executor, submit_all, wait_all
 from bench.config import Preset, Protocol, get_preset
-from bench.experiment import RunSpec, prepare_prerequisites, run_one
+from bench.experiment import RunSpec, prepare_prerequisites, prepare_shared, run_one, shared_preparation_ready
 from methods import get_method
 
 log = logging.getLogger(__name__)
@@ -201,18 +201,30 @@ class Prerequisites:
     data_root: str | None = None
     device: str | None = None
     progress: bool = True
+    # One run per (method, overrides) whose preparation all forget classes share (SA's priors and Fisher).
+    shared: tuple[RunSpec, ...] = ()
 
     @classmethod
     def of(cls, spec: RunSpec) -> Prerequisites:
         return cls(spec.preset, spec.cache, spec.data_root, spec.device, spec.progress)
 
     def cached(self) -> bool:
-        """True when both are in the cache (and load: a corrupt file raises CheckpointError naming it)."""
+        """True when all are in the cache (and load: a corrupt file raises CheckpointError naming it)."""
         preset, cache = get_preset(self.preset), Cache(self.cache, self.data_root)
         if not (cache.base_path(preset).exists() and cache.classifier_path(preset).exists()):
             return False
         prepare_prerequisites(self.preset, self.cache, self.data_root, "cpu", progress=False)
-        return True
+        return all(shared_preparation_ready(spec) for spec in self.shared)
+
+
+def prerequisites_for(specs: list[RunSpec]) -> list[Prerequisites]:
+    """One Prerequisites per preset and cache, with a representative run of each shared preparation."""
+    groups: dict[Prerequisites, dict] = {}
+    for spec in specs:
+        shared = groups.setdefault(Prerequisites.of(spec), {})
+        if get_method(spec.method).shares_preparation:
+            shared.setdefault((spec.method, spec.method_overrides), spec)
+    return [dataclasses.replace(task, shared=tuple(shared.values())) for task, shared in groups.items()]
 
 
 PREPARE_CLAIM = "prepare.claim.json"
@@ -225,7 +237,9 @@ def prepare_once(task: Prerequisites, job_id: str | None = None, poll_s: float =
         log.info("waiting for another process building the %s prerequisites (%s)", task.preset, path)
         time.sleep(poll_s)
     try:
-        return prepare_prerequisites(task.preset, task.cache, task.data_root, task.device, task.progress)
+        built = prepare_prerequisites(task.preset, task.cache, task.data_root, task.device, task.progress)
+        built["shared"] = {spec.describe(): prepare_shared(spec) for spec in task.shared}
+        return built
     finally:
         claim.release()
 
@@ -299,7 +313,8 @@ def run_sequential(specs: list[RunSpec], force: bool = False, workers: int = 1) 
     """
     outcomes, todo = split_finished(specs, force)
     if todo:
-        prepare_once(Prerequisites.of(todo[0]))
+        for task in prerequisites_for(todo):
+            prepare_once(task)
     if workers > 1 and len(todo) > 1:
         return in_spec_order(outcomes + _run_in_workers(todo, force, workers), specs)
     job = Job(force)
@@ -390,13 +405,13 @@ def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Pat
 
 def _prerequisites(executor, todo: list[RunSpec], wait: bool) -> list[str]:
     """Submit one job per preset whose base model or classifier is missing (and wait for it); their job ids."""
-    tasks = [t for t in dict.fromkeys(Prerequisites.of(spec) for spec in todo) if not t.cached()]
+    tasks = [t for t in prerequisites_for(todo) if not t.cached()]
     if not tasks:
         return []
     jobs = submit_all(executor, Job(), tasks)
     for task, job in zip(tasks, jobs):
-        log.info("building the %s base model and classifier first: job %s (log %s)", task.preset, job.job_id,
-                 job.paths.stderr)
+        log.info("building the %s base model, classifier and shared preparation first: job %s (log %s)",
+                 task.preset, job.job_id, job.paths.stderr)
     if wait:
         for finished in wait_all(jobs, tasks, progress=False, poll_s=2.0, refresh_s=10.0):
             if finished.failed:

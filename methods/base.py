@@ -67,6 +67,9 @@ class UnlearningMethod:
     description: ClassVar[str] = ""
     # True for methods that start from fresh weights rather than from the pretrained model.
     from_scratch: ClassVar[bool] = False
+    # True when `prepare` builds artifacts every forget class shares (SA's priors and Fisher): the orchestrator
+    # then builds them once, in the prerequisites step, before the runs that need them.
+    shares_preparation: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig, ctx: Context):
         self.config = config
@@ -89,6 +92,11 @@ class UnlearningMethod:
     def prepare(self) -> dict[str, float]:
         """Compute or load cached preparation (Fisher, mask, priors); returns seconds per named stage."""
         return {}
+
+    @classmethod
+    def preparation_ready(cls, cache: Cache, preset: Preset, base_id: str, config: MethodConfig) -> bool:
+        """Whether the shared preparation for this base model and configuration is already cached."""
+        return True
 
     def batches(self) -> Iterator[Batch]:
         """Endless training batches; by default real forget-class and retained-class images."""

@@ -90,6 +90,18 @@ class SelectiveAmnesia(UnlearningMethod):
     name = "sa"
     Config = SAConfig
     description = "Selective Amnesia: EWC with a diagonal Fisher + generative replay, forget class -> uniform noise"
+    shares_preparation = True
+
+    @staticmethod
+    def artifact_paths(cache, preset, base_id: str, config: SAConfig):
+        """Where the priors and the Fisher of this base model and configuration are cached."""
+        folder = cache.path(preset, "sa", base_id)
+        n = config.prior_samples_per_class
+        return folder / f"priors-n{n}.pt", folder / f"fisher-n{n}-t{config.fim_timesteps}-{config.fim_inputs}.pt"
+
+    @classmethod
+    def preparation_ready(cls, cache, preset, base_id: str, config: SAConfig) -> bool:
+        return all(path.exists() for path in cls.artifact_paths(cache, preset, base_id, config))
 
     def prepare(self) -> dict[str, float]:
         from bench.artifacts import file_lock
@@ -103,9 +115,8 @@ class SelectiveAmnesia(UnlearningMethod):
         from bench.evaluate import Sampler, from_uint8
 
         ctx, config = self.ctx, self.config
-        folder = ctx.cache.path(ctx.preset, "sa", ctx.base_id)
         n = config.prior_samples_per_class
-        priors_path = folder / f"priors-n{n}.pt"
+        priors_path, fisher_path = self.artifact_paths(ctx.cache, ctx.preset, ctx.base_id, config)
         timings = {}
         if priors_path.exists():
             priors = torch.load(priors_path, weights_only=True)
@@ -123,8 +134,6 @@ class SelectiveAmnesia(UnlearningMethod):
         self.priors = ClassDataset(from_uint8(priors["images"]), priors["labels"], ctx.train_data.class_names,
                                    "SA priors")
 
-        key = f"fisher-n{n}-t{config.fim_timesteps}-{config.fim_inputs}.pt"
-        fisher_path = folder / key
         if fisher_path.exists():
             stored = torch.load(fisher_path, map_location=ctx.device, weights_only=True)
         else:

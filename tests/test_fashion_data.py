@@ -9,6 +9,7 @@ import torch
 
 from bench.data import FASHION_MNIST_ROOT, load_dataset, load_fashion_mnist
 
+
 def needs_package(test):
     """The Makefile installs Debian's dataset-fashion-mnist; without it these tests fail and say so."""
 

@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,9 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from bench import experiment, records
+from bench.artifacts import Cache
 from bench.cli import main
 from bench.config import get_preset
 from bench.orchestrate import Job, Prerequisites, Sweep, build_specs, prepare_once, run_sequential, status
@@ -267,3 +270,29 @@ def test_interrupted_run_resumes_to_the_requested_step_count(tmp_path, tiny_cach
     timings = outcome.record["timings"]
     assert (outcome.status, timings["iterations"], timings["resumed_from_step"]) == ("done", 30, 10)
     assert _leftovers(tmp_path) == []
+
+
+def test_shared_preparation_is_built_once_before_the_runs(tmp_path, tiny_cache):
+    """SA's priors and Fisher are built by the prerequisites step, once for all forget classes and variants alike."""
+    from bench.experiment import resolve_method_config
+    from bench.orchestrate import parse_sets, prerequisites_for
+    from methods.sa import SelectiveAmnesia
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    sweep = parse_sets(["sa.lam=1,2"], ["sa", "safemax"])
+    specs = build_specs(get_preset("tiny"), ["sa", "safemax"], [0, 1, 2], [0], sweep, out=str(tmp_path / "out"),
+                        cache=str(cache), device="cpu", progress=False)
+    (task,) = prerequisites_for(specs)
+    assert [spec.method for spec in task.shared] == ["sa", "sa"]  # one per variant, not per class; none for safemax
+    assert not task.cached()
+    prepare_once(task)
+    assert task.cached()
+    base_id = torch.load(cache / "tiny" / "base.pt", weights_only=True)["id"]
+    _, config, _ = resolve_method_config(get_preset("tiny"), task.shared[0])
+    paths = SelectiveAmnesia.artifact_paths(Cache(str(cache)), get_preset("tiny"), base_id, config)
+    assert all(path.is_file() for path in paths)
+    stamps = [path.stat().st_mtime_ns for path in paths]
+    outcomes = run_sequential([s for s in specs if s.method == "sa"][:2])
+    assert all(o.status == "done" for o in outcomes)
+    assert [path.stat().st_mtime_ns for path in paths] == stamps  # the runs reused them
