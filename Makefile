@@ -10,8 +10,10 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # and the full Fashion-MNIST for the `fashion` preset.
 APT_PACKAGES := munge slurmctld slurmd slurm-client slurmdbd mariadb-server chromium dataset-fashion-mnist
 ARGS ?=
+# Test processes; each file's tests stay in one process (the SLURM cluster fixture starts one cluster).
+TEST_WORKERS ?= 2
 
-.PHONY: install system-packages run report test lint clean
+.PHONY: install system-packages run report test lint clean gpu-check
 
 install: $(STAMP) system-packages
 
@@ -47,10 +49,15 @@ report: install
 	$(BIN)/bench report --results results --out results/report
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: install
-	$(BIN)/ruff check bench methods reports tests
+	$(BIN)/ruff check bench methods reports tests scripts
+
+# One GPU visit (under 5 minutes): correctness of the speed switches, then `bench perf` at cifar10 scale; writes
+# docs/benchmarks/<gpu>-<date>.md. Runs from a plain checkout with the machine's Python (torch, numpy, tqdm).
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache build *.egg-info

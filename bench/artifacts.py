@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.classifier import build_classifier, predict, random_shift
+from bench.classifier import build_classifier, initialize, predict, random_shift
 from bench.config import Preset
 from bench.data import ClassDataset, infinite_batches, load_dataset
 from bench.diffusion import NoiseSchedule
@@ -98,8 +98,12 @@ def load_checkpoint(path: Path, kind: str, preset: Preset, rebuild: str) -> dict
         raise CheckpointError(f"cannot load {path} ({reason}); rebuild it with `{rebuild}`") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("kind") != kind:
         raise CheckpointError(f"{path} is not a {kind} checkpoint of this tool; rebuild it with `{rebuild}`")
-    expected = dataclasses.asdict(preset.unet if kind == "diffusion" else preset.classifier)
-    if payload.get("config") != expected:
+    config = preset.unet if kind == "diffusion" else preset.classifier
+    expected = dataclasses.asdict(config)
+    # A field added to the configuration after the checkpoint was written counts with its default value.
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    saved = payload.get("config")
+    if not isinstance(saved, dict) or {**defaults, **saved} != expected:
         raise CheckpointError(
             f"{path} was built for another configuration ({payload.get('config')}) than preset "
             f"{preset.name!r} ({expected}); rebuild it with `{rebuild}`"
@@ -116,9 +120,16 @@ def _provenance(device: torch.device, started: float) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "torch": str(torch.__version__)}
 
 
-def pretrain(preset: Preset, cache: Cache, device: torch.device, seed: int = 0, progress: bool = True) -> dict:
-    """Train the base model with the preset's recipe; resumes from `base.partial.pt` if one exists."""
+def pretrain(preset: Preset, cache: Cache, device: torch.device, seed: int = 0, progress: bool = True,
+             iterations: int | None = None, batch_size: int | None = None) -> dict:
+    """Train the base model with the preset's recipe; resumes from `base.partial.pt` if one exists.
+
+    `iterations` and `batch_size` replace the recipe's for smoke tests (a paper-scale UNet on a CPU); the
+    checkpoint records the recipe it was trained with, and its source says it is not the preset's model.
+    """
     recipe, final = preset.pretrain, cache.base_path(preset)
+    overrides = {k: v for k, v in (("iterations", iterations), ("batch_size", batch_size)) if v is not None}
+    recipe = dataclasses.replace(recipe, **overrides)
     partial = final.with_name("base.partial.pt")
     model = new_unet(preset, device)
     ema, start, opt_state = EMA(model, recipe.ema_decay), 0, None
@@ -153,13 +164,21 @@ def pretrain(preset: Preset, cache: Cache, device: torch.device, seed: int = 0, 
         "format": FORMAT, "kind": "diffusion", "preset": preset.name, "config": dataclasses.asdict(preset.unet),
         "diffusion": dataclasses.asdict(preset.diffusion), "recipe": dataclasses.asdict(recipe),
         "step": recipe.iterations, "model": model.state_dict(), "ema": ema.state_dict(),
-        "id": f"{preset.name}-{uuid.uuid4().hex[:12]}", "source": f"pretrained here (seed {seed})",
+        "id": f"{preset.name}-{uuid.uuid4().hex[:12]}", "source": _pretrain_source(preset, recipe, seed),
         "final_loss": result.final_losses.get("loss", math.nan), **_provenance(device, started),
     }
     atomic_save(payload, final)
     partial.unlink(missing_ok=True)
     log.info("base model saved to %s (%.0f s)", final, payload["seconds"])
     return payload
+
+
+def _pretrain_source(preset: Preset, recipe, seed: int) -> str:
+    source = f"pretrained here (seed {seed})"
+    if recipe != preset.pretrain:
+        changed = {k: v for k, v in dataclasses.asdict(recipe).items() if getattr(preset.pretrain, k) != v}
+        source += f" with {changed} instead of the preset's recipe: a smoke test, not the benchmark's base model"
+    return source
 
 
 def ensure_base_model(preset: Preset, cache: Cache, device: torch.device, progress: bool = True) -> dict:
@@ -170,33 +189,56 @@ def ensure_base_model(preset: Preset, cache: Cache, device: torch.device, progre
     return pretrain(preset, cache, device, progress=progress)
 
 
-def train_classifier(preset: Preset, cache: Cache, device: torch.device, seed: int = 0, progress: bool = True) -> dict:
-    """Train the evaluation classifier on the training split; store its test accuracy with it."""
+def train_classifier(preset: Preset, cache: Cache, device: torch.device, seed: int = 0, progress: bool = True,
+                     steps: int | None = None, test_images: int | None = None, batch_size: int | None = None) -> dict:
+    """Train the evaluation classifier on the training split; store its test accuracy with it.
+
+    `steps` (default: the preset's epochs), `batch_size` and `test_images` (default: the whole test split) shorten
+    it for smoke tests; all are recorded, and the source says so.
+    """
     config, started = preset.classifier, time.perf_counter()
+    batch_size = batch_size or config.batch_size
     train_data, test_data = cache.dataset(preset, "train"), cache.dataset(preset, "test")
     torch.manual_seed(seed)
-    model = build_classifier(config, preset.unet.in_channels, preset.num_classes).to(device)
+    model = build_classifier(config, preset.unet.in_channels, preset.num_classes)
+    origin, lrs = initialize(model, config)
+    model = model.to(device)
     data_gen = torch.Generator().manual_seed(seed)
-    batches = infinite_batches(train_data, config.batch_size, data_gen, hflip=preset.pretrain.hflip)
-    steps = config.epochs * math.ceil(len(train_data) / config.batch_size)
+    batches = infinite_batches(train_data, batch_size, data_gen, hflip=preset.pretrain.hflip)
+    full_steps = config.epochs * math.ceil(len(train_data) / config.batch_size)
+    steps = full_steps if steps is None else steps
 
     def loss_fn(step: int) -> dict:
         x, y = next(batches)
         x = random_shift(x, 1, data_gen)
         return {"loss": F.cross_entropy(model(x.to(device)), y.to(device))}
 
-    train(model, loss_fn, TrainSpec(steps, config.lr, grad_clip=None), device,
+    train(model, loss_fn, TrainSpec(steps, config.lr, grad_clip=None), device, param_lrs=lrs,
           desc=f"classifier {preset.name}", progress=progress)
+    if test_images is not None:
+        test_data = _subset(test_data, test_images)
     accuracy = _accuracy(model, test_data)
+    source = f"{origin} (seed {seed})"
+    if steps != full_steps or batch_size != config.batch_size:
+        source += (f"; {steps} steps of batch {batch_size} instead of {full_steps} of {config.batch_size}: a smoke "
+                   "test, not the evaluation classifier")
     payload = {
         "format": FORMAT, "kind": "classifier", "preset": preset.name, "config": dataclasses.asdict(config),
         "in_channels": preset.unet.in_channels, "num_classes": preset.num_classes, "model": model.state_dict(),
-        "test_accuracy": accuracy, "steps": steps, "source": f"trained here from scratch (seed {seed})",
+        "test_accuracy": accuracy, "test_images": len(test_data), "steps": steps, "batch_size": batch_size,
+        "source": source,
         **_provenance(device, started),
     }
     atomic_save(payload, cache.classifier_path(preset))
-    log.info("classifier saved to %s: test accuracy %.2f%%", cache.classifier_path(preset), 100 * accuracy)
+    log.info("classifier saved to %s: %s, test accuracy %.2f%% on %d images", cache.classifier_path(preset), origin,
+             100 * accuracy, len(test_data))
     return payload
+
+
+def _subset(data: ClassDataset, count: int) -> ClassDataset:
+    """The first `count` images of a random (seed 0) order: a class-balanced sample on average."""
+    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count]
+    return ClassDataset(data.images[keep], data.labels[keep], data.class_names, data.source)
 
 
 def _accuracy(model: nn.Module, data: ClassDataset) -> float:

@@ -1,12 +1,26 @@
-"""The evaluation classifier: a small CNN for the small presets, with a penultimate feature layer for FID."""
+"""The evaluation classifiers: a small CNN for the small presets, torchvision's ResNet34 for CIFAR-10.
+
+Both expose `features(x)` (the penultimate layer, also FID features for the small presets) and `head`, and take
+images in [-1, 1] at the data set's size.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.config import ClassifierConfig
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("small_cnn", "resnet34")
+WEIGHTS = ("none", "imagenet")
+# torchvision's ImageNet normalization, which its pretrained ResNets expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SmallCNN(nn.Module):
@@ -32,10 +46,77 @@ class SmallCNN(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
+class ResNetClassifier(nn.Module):
+    """torchvision's ResNet34 with a `num_classes`-way head, as the reference's CIFAR-10 classifier.
+
+    Images in [-1, 1] are resized to `input_size` (bilinear; 224 as in the reference), grey ones repeated to three
+    channels, and normalized as torchvision's ImageNet models expect. `features` is the 512-d average pool.
+    """
+
+    feature_dim = 512
+    predict_batch = 128  # 224x224 activations: smaller chunks than the small CNN's
+
+    def __init__(self, num_classes: int, input_size: int | None = 224):
+        super().__init__()
+        from torchvision.models import resnet34
+
+        self.input_size = input_size
+        self.body = resnet34()
+        self.body.fc = nn.Identity()
+        self.head = nn.Linear(self.feature_dim, num_classes)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def load_imagenet_weights(self) -> None:
+        """torchvision's ImageNet weights for the body (downloaded, or found in torch hub's cache); the head stays."""
+        from torchvision.models import ResNet34_Weights
+
+        state = ResNet34_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        self.body.load_state_dict(state, strict=True)
+
+    def features(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.input_size is not None and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
 def build_classifier(config: ClassifierConfig, in_channels: int, num_classes: int) -> nn.Module:
+    """The untrained classifier `config` describes (weights are loaded or trained by bench.artifacts)."""
+    if config.weights not in WEIGHTS:
+        raise ValueError(f"unknown classifier weights {config.weights!r}; choose from {', '.join(WEIGHTS)}")
     if config.arch == "small_cnn":
         return SmallCNN(in_channels, num_classes)
-    raise ValueError(f"unknown classifier arch {config.arch!r}; choose from small_cnn")
+    if config.arch == "resnet34":
+        return ResNetClassifier(num_classes, config.input_size)
+    raise ValueError(f"unknown classifier arch {config.arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def initialize(model: nn.Module, config: ClassifierConfig) -> tuple[str, dict[str, float]]:
+    """Load pretrained weights where `config` asks for them; returns (what it starts from, lr per parameter).
+
+    ImageNet weights that cannot be had (no network, nothing in torch hub's cache) fall back to training from
+    scratch, with a warning; the returned description goes into the checkpoint and every record.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    if config.weights == "imagenet" and isinstance(model, ResNetClassifier):
+        try:
+            model.load_imagenet_weights()
+        except Exception as exc:  # offline: URLError; a proxy page: an unpickling or size error
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.warning("ImageNet weights for ResNet34 unavailable (%s); training it from scratch", reason)
+            lr = config.scratch_lr or config.lr
+            return f"trained from scratch (ImageNet weights unavailable: {reason})", dict.fromkeys(names, lr)
+        body_lr = config.body_lr or config.lr
+        lrs = {name: config.lr if name.startswith("head.") else body_lr for name in names}
+        return "fine-tuned from torchvision's ImageNet weights (IMAGENET1K_V1)", lrs
+    return "trained from scratch", dict.fromkeys(names, config.scratch_lr or config.lr)
 
 
 def random_shift(x: Tensor, pixels: int, generator: torch.Generator) -> Tensor:
@@ -49,8 +130,9 @@ def random_shift(x: Tensor, pixels: int, generator: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def predict(classifier: nn.Module, images: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+def predict(classifier: nn.Module, images: Tensor, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Softmax probabilities and penultimate features of `images` (any device), returned on the CPU."""
+    batch_size = batch_size or getattr(classifier, "predict_batch", 1000)
     classifier.eval()
     device = next(classifier.parameters()).device
     probs, feats = [], []

@@ -67,15 +67,18 @@ def list_cmd() -> None:
 @device_option
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="retrain even if a base model exists")
-def pretrain_cmd(preset, cache_dir, data_root, device, seed, force) -> None:
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help="replace the recipe's iterations (smoke tests; recorded in the checkpoint)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="replace the recipe's batch size")
+def pretrain_cmd(preset, cache_dir, data_root, device, seed, force, iterations, batch_size) -> None:
     """Train the base diffusion model of a preset with its recipe."""
     preset, cache = _preset(preset), Cache(cache_dir, data_root)
     path = cache.base_path(preset)
     if path.exists() and not force:
         click.echo(f"base model already at {path} (use --force to retrain)")
         return
-    payload = pretrain(preset, cache, pick_device(device), seed=seed)
-    click.echo(f"base model: {path} ({payload['step']} steps, {payload['seconds']:.0f} s)")
+    payload = pretrain(preset, cache, pick_device(device), seed=seed, iterations=iterations, batch_size=batch_size)
+    click.echo(f"base model: {path} ({payload['step']} steps, {payload['seconds']:.0f} s; {payload['source']})")
 
 
 @main.command("classifier")
@@ -85,15 +88,22 @@ def pretrain_cmd(preset, cache_dir, data_root, device, seed, force) -> None:
 @device_option
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="retrain even if a classifier exists")
-def classifier_cmd(preset, cache_dir, data_root, device, seed, force) -> None:
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="train this many steps instead of the preset's epochs (smoke tests; recorded)")
+@click.option("--test-images", type=click.IntRange(min=1), default=None,
+              help="measure test accuracy on this many test images instead of all (recorded)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="replace the preset's batch size")
+def classifier_cmd(preset, cache_dir, data_root, device, seed, force, steps, test_images, batch_size) -> None:
     """Train the evaluation classifier of a preset and store its test accuracy."""
     preset, cache = _preset(preset), Cache(cache_dir, data_root)
     path = cache.classifier_path(preset)
     if path.exists() and not force:
         click.echo(f"classifier already at {path} (use --force to retrain)")
         return
-    payload = train_classifier(preset, cache, pick_device(device), seed=seed)
-    click.echo(f"classifier: {path} (test accuracy {100 * payload['test_accuracy']:.2f}%, {payload['seconds']:.0f} s)")
+    payload = train_classifier(preset, cache, pick_device(device), seed=seed, steps=steps, test_images=test_images,
+                               batch_size=batch_size)
+    click.echo(f"classifier: {path} ({payload['source']}; test accuracy {100 * payload['test_accuracy']:.2f}% on "
+               f"{payload['test_images']} images, {payload['seconds']:.0f} s)")
 
 
 @main.command("run")
@@ -119,10 +129,13 @@ def classifier_cmd(preset, cache_dir, data_root, device, seed, force) -> None:
 @click.option("--jobs-folder", default=None, help="submitit pickles and job logs, on storage the jobs can see "
                                                    "[default: OUT/.submitit]")
 @click.option("--no-wait", is_flag=True, help="submit and exit; see `bench status --out OUT` for progress")
+@click.option("--speed", "speed_items", multiple=True, metavar="SWITCH=V",
+              help="speed switch for training and sampling (amp, channels_last, fused_adam, compile, cuda_graphs); "
+                   "repeatable; recorded, not part of the run's variant")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="without --cluster: runs at once in worker processes on this machine, CPU threads split between them")
 def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, out, cache_dir, data_root, device, force,
-            no_progress, cluster, cluster_config, jobs_folder, no_wait, workers) -> None:
+            no_progress, cluster, cluster_config, jobs_folder, no_wait, speed_items, workers) -> None:
     """Unlearn each forget class with each method, evaluate, and write one record per run."""
     from submitit.core.utils import FailedSubmissionError
 
@@ -133,6 +146,7 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, out, cach
         parse_classes,
         parse_seeds,
         parse_sets,
+        parse_speed,
         run_sequential,
     )
     from methods import parse_methods
@@ -144,6 +158,7 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, out, cach
         seed_list = parse_seeds(seeds)
         preset_obj.protocol(protocol)
         sweep = parse_sets(sets, methods)
+        speed = parse_speed(speed_items)
         check_writable(out)
         config = _cluster_config(cluster, cluster_config, no_wait)
     except (ValueError, PermissionError, FileNotFoundError) as exc:
@@ -152,7 +167,7 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, out, cach
         out, cache_dir = str(Path(out).resolve()), str(Path(cache_dir or default_cache_dir()).resolve())
         data_root = str(Path(data_root).resolve()) if data_root else None
     specs = build_specs(preset_obj, methods, classes, seed_list, sweep, out=out, cache=cache_dir, protocol=protocol,
-                        data_root=data_root, device=device,
+                        data_root=data_root, device=device, speed=speed,
                         progress=not no_progress and cluster is None and workers == 1)
     click.echo(f"{len(specs)} run(s): methods {', '.join(methods)} x classes {classes_spec} x seeds {seeds}; "
                f"records under {out}/{preset_obj.name}/")
@@ -276,6 +291,48 @@ def import_checkpoint_cmd(checkpoint, preset, cache_dir, force) -> None:
     except (CheckpointError, ValueError, FileExistsError) as exc:
         _fail(str(exc))
     click.echo(f"base model: {path}")
+
+
+@main.command("perf")
+@click.option("--preset", default="cifar10", show_default=True,
+              help=f"backbone, batch and schedule of: {', '.join(PRESETS)} (tiny: the CPU smoke test)")
+@click.option("--methods", "methods_spec", default="safemax,sa,salun", show_default=True,
+              help="comma-separated methods whose training step is timed")
+@click.option("--variants", default="default", show_default=True,
+              help="comma-separated speed-switch sets for the training steps (fp32, default, channels_last, "
+                   "compile, compile_channels_last)")
+@click.option("--sampler-variants", default=None, help="speed-switch sets for the sampler [default: --variants]")
+@click.option("--iterations", default=20, show_default=True, type=click.IntRange(20, None),
+              help="timed steps per method after warm-up (the median is reported)")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(1, None))
+@click.option("--sample-batch", default=None, type=click.IntRange(1, None),
+              help="images per sampler call [default: 1024 at cifar10, 32 elsewhere]")
+@click.option("--sample-steps", default=None, type=click.IntRange(1, None),
+              help="timed sampler steps [default: 50 at cifar10, 5 elsewhere]")
+@click.option("--out", default="results/perf", show_default=True, help="folder for <gpu>-<date>.json and .md")
+@device_option
+def perf_cmd(preset, methods_spec, variants, sampler_variants, iterations, warmup, sample_batch, sample_steps, out,
+             device) -> None:
+    """Time each method's step, the sampler, SA's Fisher and SalUn's mask; write JSON and a Markdown table."""
+    from bench.perf import PerfOptions, run_perf, write_outputs
+
+    def names(spec: str) -> tuple[str, ...]:
+        return tuple(n.strip() for n in spec.split(",") if n.strip())
+
+    options = PerfOptions.for_preset(
+        preset, methods=names(methods_spec), variants=names(variants),
+        sampler_variants=names(sampler_variants or variants), iterations=iterations, warmup=warmup,
+        sample_batch=sample_batch, sample_steps=sample_steps, device=device)
+    try:
+        options.check()
+    except ValueError as exc:
+        _fail(str(exc))
+    result = run_perf(options)
+    json_path, md_path = write_outputs(result, out)
+    click.echo(md_path.read_text())
+    click.echo(f"wrote {json_path} and {md_path}")
+    if any("error" in row for row in result["rows"]):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

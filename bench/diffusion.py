@@ -3,17 +3,23 @@
 Timesteps are integers in [0, T): step t has cumulative product abar_t = prod_{i<=t} (1 - beta_i), as in the
 DDIM codebase that SA and SalUn build on. The sampler is DDIM's "generalized" update; eta = 1 over every step
 is the reference evaluation (it equals ancestral DDPM sampling), fewer steps give the DDIM protocols.
+Given a `Speed`, the guided prediction runs under bf16 autocast, torch.compile or as a replayed CUDA graph;
+without one it is the plain fp32 eager forward.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from bench.config import DiffusionConfig
+from bench.runner import PLAIN, Speed, autocast
 from bench.unet import NULL_CLASS
+
+log = logging.getLogger(__name__)
 
 EpsModel = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -79,6 +85,57 @@ def guided_eps(model: EpsModel, x: Tensor, t: Tensor, labels: Tensor, guidance: 
     return (1 + guidance) * cond - guidance * uncond
 
 
+def guided_predictor(model: EpsModel, labels: Tensor, shape: tuple[int, ...], guidance: float,
+                     speed: Speed) -> Callable[[Tensor, Tensor], Tensor]:
+    """eps(x, t) of `guided_eps` for fixed `labels` under `speed` (already resolved for the device).
+
+    Labels and shapes stay fixed over a sampling run, which is what a CUDA graph needs. torch.compile with
+    CUDA graphs uses its own graphs ("reduce-overhead"); channels_last converts `model`'s weights in place.
+    """
+    device = labels.device
+    if speed.channels_last and isinstance(model, torch.nn.Module):
+        model.to(memory_format=torch.channels_last)
+    if speed.compile:
+        model = torch.compile(model, mode="reduce-overhead" if speed.cuda_graphs else None)
+
+    def predict(x: Tensor, t: Tensor) -> Tensor:
+        if speed.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, speed.amp, cache=not speed.cuda_graphs):
+            return guided_eps(model, x, t, labels, guidance)
+
+    if speed.cuda_graphs and not speed.compile:
+        try:
+            return _graphed(predict, shape, device)
+        except RuntimeError as exc:  # capture unsupported here (a driver, an op): eager is slower, not wrong
+            log.warning("CUDA graph capture of the sampler failed (%s); sampling eagerly", str(exc).splitlines()[0])
+    return predict
+
+
+def _graphed(predict: Callable[[Tensor, Tensor], Tensor], shape: tuple[int, ...],
+             device: torch.device) -> Callable[[Tensor, Tensor], Tensor]:
+    """Capture `predict` once on static inputs and replay it: one launch per step instead of hundreds."""
+    static_x = torch.zeros(shape, device=device)
+    static_t = torch.zeros(shape[0], dtype=torch.long, device=device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up outside the graph: cuDNN/cuBLAS handles and workspaces
+        for _ in range(2):
+            predict(static_x, static_t)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_eps = predict(static_x, static_t)
+
+    def replay(x: Tensor, t: Tensor) -> Tensor:
+        static_x.copy_(x)
+        static_t.copy_(t)
+        graph.replay()
+        return static_eps.clone()
+
+    return replay
+
+
 @torch.no_grad()
 def sample(
     model: EpsModel,
@@ -91,14 +148,19 @@ def sample(
     guidance: float,
     generator: torch.Generator | None = None,
     on_step: Callable[[], None] | None = None,
+    speed: Speed | None = None,
 ) -> Tensor:
-    """Draw images for `labels` from pure noise; returns values clamped to [-1, 1], in float32."""
+    """Draw images for `labels` from pure noise; returns values clamped to [-1, 1], in float32.
+
+    `speed` (default: the plain fp32 eager path) switches on bf16, channels_last, compile or CUDA graphs.
+    """
     device = labels.device
+    predict = guided_predictor(model, labels, (len(labels), *shape), guidance, (speed or PLAIN).for_device(device))
     x = torch.randn((len(labels), *shape), generator=generator, device=device)
     seq = schedule.sampler_steps(steps)
     for t_now, t_prev in zip(reversed(seq), reversed([-1] + seq[:-1])):
         t = torch.full((len(labels),), t_now, device=device, dtype=torch.long)
-        eps = guided_eps(model, x, t, labels, guidance).float()
+        eps = predict(x, t).float()
         noise = torch.randn(x.shape, generator=generator, device=device) if eta > 0 else torch.zeros_like(x)
         x = schedule.ddim_step(x, eps, t, torch.full_like(t, t_prev), eta, noise)
         if on_step is not None:

@@ -3,6 +3,10 @@
 Samples are drawn class by class with a generator seeded by (seed, class), then quantized to 8 bits like
 saved images. A model that was not changed (the `original` row) has the same samples in every run, so they
 are cached by the weights' fingerprint and reused.
+
+FID compares the generated retained-class samples with the real retained-class training images, in the features
+the protocol names: Inception pool3 (pytorch-fid, as the paper) or the evaluation classifier's penultimate layer
+(the small presets). The real images' statistics are computed once per (data set, forget class, features) and cached.
 """
 
 from __future__ import annotations
@@ -12,17 +16,20 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from bench import metrics
 from bench.classifier import predict
 from bench.config import Preset, Protocol
+from bench.data import ClassDataset
 from bench.diffusion import NoiseSchedule, sample
-from bench.runner import progress_bar
+from bench.runner import Speed, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,7 @@ def fingerprint(state: dict[str, Tensor]) -> str:
     digest = hashlib.sha1()
     for name in sorted(state):
         digest.update(name.encode())
-        digest.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(state[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -62,9 +69,11 @@ class Sampler:
     """Draws (and, with `cache_dir`, caches) quantized samples of one model, class by class."""
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, protocol: Protocol, preset: Preset,
-                 device: torch.device, seed: int, cache_dir: Path | None = None, progress: bool = True):
+                 device: torch.device, seed: int, cache_dir: Path | None = None, progress: bool = True,
+                 speed: Speed | None = None):
         self.model, self.schedule, self.protocol, self.preset = model, schedule, protocol, preset
         self.device, self.seed, self.cache_dir, self.progress = device, seed, cache_dir, progress
+        self.speed = speed  # None: plain fp32 eager (bench.runner.PLAIN)
 
     def class_samples(self, label: int, count: int) -> Tensor:
         path = None
@@ -93,16 +102,65 @@ class Sampler:
                 labels = torch.full((size,), label, device=self.device, dtype=torch.long)
                 images = sample(self.model, self.schedule, labels, (cfg.in_channels, cfg.image_size, cfg.image_size),
                                 steps=steps, eta=protocol.eta, guidance=protocol.guidance, generator=generator,
-                                on_step=lambda: bar.update(1))
+                                on_step=lambda: bar.update(1), speed=self.speed)
                 chunks.append(to_uint8(images))
         return torch.cat(chunks)
 
 
-def real_features(classifier: nn.Module, images: Tensor) -> Tensor:
-    return predict(classifier, images)[1]
+@dataclass
+class FidScorer:
+    """The features FID is computed in, and the cached statistics of the real images it compares with."""
+
+    extract: Callable[[Tensor], Tensor]  # (N, C, H, W) in [-1, 1] -> (N, D)
+    reference: tuple[np.ndarray, np.ndarray]
+    description: dict  # features, weights, reference images: goes into the record
+
+    def __call__(self, images: Tensor) -> float:
+        return metrics.fid(self.extract(images), self.reference)
 
 
-def evaluate(sampler: Sampler, classifier: nn.Module, forget_class: int, real_retain_features: Tensor,
+def reference_images(data: ClassDataset, forget_class: int, per_class: int | None) -> ClassDataset:
+    """The retained classes' real images, or the first `per_class` of each (in the data set's order)."""
+    retain = data.retain(forget_class)
+    if per_class is None:
+        return retain
+    keep = torch.cat([torch.nonzero(retain.labels == c).flatten()[:per_class] for c in retain.labels.unique()])
+    return ClassDataset(retain.images[keep], retain.labels[keep], retain.class_names, retain.source)
+
+
+def fid_reference_key(protocol: Protocol, data: ClassDataset, forget_class: int, classifier: nn.Module) -> str:
+    """The cache name of the reference statistics: data set, forget class, image count and features."""
+    count = len(reference_images(data, forget_class, protocol.fid_reference_per_class))
+    slug = "".join(ch if ch.isalnum() else "-" for ch in data.source.lower()).strip("-")
+    if protocol.fid_features == "inception":
+        return f"{slug}-retain{forget_class}-n{count}-inception"
+    if protocol.fid_features == "classifier":
+        return f"{slug}-retain{forget_class}-n{count}-classifier-{fingerprint(classifier.state_dict())}"
+    raise ValueError(f"unknown FID features {protocol.fid_features!r}; choose from inception, classifier")
+
+
+def fid_scorer(protocol: Protocol, data: ClassDataset, forget_class: int, classifier: nn.Module, cache_dir: Path,
+               device: torch.device, progress: bool = True) -> FidScorer:
+    """The protocol's FID features, with the real retained images' statistics from (or into) `cache_dir`."""
+    from bench.inception import inception_features, inception_model, reference_statistics
+
+    real = reference_images(data, forget_class, protocol.fid_reference_per_class)
+    key = fid_reference_key(protocol, data, forget_class, classifier)
+    if protocol.fid_features == "inception":
+        model = inception_model(device, protocol.inception_weights)
+        extract = lambda images: inception_features(model, images, progress=progress)  # noqa: E731
+        features, weights = "inception pool3 (2048-d, pytorch-fid)", model.weights_source
+    else:
+        extract = lambda images: predict(classifier, images)[1]  # noqa: E731
+        features = f"evaluation classifier penultimate layer ({getattr(classifier, 'feature_dim', '?')}-d)"
+        weights = fingerprint(classifier.state_dict())
+    log.info("FID reference: %d real retained images of %s, %s", len(real), data.source, features)
+    reference = reference_statistics(cache_dir, key, real.images, extract)
+    return FidScorer(extract, reference, {"features": features, "weights": weights, "reference_images": len(real),
+                                          "reference_source": data.source})
+
+
+def evaluate(sampler: Sampler, classifier: nn.Module, forget_class: int, fid: FidScorer,
              noise_probs: Tensor) -> Evaluation:
     """UA, entropy and forget-class histogram; FID and accuracy on the retained classes; noise predictions."""
     started = time.perf_counter()
@@ -113,10 +171,10 @@ def evaluate(sampler: Sampler, classifier: nn.Module, forget_class: int, real_re
     per_class = {c: sampler.class_samples(c, protocol.retain_samples_per_class) for c in retained}
     retain_images = torch.cat([per_class[c] for c in retained])
     retain_labels = torch.cat([torch.full((len(per_class[c]),), c) for c in retained])
-    retain_probs, retain_feats = predict(classifier, from_uint8(retain_images))
+    retain_probs, _ = predict(classifier, from_uint8(retain_images))
     results = {
         **metrics.forget_metrics(forget_probs, forget_class),
-        "fid": metrics.fid(retain_feats, real_retain_features),
+        "fid": fid(from_uint8(retain_images)),
         "retain_accuracy": metrics.retain_accuracy(retain_probs, retain_labels),
         "retain_samples": len(retain_images),
         "noise_prediction": metrics.noise_prediction(noise_probs),

@@ -23,8 +23,8 @@ from bench import records
 from bench.artifacts import Cache, atomic_save, ensure_base_model, ensure_classifier, load_classifier, load_unet, new_unet
 from bench.config import Preset, Protocol, get_preset
 from bench.diffusion import NoiseSchedule
-from bench.evaluate import GRID_COLUMNS, Sampler, evaluate, from_uint8, noise_probabilities, real_features
-from bench.runner import EMA, TrainSpec, device_name, memory_snapshot, pick_device, reset_peak_memory, train
+from bench.evaluate import GRID_COLUMNS, Sampler, evaluate, fid_reference_key, fid_scorer, from_uint8, noise_probabilities
+from bench.runner import EMA, Speed, TrainSpec, device_name, memory_snapshot, pick_device, reset_peak_memory, train
 from methods import Context, get_method
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ class RunSpec:
     protocol: str | None = None
     method_overrides: tuple[tuple[str, object], ...] = ()
     protocol_overrides: tuple[tuple[str, object], ...] = ()
+    # `bench.runner.Speed` switches (bf16, channels_last, compile, ...) for training and sampling. How a run is
+    # computed, not what: not part of the variant or the run's folder, but recorded.
+    speed: tuple[tuple[str, object], ...] = ()
     data_root: str | None = None
     device: str | None = None
     progress: bool = True
@@ -129,6 +132,30 @@ def prepare_shared(spec: RunSpec) -> dict[str, float]:
     return setup.method.prepare()
 
 
+def fid_references(specs: list[RunSpec], build: bool) -> bool:
+    """Whether the FID reference statistics every spec's evaluation needs are cached; with `build`, make them so.
+
+    They depend on the data set, the forget class and the protocol's FID features (not on the method), so the
+    orchestrator builds them once per forget class before the runs instead of letting parallel runs race.
+    """
+    if not specs:
+        return True
+    preset, cache = get_preset(specs[0].preset), Cache(specs[0].cache, specs[0].data_root)
+    device = pick_device(specs[0].device)
+    if not cache.classifier_path(preset).exists():
+        return False
+    classifier = load_classifier(ensure_classifier(preset, cache, device, False), preset, device)
+    data, folder = cache.dataset(preset, "train"), cache.path(preset, "fid-reference")
+    for spec in specs:
+        protocol = resolve_protocol(preset, spec)
+        if (folder / f"{fid_reference_key(protocol, data, spec.forget_class, classifier)}.npz").exists():
+            continue
+        if not build:
+            return False
+        fid_scorer(protocol, data, spec.forget_class, classifier, folder, device, spec.progress)
+    return True
+
+
 @dataclass
 class Setup:
     """A method bound to its context, with the model it trains and that model's EMA (if any)."""
@@ -190,11 +217,13 @@ def run_one(spec: RunSpec) -> dict:
     sample_cache = None
     if result is None and not cls.from_scratch:  # weights untouched: samples are the same in every run
         sample_cache = cache.path(preset, "samples", base["id"] + ("-ema" if config.ema else "-raw"))
-    sampler = Sampler(model, schedule, protocol, preset, device, spec.seed, sample_cache, spec.progress)
-    retain_real = train_data.retain(spec.forget_class).images
+    speed = Speed(**dict(spec.speed)).for_device(device)
+    sampler = Sampler(model, schedule, protocol, preset, device, spec.seed, sample_cache, spec.progress, speed)
+    fid = fid_scorer(protocol, train_data, spec.forget_class, classifier, cache.path(preset, "fid-reference"),
+                     device, spec.progress)
     shape = (preset.unet.in_channels, preset.unet.image_size, preset.unet.image_size)
     noise_probs = noise_probabilities(classifier, shape, protocol.noise_samples, spec.seed)
-    evaluation = evaluate(sampler, classifier, spec.forget_class, real_features(classifier, retain_real), noise_probs)
+    evaluation = evaluate(sampler, classifier, spec.forget_class, fid, noise_probs)
 
     directory = spec.directory
     directory.mkdir(parents=True, exist_ok=True)
@@ -230,6 +259,8 @@ def run_one(spec: RunSpec) -> dict:
                        "source": base.get("source")},
         "classifier": {"arch": preset.classifier.arch, "test_accuracy": classifier_payload["test_accuracy"],
                        "source": classifier_payload.get("source"), "fid_features": protocol.fid_features},
+        "fid": fid.description,
+        "speed": {"switches": dataclasses.asdict(speed), "describe": speed.describe()},
         "provenance": {**provenance(), "device": device_name(device),
                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         "artifacts": {"samples": "samples.png"},
@@ -270,7 +301,8 @@ def _train(spec: RunSpec, preset: Preset, model, ema, method, config, ctx: Conte
                          "seconds": seconds_before + time.perf_counter() - began}, partial)
 
     batches = method.batches()
-    train_spec = TrainSpec(config.iterations, config.lr, config.grad_clip, checkpoint_every=every)
+    train_spec = TrainSpec(config.iterations, config.lr, config.grad_clip, speed=Speed(**dict(spec.speed)),
+                           checkpoint_every=every)
     result = train(model, lambda step: method.loss(model, next(batches)), train_spec, ctx.device, ema=ema,
                    grad_mask=method.grad_mask(), start_step=start, optimizer_state=opt_state,
                    on_checkpoint=save if every else None, desc=f"{spec.method} class {spec.forget_class}",

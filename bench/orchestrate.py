@@ -20,6 +20,7 @@ import socket
 import time
 import traceback
 import typing
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,15 @@ from bench import records
 from bench.artifacts import Cache
 from bench.cluster import make_executor, submit_all, wait_all
 from bench.config import Preset, Protocol, get_preset
-from bench.experiment import RunSpec, prepare_prerequisites, prepare_shared, run_one, shared_preparation_ready
+from bench.experiment import (
+    RunSpec,
+    fid_references,
+    prepare_prerequisites,
+    prepare_shared,
+    run_one,
+    shared_preparation_ready,
+)
+from bench.runner import Speed
 from methods import get_method
 
 log = logging.getLogger(__name__)
@@ -62,6 +71,9 @@ def parse_seeds(spec: str) -> list[int]:
 
 
 def _convert(text: str, kind: type, key: str):
+    options = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    if options and len(options) < len(typing.get_args(kind)):  # Optional[X]: `none` or an X
+        return None if text.lower() in ("none", "null") else _convert(text, options[0], key)
     try:
         if kind is bool:
             lowered = text.lower()
@@ -74,7 +86,7 @@ def _convert(text: str, kind: type, key: str):
             return text
         return kind(text)
     except ValueError:
-        raise ValueError(f"--set {key}: cannot read {text!r} as {kind.__name__}") from None
+        raise ValueError(f"{key}: cannot read {text!r} as {kind.__name__}") from None
 
 
 def _field_types(config_type: type) -> dict[str, type]:
@@ -118,13 +130,28 @@ def parse_sets(items: typing.Iterable[str], methods: list[str]) -> Sweep:
                              "nor 'protocol'")
         if name not in types:
             raise ValueError(f"--set {item!r}: {owner} has no setting {name!r}; valid: {', '.join(sorted(types))}")
-        values = [_convert(v.strip(), types[name], key) for v in raw.split(",")]
+        values = [_convert(v.strip(), types[name], f"--set {key}") for v in raw.split(",")]
         target = sweep.protocol if owner == "protocol" else sweep.method.setdefault(owner, {})
         target[name] = values
     for method, overrides in sweep.method.items():  # let each config check its own values now, not mid-sweep
         for combo in _product(overrides):
             get_method(method).Config(**dict(combo))
     return sweep
+
+
+def parse_speed(items: typing.Iterable[str]) -> tuple[tuple[str, object], ...]:
+    """`--speed FIELD=V` options -> (field, value) pairs of `bench.runner.Speed`; errors name the valid fields."""
+    types = _field_types(Speed)
+    pairs = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or not raw:
+            raise ValueError(f"--speed {item!r}: use FIELD=VALUE, e.g. compile=true")
+        if name not in types:
+            raise ValueError(f"--speed {item!r}: no switch {name!r}; valid: {', '.join(sorted(types))}")
+        pairs[name] = _convert(raw.strip(), types[name], f"--speed {name}")
+    return tuple(sorted(pairs.items()))
 
 
 def build_specs(preset: Preset, methods: list[str], classes: list[int], seeds: list[int], sweep: Sweep,
@@ -194,7 +221,7 @@ def run_claimed(spec: RunSpec, force: bool = False, job_id: str | None = None) -
 
 @dataclass(frozen=True)
 class Prerequisites:
-    """What every run of a preset needs first: the base model and the classifier in the cache."""
+    """What every run of a preset needs first: base model, classifier, shared preparation, FID reference statistics."""
 
     preset: str
     cache: str | None
@@ -203,6 +230,8 @@ class Prerequisites:
     progress: bool = True
     # One run per (method, overrides) whose preparation all forget classes share (SA's priors and Fisher).
     shared: tuple[RunSpec, ...] = ()
+    # One run per (protocol, forget class): the FID reference statistics of the real retained images.
+    fid: tuple[RunSpec, ...] = ()
 
     @classmethod
     def of(cls, spec: RunSpec) -> Prerequisites:
@@ -214,17 +243,19 @@ class Prerequisites:
         if not (cache.base_path(preset).exists() and cache.classifier_path(preset).exists()):
             return False
         prepare_prerequisites(self.preset, self.cache, self.data_root, "cpu", progress=False)
-        return all(shared_preparation_ready(spec) for spec in self.shared)
+        return all(shared_preparation_ready(spec) for spec in self.shared) and fid_references(list(self.fid), False)
 
 
 def prerequisites_for(specs: list[RunSpec]) -> list[Prerequisites]:
     """One Prerequisites per preset and cache, with a representative run of each shared preparation."""
-    groups: dict[Prerequisites, dict] = {}
+    groups: dict[Prerequisites, tuple[dict, dict]] = {}
     for spec in specs:
-        shared = groups.setdefault(Prerequisites.of(spec), {})
+        shared, fid = groups.setdefault(Prerequisites.of(spec), ({}, {}))
         if get_method(spec.method).shares_preparation:
             shared.setdefault((spec.method, spec.method_overrides), spec)
-    return [dataclasses.replace(task, shared=tuple(shared.values())) for task, shared in groups.items()]
+        fid.setdefault((spec.protocol, spec.protocol_overrides, spec.forget_class), spec)
+    return [dataclasses.replace(task, shared=tuple(shared.values()), fid=tuple(fid.values()))
+            for task, (shared, fid) in groups.items()]
 
 
 PREPARE_CLAIM = "prepare.claim.json"
@@ -239,6 +270,7 @@ def prepare_once(task: Prerequisites, job_id: str | None = None, poll_s: float =
     try:
         built = prepare_prerequisites(task.preset, task.cache, task.data_root, task.device, task.progress)
         built["shared"] = {spec.describe(): prepare_shared(spec) for spec in task.shared}
+        built["fid_reference"] = fid_references(list(task.fid), build=True)
         return built
     finally:
         claim.release()
@@ -410,7 +442,7 @@ def _prerequisites(executor, todo: list[RunSpec], wait: bool) -> list[str]:
         return []
     jobs = submit_all(executor, Job(), tasks)
     for task, job in zip(tasks, jobs):
-        log.info("building the %s base model, classifier and shared preparation first: job %s (log %s)",
+        log.info("building the %s base model, classifier, shared preparation and FID references first: job %s (log %s)",
                  task.preset, job.job_id, job.paths.stderr)
     if wait:
         for finished in wait_all(jobs, tasks, progress=False, poll_s=2.0, refresh_s=10.0):
@@ -453,7 +485,8 @@ def write_manifest(submission: Submission) -> Path:
     payload = {"cluster": submission.kind, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "host": socket.gethostname(), "pid": os.getpid(),
                "prerequisites_jobs": submission.prerequisites_jobs, "runs": runs}
-    path = submission.folder / f"submission-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    # Unique even for two submissions of one process within a second (the suffix), ordered by time in `ls`.
+    path = submission.folder / f"submission-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}.json"
     records.write_json_atomic(path, payload)
     return path
 

@@ -19,7 +19,7 @@ from torch.func import functional_call, grad, vmap
 
 from bench.data import ClassDataset, infinite_batches
 from bench.diffusion import NoiseSchedule
-from bench.runner import progress_bar
+from bench.runner import progress_bar, same_layout
 from methods.base import Batch, MethodConfig, UnlearningMethod, drop_labels, squared_error
 
 FIM_INPUTS = ("unit", "model")
@@ -91,6 +91,7 @@ class SelectiveAmnesia(UnlearningMethod):
     Config = SAConfig
     description = "Selective Amnesia: EWC with a diagonal Fisher + generative replay, forget class -> uniform noise"
     shares_preparation = True
+    _layout_matched = False  # set by the first `ewc` call
 
     @staticmethod
     def artifact_paths(cache, preset, base_id: str, config: SAConfig):
@@ -162,6 +163,11 @@ class SelectiveAmnesia(UnlearningMethod):
     def ewc(self, model: nn.Module) -> Tensor:
         """sum_i F_i (theta_i - theta*_i)^2, with foreach ops over all parameters."""
         names, params = zip(*model.named_parameters())
+        if not self._layout_matched:  # once, at the first step: F and theta* in the weights' layout (channels_last)
+            for name, param in zip(names, params):
+                self.fisher[name] = same_layout(self.fisher[name], param)
+                self.theta_star[name] = same_layout(self.theta_star[name], param)
+            self._layout_matched = True
         diffs = torch._foreach_sub(list(params), [self.theta_star[name] for name in names])
         weighted = torch._foreach_mul(torch._foreach_mul(diffs, diffs), [self.fisher[name] for name in names])
         return torch.stack([w.sum() for w in weighted]).sum()

@@ -99,3 +99,13 @@ def test_invalid_set_value_is_checked_by_the_method_config(invoke, tmp_path):
     _assert_failed_before_work(result, tmp_path)
     for choice in ("final", "chain", "iid", "zero"):
         assert choice in result.output
+
+
+def test_unknown_speed_switch_names_the_valid_ones(invoke, tmp_path):
+    result = invoke("--methods", "safemax", "--classes", "0", "--speed", "turbo=true")
+    _assert_failed_before_work(result, tmp_path)
+    for switch in ("turbo", "amp", "channels_last", "compile", "cuda_graphs"):
+        assert switch in result.output
+    result = invoke("--methods", "safemax", "--classes", "0", "--speed", "compile=maybe")
+    _assert_failed_before_work(result, tmp_path)
+    assert "--speed compile: cannot read 'maybe' as bool" in result.output

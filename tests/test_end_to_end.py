@@ -79,6 +79,12 @@ def test_record_holds_metrics_timings_memory_provenance_and_config(first_run, me
         assert "git_commit" in provenance
     assert record["hyperparameters"]["batch_size"] == get_preset("tiny").unlearn_batch_size
     assert isinstance(record["scaled_from_paper"], dict)
+    # On the CPU every speed switch that needs CUDA is off: the plain fp32 path, and the record says so.
+    assert record["speed"]["switches"]["amp"] is False and record["speed"]["switches"]["cuda_graphs"] is False
+    # FID against every retained training image (the tiny preset keeps the paper's reference set).
+    from bench.data import load_digits
+
+    assert record["fid"]["reference_images"] == len(load_digits("train").retain(0))
 
 
 def test_safemax_record_says_what_was_scaled_from_the_paper(first_run):

@@ -41,3 +41,37 @@ def test_a_larger_image_size_pads_with_the_background():
 def test_missing_files_name_the_debian_package(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         load_dataset("fashion", "train", image_size=28, root=tmp_path)
+
+
+def test_fashion_preset_scales_the_paper_and_fits_its_data():
+    from bench.config import get_preset
+
+    preset = get_preset("fashion")
+    assert (preset.dataset, preset.unet.image_size, preset.unet.in_channels) == ("fashion", 28, 1)
+    assert preset.protocol(None).fid_features == "classifier" and preset.iteration_scale == 0.5
+    assert preset.pretrain.iterations == 40_000
+
+
+@needs_package
+def test_fashion_preset_runs_end_to_end_on_the_cpu(tmp_path):
+    """Mechanics on the real data set: a 2-step base model and classifier, 2 SAFEMax steps, a few samples."""
+    import json
+
+    from tests.conftest import run_bench
+
+    common = ("--preset", "fashion", "--cache", str(tmp_path / "cache"), "--device", "cpu")
+    for args in [("pretrain", *common, "--iterations", "2", "--batch-size", "4"),
+                 ("classifier", *common, "--steps", "2", "--batch-size", "16", "--test-images", "100"),
+                 ("run", *common, "--methods", "safemax", "--classes", "7", "--out", str(tmp_path / "results"),
+                  "--no-progress", "--set", "safemax.iterations=2", "--set", "safemax.batch_size=4",
+                  "--set", "protocol.sampler_steps=2", "--set", "protocol.forget_samples=8",
+                  "--set", "protocol.retain_samples_per_class=4", "--set", "protocol.noise_samples=8",
+                  "--set", "protocol.fid_reference_per_class=20")]:
+        result = run_bench(*args, timeout_s=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+    [path] = (tmp_path / "results").rglob("record.json")
+    record = json.loads(path.read_text())
+    assert record["dataset"] == "Fashion-MNIST" and record["forget_class_name"] == "Sneaker"
+    assert record["fid"]["reference_images"] == 180 and record["fid"]["features"].startswith("evaluation classifier")
+    assert record["scaled_from_paper"]["iterations"] == {"paper": 1000, "preset": 500}
+    assert record["hyperparameters"]["iterations"] == 2 and record["overrides"]["method"]["iterations"] == 2

@@ -222,11 +222,13 @@ def test_prerequisites_are_built_by_one_job_first_and_not_again(tmp_path):
     common = ("run", "--preset", "tiny", "--methods", "original", "--out", str(out), "--cache", str(cache),
               "--device", "cpu", "--no-progress", "--cluster", "debug")
     assert _invoke(*common, "--classes", "0,1").exit_code == 0
+    assert _invoke(*common, "--classes", "0,1", "--force").exit_code == 0
     assert _invoke(*common, "--classes", "2").exit_code == 0
     manifests = sorted((out / ".submitit").glob("submission-*.json"), key=lambda p: p.stat().st_mtime)
-    first, second = (json.loads(p.read_text()) for p in manifests)
+    first, again, new_class = (json.loads(p.read_text()) for p in manifests)
     assert first["prerequisites_jobs"] and len(first["runs"]) == 2
-    assert second["prerequisites_jobs"] == []  # cached: no job
+    assert again["prerequisites_jobs"] == [] and len(again["runs"]) == 2  # all cached: no job
+    assert new_class["prerequisites_jobs"]  # class 2's FID reference statistics are not cached yet
     assert (cache / "tiny" / "base.pt").is_file() and (cache / "tiny" / "classifier.pt").is_file()
 
 
@@ -273,21 +275,28 @@ def test_interrupted_run_resumes_to_the_requested_step_count(tmp_path, tiny_cach
 
 
 def test_shared_preparation_is_built_once_before_the_runs(tmp_path, tiny_cache):
-    """SA's priors and Fisher are built by the prerequisites step, once for all forget classes and variants alike."""
+    """SA's priors and Fisher are built by the prerequisites step, once for all forget classes and variants alike;
+    the FID reference statistics once per forget class, for every method alike."""
     from bench.experiment import resolve_method_config
     from bench.orchestrate import parse_sets, prerequisites_for
     from methods.sa import SelectiveAmnesia
 
     cache = tmp_path / "cache"
-    shutil.copytree(tiny_cache, cache)
+    (cache / "tiny").mkdir(parents=True)
+    for name in ("base.pt", "classifier.pt"):  # only these: other tests add preparations to the shared cache
+        shutil.copy(Path(tiny_cache) / "tiny" / name, cache / "tiny" / name)
     sweep = parse_sets(["sa.lam=1,2"], ["sa", "safemax"])
     specs = build_specs(get_preset("tiny"), ["sa", "safemax"], [0, 1, 2], [0], sweep, out=str(tmp_path / "out"),
                         cache=str(cache), device="cpu", progress=False)
     (task,) = prerequisites_for(specs)
     assert [spec.method for spec in task.shared] == ["sa", "sa"]  # one per variant, not per class; none for safemax
+    assert sorted(spec.forget_class for spec in task.fid) == [0, 1, 2]
     assert not task.cached()
     prepare_once(task)
     assert task.cached()
+    references = sorted((cache / "tiny" / "fid-reference").glob("*.npz"))
+    assert [path.name.split("-retain")[1][0] for path in references] == ["0", "1", "2"]
+    reference_stamps = [path.stat().st_mtime_ns for path in references]
     base_id = torch.load(cache / "tiny" / "base.pt", weights_only=True)["id"]
     _, config, _ = resolve_method_config(get_preset("tiny"), task.shared[0])
     paths = SelectiveAmnesia.artifact_paths(Cache(str(cache)), get_preset("tiny"), base_id, config)
@@ -296,3 +305,4 @@ def test_shared_preparation_is_built_once_before_the_runs(tmp_path, tiny_cache):
     outcomes = run_sequential([s for s in specs if s.method == "sa"][:2])
     assert all(o.status == "done" for o in outcomes)
     assert [path.stat().st_mtime_ns for path in paths] == stamps  # the runs reused them
+    assert [path.stat().st_mtime_ns for path in references] == reference_stamps

@@ -1,0 +1,446 @@
+"""`bench perf`: seconds per step, peak memory and sampler throughput, measured the same way for every method.
+
+Speed and memory do not depend on the values of the weights or the data, so the model has random weights and
+the data are random images: no base model, data set or cache is needed. Each training step is the real
+method's `loss` through the runner's `train()` (optimizer, clipping, masks, EMA, finite checks), timed per
+step with CUDA events and summarized by the median after warm-up; the first step, which holds any
+torch.compile time, is reported apart. SA's Fisher and SalUn's saliency mask are the methods' own functions
+on a few images, scaled to seconds per image. Results go to JSON and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import logging
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench import records
+from bench.config import Preset, get_preset
+from bench.data import ClassDataset
+from bench.diffusion import NoiseSchedule, sample
+from bench.runner import (
+    EMA,
+    PLAIN,
+    Speed,
+    TrainSpec,
+    device_name,
+    forward_backward,
+    memory_snapshot,
+    pick_device,
+    prepare_model,
+    reset_peak_memory,
+    synchronize,
+    train,
+)
+from bench.unet import ConditionalUNet, count_parameters
+from methods import METHODS, Context, get_method
+from methods.sa import diagonal_fisher, fisher_timesteps
+from methods.salun import saliency_scores, top_fraction_mask
+
+log = logging.getLogger(__name__)
+
+# Named sets of speed switches; `fp32` is the plain path the others are checked against.
+VARIANTS: dict[str, Speed] = {
+    "fp32": PLAIN,
+    "default": Speed(),
+    "channels_last": Speed(channels_last=True),
+    "compile": Speed(compile=True),
+    "compile_channels_last": Speed(compile=True, channels_last=True),
+}
+DEFAULT_METHODS = ("safemax", "sa", "salun")
+# The issue's targets on one H100/H200 at the cifar10 preset.
+TARGETS = {
+    "safemax": {"max_s": 0.05, "max_gib": 6.0},
+    "salun": {"max_s": 0.08},
+    "sa": {"max_s": 0.10},
+    "sampler": {"min_rate": 16_000},
+    "sa fisher": {"max_s": 3600 / 5000},  # 5,000 images x 1,000 timesteps in 60 min
+}
+# /work/shared/notes/gpu-anchors.md: one H200, torch 2.11, mean of 20 steps after 3 warm-up steps.
+ANCHORS = {
+    "safemax": "0.142 s, 15.4 GiB (fp32 eager); 0.144 s, 5.6 GiB (bf16 + compile)",
+    "sa": "0.271 s, 15.9 GiB (published code)",
+    "salun": "0.225 s, 22.9 GiB (published code)",
+    "sampler": "3,674/s (published, fp32, batch 512); 13,048/s (bf16 + compile, batch 1,024)",
+}
+PAPER_FORGET_IMAGES = 5000  # one CIFAR-10 class: SalUn's mask pass and SA's 10 x 500 priors alike
+NOTE = "random weights and random data: speed and memory do not depend on the values"
+
+
+@dataclass(frozen=True)
+class PerfOptions:
+    """What to time and how often; `for_preset` fills the sizes that suit the preset."""
+
+    preset: str = "cifar10"
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    variants: tuple[str, ...] = ("default",)
+    sampler_variants: tuple[str, ...] = ("default",)
+    iterations: int = 20
+    warmup: int = 3
+    batch_size: int | None = None  # forget and retain images per step; None: the preset's
+    sample_batch: int = 1024
+    sample_steps: int = 50
+    fisher_images: int = 4
+    fisher_timesteps: int = 250
+    mask_images: int = 256
+    device: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def for_preset(cls, preset: str, **overrides) -> PerfOptions:
+        """Paper-scale sizes for cifar10; a few seconds' worth elsewhere (tiny: the CI smoke test)."""
+        small = {"sample_batch": 32, "sample_steps": 5, "fisher_images": 2, "fisher_timesteps": 8, "mask_images": 32}
+        sizes = {} if preset == "cifar10" else small
+        return cls(preset=preset, **{**sizes, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def check(self) -> None:
+        """Fail on names a user can get wrong, listing the valid choices."""
+        get_preset(self.preset)
+        for name in self.methods:
+            if get_method(name).Config().iterations == 0:
+                trainable = ", ".join(m for m, cls in METHODS.items() if cls.Config().iterations > 0)
+                raise ValueError(f"method {name!r} has no training step to time; choose from {trainable}")
+        for name in (*self.variants, *self.sampler_variants):
+            if name not in VARIANTS:
+                raise ValueError(f"unknown speed variant {name!r}; choose from {', '.join(VARIANTS)}")
+        if self.iterations < 20:
+            raise ValueError(f"time at least 20 steps for a stable median, got {self.iterations}")
+
+
+class Bench:
+    """The random base model, random data and schedule every workload of one `bench perf` run shares."""
+
+    def __init__(self, preset: Preset, options: PerfOptions, device: torch.device):
+        self.preset, self.options, self.device = preset, options, device
+        self.batch_size = options.batch_size or preset.unlearn_batch_size
+        cfg, per_class = preset.unet, max(self.batch_size, options.mask_images)
+        gen = torch.Generator().manual_seed(options.seed)
+        images = torch.rand((per_class * cfg.num_classes, cfg.in_channels, cfg.image_size, cfg.image_size),
+                            generator=gen) * 2 - 1
+        labels = torch.arange(cfg.num_classes).repeat_interleave(per_class)
+        self.data = ClassDataset(images, labels, tuple(str(c) for c in range(cfg.num_classes)), "random")
+        torch.manual_seed(options.seed)
+        self.base = ConditionalUNet(cfg).state_dict()  # on the CPU, as a loaded base checkpoint is
+        self.schedule = NoiseSchedule(preset.diffusion, device)
+
+    def model(self) -> ConditionalUNet:
+        with self.device:  # initialized where it runs: the CPU takes seconds for the 38.6 M-parameter UNet
+            model = ConditionalUNet(self.preset.unet)
+        model.load_state_dict(self.base)
+        return model
+
+    def context(self, forget_class: int = 0) -> Context:
+        seed = self.options.seed
+        return Context(preset=self.preset, forget_class=forget_class, seed=seed, schedule=self.schedule,
+                       train_data=self.data, device=self.device,
+                       noise_generator=torch.Generator(self.device).manual_seed(seed),
+                       data_generator=torch.Generator().manual_seed(seed), base_weights=self.base,
+                       base_ema=self.base, base_id="random", cache=None,  # preparation is stood in for here
+                       progress=False)
+
+    def method(self, name: str, prepared: dict):
+        """The method with the preset's configuration, the perf batch size and `prepared` attributes set."""
+        cls = get_method(name)
+        steps = self.options.warmup + self.options.iterations
+        values = {**cls.preset_defaults(self.preset), "batch_size": self.batch_size, "iterations": steps}
+        method = cls(dataclasses.replace(cls.Config(), **values), self.context())
+        # Own copies of the prepared dicts: a method may re-lay them out (SA's EWC follows channels_last).
+        method.__dict__.update({k: dict(v) if isinstance(v, dict) else v for k, v in prepared.items()})
+        return method
+
+
+def timed(device: torch.device, fn: Callable[[], object]) -> tuple[object, float]:
+    """`fn()` and its wall time, synchronized on CUDA."""
+    synchronize(device)
+    started = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - started
+
+
+def fresh_memory(device: torch.device) -> None:
+    """Forget the previous workload: free cached blocks so peak *reserved* memory is this workload's own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    reset_peak_memory(device)
+
+
+def prepare_sa(bench: Bench, method_config) -> tuple[dict, list[dict]]:
+    """SA's Fisher on a few images x timesteps (timed, per image at the preset's timesteps); priors = data."""
+    opts, schedule, device = bench.options, bench.schedule, bench.device
+    images = bench.data.images[: opts.fisher_images].to(device)
+    labels = bench.data.labels[: opts.fisher_images].to(device)
+    steps, _ = fisher_timesteps(schedule, opts.fisher_timesteps, device)
+    model, generator = bench.model(), torch.Generator(device).manual_seed(1234)
+
+    def run():
+        return diagonal_fisher(model, schedule, images, labels, steps, 1.0, generator, method_config.fim_batch_size,
+                               method_config.fim_timestep_chunk)
+
+    run()  # warm-up: cuDNN, vmap tracing, allocator
+    fresh_memory(device)
+    fisher, seconds = timed(device, run)
+    per_step = seconds / (len(images) * len(steps))
+    full = len(fisher_timesteps(schedule, method_config.fim_timesteps, device)[0])
+    row = {"workload": "sa fisher", "method": "sa", "variant": "fp32 (as published)",
+           "unit": f"s / image ({full} timesteps)",
+           "value": per_step * full, "s_per_image_timestep": per_step, "timesteps_per_image": full,
+           "measured_on": f"{len(images)} images x {len(steps)} timesteps", **memory_snapshot(device),
+           "paper_scale_s": per_step * full * PAPER_FORGET_IMAGES}
+    prepared = {"priors": bench.data, "fisher": fisher,
+                "theta_star": {k: v.to(device) for k, v in bench.base.items() if k in fisher}}
+    return prepared, [row]
+
+
+def prepare_salun(bench: Bench, method_config) -> tuple[dict, list[dict]]:
+    """SalUn's saliency mask over the forget class's images (timed per image); the step then uses it."""
+    device, ctx, model = bench.device, bench.context(), bench.model()
+
+    def run():
+        scores = saliency_scores(model, ctx, method_config.mask_batch_size, method_config.mask_guidance)
+        return top_fraction_mask(scores, 1.0 - method_config.sparsity)
+
+    run()  # warm-up
+    fresh_memory(device)
+    mask, seconds = timed(device, run)
+    count = len(bench.data.forget(ctx.forget_class))
+    row = {"workload": "salun mask", "method": "salun", "variant": "fp32 (as published)", "unit": "s / image",
+           "value": seconds / count, "measured_on": f"{count} images", **memory_snapshot(device),
+           "paper_scale_s": seconds / count * PAPER_FORGET_IMAGES}
+    return {"mask": mask}, [row]
+
+
+PREPARE = {"sa": prepare_sa, "salun": prepare_salun}
+
+
+def time_step(bench: Bench, name: str, variant: str, prepared: dict) -> dict:
+    """Median seconds per training step of method `name` under `variant`, and the step's peak memory."""
+    opts, device = bench.options, bench.device
+    method = bench.method(name, prepared)
+    config = method.config
+    model = bench.model()
+    ema = EMA(model, config.ema_decay, shadow=bench.base) if config.ema else None
+    batches = method.batches()
+    spec = TrainSpec(config.iterations, config.lr, config.grad_clip, speed=VARIANTS[variant], time_steps=True)
+    fresh_memory(device)
+    result = train(model, lambda step: method.loss(model, next(batches)), spec, device, ema=ema,
+                   grad_mask=method.grad_mask(), desc=f"perf {name}", progress=False)
+    measured = result.step_seconds[opts.warmup:]
+    median = statistics.median(measured)
+    return {"workload": f"{name} step", "method": name, "variant": variant, "unit": "s / iteration",
+            "value": median, "p10": _quantile(measured, 0.1), "p90": _quantile(measured, 0.9),
+            "iterations": len(measured), "first_step_s": result.first_step_seconds,
+            "final_loss": result.final_losses.get("loss"), **result.memory,
+            "paper_scale_s": median * get_method(name).Config().iterations}
+
+
+def time_sampler(bench: Bench, variant: str) -> dict:
+    """Guided image-steps per second of `sample` at a batch (2 network evaluations per image-step)."""
+    opts, device, cfg = bench.options, bench.device, bench.preset.unet
+    protocol = bench.preset.protocol(None)
+    model = bench.model().eval()
+    labels = torch.arange(opts.sample_batch, device=device) % cfg.num_classes
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    generator = torch.Generator(device).manual_seed(opts.seed)
+
+    def run(steps: int):
+        return sample(model, bench.schedule, labels, shape, steps=steps, eta=protocol.eta, guidance=protocol.guidance,
+                      generator=generator, speed=VARIANTS[variant])
+
+    fresh_memory(device)
+    _, first = timed(device, lambda: run(2))  # compile or graph capture happens here
+    _, seconds = timed(device, lambda: run(opts.sample_steps))
+    rate = opts.sample_batch * opts.sample_steps / seconds
+    paper = get_preset("cifar10").protocol("paper")
+    full = (cfg.num_classes - 1) * paper.retain_samples_per_class * paper.sampler_steps
+    return {"workload": "sampler", "method": "-", "variant": variant, "unit": "image-steps / s", "value": rate,
+            "first_step_s": first, "measured_on": f"batch {opts.sample_batch} x {opts.sample_steps} steps",
+            **memory_snapshot(device), "paper_scale_s": full / rate}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def stand_ins(bench: Bench, name: str) -> dict:
+    """Cheap stand-ins for what `prepare` sets, for checks that need a step but not its timing: a random
+    positive Fisher, theta* and priors for SA, a random half mask for SalUn."""
+    gen = torch.Generator().manual_seed(bench.options.seed + 5)
+    params = dict(bench.model().named_parameters())
+    if name == "sa":
+        fisher = {k: torch.rand(p.shape, generator=gen).to(bench.device) for k, p in params.items()}
+        theta_star = {k: bench.base[k].to(bench.device) for k in params}
+        return {"priors": bench.data, "fisher": fisher, "theta_star": theta_star}
+    if name == "salun":
+        return {"mask": {k: (torch.rand(p.shape, generator=gen) < 0.5).to(bench.device) for k, p in params.items()}}
+    return {}
+
+
+def first_step(bench: Bench, name: str, speed: Speed, prepared: dict) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and gradients of `name`'s first step through the runner's `forward_backward` under `speed`.
+
+    Each call builds the method afresh, so its generators draw the same noise and timesteps every time.
+    """
+    speed = speed.for_device(bench.device)
+    model = bench.model()
+    prepare_model(model, speed)
+    method = bench.method(name, prepared)
+    batches = method.batches()
+    terms = forward_backward(model, lambda step: method.loss(model, next(batches)), 0, bench.device, speed)
+    return terms["loss"].item(), {k: p.grad.detach().float().clone() for k, p in model.named_parameters()}
+
+
+def relative_error(values: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """||values - reference|| / ||reference|| over all tensors together."""
+    error = sum(float((values[k].float() - ref.float()).square().sum()) for k, ref in reference.items())
+    norm = sum(float(ref.float().square().sum()) for ref in reference.values())
+    return math.sqrt(error / norm)
+
+
+def error_row(workload: str, variant: str, exc: Exception) -> dict:
+    """A failure (out of memory, a compile error) becomes a row saying so, not a lost table."""
+    log.error("perf workload %s (%s) failed: %s", workload, variant, exc, exc_info=exc)
+    return {"workload": workload, "variant": variant, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def guarded(workload: str, variant: str, fn: Callable[..., dict], *args) -> dict:
+    try:
+        return fn(*args)
+    except Exception as exc:  # every failure is reported in the table
+        return error_row(workload, variant, exc)
+
+
+def prepare(bench: Bench, name: str) -> tuple[dict, list[dict]]:
+    """The attributes `name`'s `prepare` would set (timed where the method computes them) and their rows."""
+    if name not in PREPARE:
+        return {}, []
+    try:
+        return PREPARE[name](bench, bench.method(name, {}).config)
+    except Exception as exc:
+        return {}, [error_row(f"{name} preparation", "-", exc)]
+
+
+def run_perf(options: PerfOptions) -> dict:
+    """Time every method's step under every variant, each method's preparation, and the sampler."""
+    options.check()
+    preset, device = get_preset(options.preset), pick_device(options.device)
+    bench = Bench(preset, options, device)
+    rows = []
+    for name in options.methods:
+        prepared, prep_rows = prepare(bench, name)
+        rows += prep_rows
+        rows += [guarded(f"{name} step", variant, time_step, bench, name, variant, prepared)
+                 for variant in options.variants]
+    rows += [guarded("sampler", variant, time_sampler, bench, variant) for variant in options.sampler_variants]
+    for row in rows:
+        row["target"], row["meets_target"] = target_check(row, preset, device)
+    return {"preset": preset.name, "device": device_name(device), "device_type": device.type,
+            "torch": torch.__version__, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "unet_parameters": count_parameters(bench.model()), "unet": dataclasses.asdict(preset.unet),
+            "batch": {"forget": bench.batch_size, "retain": bench.batch_size}, "note": NOTE,
+            "options": dataclasses.asdict(options),
+            "variants": {name: dataclasses.asdict(VARIANTS[name].for_device(device))
+                         for name in dict.fromkeys((*options.variants, *options.sampler_variants))},
+            "rows": rows}
+
+
+def target_check(row: dict, preset: Preset, device: torch.device) -> tuple[str, bool | None]:
+    """The issue's target for this row as text, and whether it is met (judged only on CUDA at cifar10)."""
+    key = row.get("method") if row.get("workload", "").endswith("step") else row.get("workload")
+    target = TARGETS.get(key)
+    if target is None:
+        return "", None
+    text = ", ".join(_target_text(k, v) for k, v in target.items())
+    if "value" not in row or device.type != "cuda" or preset.name != "cifar10":
+        return text, None
+    met = row["value"] <= target["max_s"] if "max_s" in target else row["value"] >= target["min_rate"]
+    if "max_gib" in target:
+        met = met and row.get("peak_gpu_allocated_gib", math.inf) <= target["max_gib"]
+    return text, bool(met)
+
+
+def _target_text(kind: str, value: float) -> str:
+    return {"max_s": f"<= {value:.3g} s", "max_gib": f"<= {value:g} GiB", "min_rate": f">= {value:,.0f}/s"}[kind]
+
+
+COLUMNS = ("workload", "variant", "median", "unit", "first step s", "peak GPU alloc GiB", "peak GPU reserved GiB",
+           "target", "meets", "anchor (H200)", "at paper counts")
+
+
+def markdown(result: dict) -> str:
+    """The result as a Markdown page: provenance lines, then one table row per workload and variant."""
+    steps = f"median of {result['options']['iterations']} steps after {result['options']['warmup']} warm-up steps"
+    lines = [f"# bench perf: {result['preset']} on {result['device']}", "",
+             f"- torch {result['torch']}, {result['date']}",
+             f"- UNet: {result['unet_parameters']:,} parameters, {result['unet']['in_channels']}x"
+             f"{result['unet']['image_size']}x{result['unet']['image_size']}; batch {result['batch']['forget']} "
+             f"forget + {result['batch']['retain']} retain",
+             f"- {result['note']}",
+             f"- steps: {steps}; the first step (torch.compile time, if any) is reported apart",
+             "- variants: " + "; ".join(f"`{name}` = {Speed(**flags).describe()}"
+                                        for name, flags in result["variants"].items()),
+             f"- process peak RSS: {max(r.get('peak_process_mib', 0) for r in result['rows']):,.0f} MiB", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in result["rows"]]
+    if result.get("checks"):
+        lines += ["", "## Correctness checks (optimized against plain fp32 eager)", "",
+                  "| check | measured | tolerance | ok |", "|---|---|---|---|"]
+        lines += [f"| {c['check']} | {c['measured']} | {c['tolerance']} | {'yes' if c['ok'] else 'NO'} |"
+                  for c in result["checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def _cells(row: dict) -> list[str]:
+    if "error" in row:
+        return [row["workload"], row["variant"], f"failed: {row['error']}"] + [""] * (len(COLUMNS) - 3)
+    method = row.get("method", "")
+    anchor = ANCHORS.get("sampler" if row["workload"] == "sampler" else method, "") if "step" in row["workload"] \
+        or row["workload"] == "sampler" else ""
+    meets = {True: "yes", False: "no", None: ""}[row.get("meets_target")]
+    return [row["workload"], row["variant"], _number(row["value"]), row["unit"], _number(row.get("first_step_s")),
+            _number(row.get("peak_gpu_allocated_gib")), _number(row.get("peak_gpu_reserved_gib")),
+            row.get("target", ""), meets, anchor, _duration(row.get("paper_scale_s"))]
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def slug(device: str) -> str:
+    """'NVIDIA H200' -> 'nvidia-h200'; the CPU is 'cpu'."""
+    return "cpu" if device.startswith("cpu") else re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+
+
+def write_outputs(result: dict, out: str | Path) -> tuple[Path, Path]:
+    """`<out>/<gpu>-<date>[-<preset>].json` and `.md` (the preset is named when it is not cifar10)."""
+    stem = f"{slug(result['device'])}-{result['date'][:10]}"
+    stem += "" if result["preset"] == "cifar10" else f"-{result['preset']}"
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / f"{stem}.json", folder / f"{stem}.md"
+    records.write_json_atomic(json_path, result)
+    md_path.write_text(markdown(result))
+    return json_path, md_path

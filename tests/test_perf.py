@@ -1,0 +1,114 @@
+"""`bench perf` runs and reports every workload; the speed switches compute the same step as plain fp32."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench.cli import main
+from bench.config import UNETS, get_preset
+from bench.diffusion import sample
+from bench.perf import DEFAULT_METHODS, Bench, PerfOptions, first_step, relative_error, stand_ins
+from bench.runner import EMA, PLAIN, Speed, TrainSpec, train
+
+CPU = torch.device("cpu")
+# Dropout off: its masks are drawn in memory order, so they differ between layouts (and dtypes) by design.
+PRESET = dataclasses.replace(get_preset("tiny"), unet=dataclasses.replace(UNETS["tiny"], dropout=0.0))
+
+
+@pytest.fixture(scope="module")
+def bench() -> Bench:
+    return Bench(PRESET, PerfOptions.for_preset("tiny"), CPU)
+
+
+def test_perf_at_tiny_size_writes_a_row_per_method_variant_and_the_sampler(tmp_path):
+    result = CliRunner().invoke(main, ["perf", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path),
+                                       "--variants", "fp32,default"])
+    assert result.exit_code == 0, result.output
+    (json_path,), (md_path,) = tmp_path.glob("*.json"), tmp_path.glob("*.md")
+    report = json.loads(json_path.read_text())
+    rows = {(row["workload"], row["variant"]): row for row in report["rows"]}
+    expected = [(f"{m} step", v) for m in DEFAULT_METHODS for v in ("fp32", "default")]
+    expected += [("sampler", "fp32"), ("sampler", "default")]
+    assert set(expected) <= set(rows), sorted(rows)
+    assert {"sa fisher", "salun mask"} <= {workload for workload, _ in rows}
+    for key, row in rows.items():
+        assert "error" not in row, (key, row)
+        assert math.isfinite(row["value"]) and row["value"] > 0, (key, row)
+    assert all(rows[(f"{m} step", "default")]["iterations"] == 20 for m in DEFAULT_METHODS)
+    table = md_path.read_text()
+    assert report["torch"] in table and "cpu" in table and "random weights and random data" in table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == len(rows) + 1  # + the header
+    assert table in result.output
+
+
+def test_perf_rejects_an_unknown_variant_and_a_method_without_steps(tmp_path):
+    for args, choices in ((["--variants", "turbo"], "fp32, default"), (["--methods", "original"], "safemax")):
+        result = CliRunner().invoke(main, ["perf", "--preset", "tiny", "--out", str(tmp_path), *args])
+        assert result.exit_code != 0 and choices in result.output, result.output
+    assert not list(tmp_path.iterdir())
+
+
+def _assert_grads_close(grads, reference, rtol: float, floor: float) -> None:
+    """Each gradient within `rtol` of its reference's norm, plus `floor` x the whole gradient's norm: some
+    gradients are zero in exact arithmetic (an attention key's bias), and their rounding noise has no scale."""
+    total = torch.cat([g.flatten() for g in reference.values()]).norm()
+    for name, ref in reference.items():
+        error = (grads[name] - ref).norm()
+        assert error <= rtol * ref.norm() + floor * total, f"{name}: error {error:.3g}, norm {ref.norm():.3g}"
+
+
+@pytest.mark.parametrize("name", DEFAULT_METHODS)
+def test_channels_last_step_matches_the_plain_fp32_step(bench, name):
+    ref_loss, ref_grads = first_step(bench, name, PLAIN, stand_ins(bench, name))
+    loss, grads = first_step(bench, name, Speed(amp=False, channels_last=True), stand_ins(bench, name))
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    _assert_grads_close(grads, ref_grads, rtol=1e-4, floor=1e-5)
+
+
+@pytest.mark.parametrize("name", DEFAULT_METHODS)
+def test_bf16_channels_last_step_matches_the_plain_fp32_step_within_bf16_rounding(bench, name):
+    # Measured on the tiny UNet: loss within 4e-4, whole gradient within 1.2-5.9% (SalUn's forget loss is a
+    # difference of two predictions, so it loses the most), each tensor within 14% + 1e-4 of the total.
+    ref_loss, ref_grads = first_step(bench, name, PLAIN, stand_ins(bench, name))
+    loss, grads = first_step(bench, name, Speed(amp_on_cpu=True, channels_last=True), stand_ins(bench, name))
+    assert loss != ref_loss, "autocast did not apply: the bf16 step computed exactly the fp32 loss"
+    assert loss == pytest.approx(ref_loss, rel=2e-3)
+    assert relative_error(grads, ref_grads) <= 0.1
+    _assert_grads_close(grads, ref_grads, rtol=0.25, floor=1e-3)
+
+
+def test_channels_last_training_keeps_masked_weights_and_a_foreach_ema(bench):
+    model, method = bench.model(), bench.method("salun", stand_ins(bench, "salun"))
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    ema, batches = EMA(model, 0.5), method.batches()
+    spec = TrainSpec(2, 1e-2, 1.0, speed=Speed(channels_last=True))
+    train(model, lambda step: method.loss(model, next(batches)), spec, CPU, ema=ema, grad_mask=method.mask,
+          progress=False)
+    assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for (name, param), shadow in zip(model.named_parameters(), ema.shadow):
+        frozen = ~method.mask[name]
+        assert torch.equal(param[frozen], before[name][frozen]), f"masked weights of {name} moved"
+        assert shadow.stride() == param.stride(), f"EMA shadow of {name} is not in the parameter's layout"
+    assert any(not torch.equal(p, before[k]) for k, p in model.named_parameters())
+
+
+def test_sampler_speed_switches_draw_the_plain_samples(bench):
+    labels = torch.arange(6) % 3
+
+    def draw(speed, steps):
+        model = bench.model().eval()
+        return sample(model, bench.schedule, labels, (1, 8, 8), steps=steps, eta=1.0, guidance=2.0,
+                      generator=torch.Generator().manual_seed(7), speed=speed)
+
+    # Three steps amplify rounding; a random-weight model's chain also saturates the clamp, so bf16 is checked
+    # on one step (one guided prediction): measured 4.5e-4 apart at most.
+    torch.testing.assert_close(draw(Speed(amp=False, channels_last=True), 3), draw(None, 3), rtol=0, atol=2e-4)
+    plain, bf16 = draw(None, 1), draw(Speed(amp_on_cpu=True), 1)
+    assert not torch.equal(bf16, plain), "autocast did not apply to the sampler"
+    torch.testing.assert_close(bf16, plain, rtol=0, atol=5e-3)
