@@ -139,16 +139,8 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, out, cach
     """Unlearn each forget class with each method, evaluate, and write one record per run."""
     from submitit.core.utils import FailedSubmissionError
 
-    from bench.orchestrate import (
-        PrerequisitesFailed,
-        build_specs,
-        check_writable,
-        parse_classes,
-        parse_seeds,
-        parse_sets,
-        parse_speed,
-        run_sequential,
-    )
+    from bench.orchestrate import PrerequisitesFailed, check_writable, run_sequential
+    from bench.sweep import build_specs, parse_classes, parse_seeds, parse_sets, parse_speed
     from methods import parse_methods
 
     preset_obj = _preset(preset)
@@ -247,7 +239,7 @@ def _report(outcomes, out: str) -> None:
 @click.option("--jobs-folder", default=None, help="the submitit folder given to `bench run` [default: OUT/.submitit]")
 def status_cmd(out, jobs_folder) -> None:
     """Show done / running / failed / missing for every (method, class, seed) submitted or recorded."""
-    from bench.orchestrate import STATES, status
+    from bench.status import STATES, status
 
     if not Path(out).is_dir():
         _fail(f"results folder {out} does not exist")

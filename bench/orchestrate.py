@@ -1,7 +1,4 @@
-"""The grid: methods x forget classes x seeds x swept values -> run specs -> skip finished -> run or submit.
-
-`--set method.field=v1,v2` sweeps a method hyperparameter and `--set protocol.field=v` changes the evaluation;
-values are parsed to the field's declared type and checked by the config itself.
+"""Run specs (bench.sweep) -> skip finished -> build prerequisites -> run here or submit through submitit.
 
 Runs go through one job callable, `Job`, whether they run in this process (`run_sequential`) or through
 submitit (`submit_runs` with `debug`, `local` or `slurm`). Each run is claimed with a lock file in its folder
@@ -12,14 +9,11 @@ A submission leaves a manifest in the jobs folder, from which `status` tells don
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import json
 import logging
 import os
 import socket
 import time
 import traceback
-import typing
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +24,7 @@ import torch
 from bench import records
 from bench.artifacts import Cache
 from bench.cluster import make_executor, submit_all, wait_all
-from bench.config import Preset, Protocol, get_preset
+from bench.config import get_preset
 from bench.experiment import (
     RunSpec,
     fid_references,
@@ -39,130 +33,9 @@ from bench.experiment import (
     run_one,
     shared_preparation_ready,
 )
-from bench.runner import Speed
 from methods import get_method
 
 log = logging.getLogger(__name__)
-
-
-def parse_classes(spec: str, num_classes: int) -> list[int]:
-    """'0-9', '0,3,7' or a mix like '0-2,5'; every class must exist in the preset."""
-    classes: list[int] = []
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        try:
-            if "-" in part:
-                low, high = (int(v) for v in part.split("-", 1))
-                classes.extend(range(low, high + 1))
-            else:
-                classes.append(int(part))
-        except ValueError:
-            raise ValueError(f"cannot read class list {spec!r}: use forms like 0-9 or 0,3,7") from None
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad or not classes:
-        raise ValueError(f"class(es) {bad or spec!r} not in this preset, which has classes 0-{num_classes - 1}")
-    return sorted(set(classes))
-
-
-def parse_seeds(spec: str) -> list[int]:
-    try:
-        return sorted({int(p) for p in str(spec).split(",") if p.strip()})
-    except ValueError:
-        raise ValueError(f"cannot read seeds {spec!r}: use forms like 0 or 0,1,2") from None
-
-
-def _convert(text: str, kind: type, key: str):
-    options = [arg for arg in typing.get_args(kind) if arg is not type(None)]
-    if options and len(options) < len(typing.get_args(kind)):  # Optional[X]: `none` or an X
-        return None if text.lower() in ("none", "null") else _convert(text, options[0], key)
-    try:
-        if kind is bool:
-            lowered = text.lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return lowered in ("true", "1", "yes")
-        if kind is str:
-            if not records.SAFE_PART.match(text):
-                raise ValueError(text)
-            return text
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"{key}: cannot read {text!r} as {kind.__name__}") from None
-
-
-def _field_types(config_type: type) -> dict[str, type]:
-    hints = typing.get_type_hints(config_type)
-    return {f.name: hints[f.name] for f in dataclasses.fields(config_type)}
-
-
-@dataclass
-class Sweep:
-    """Parsed --set options: per-method hyperparameter values and protocol values, each a list to sweep."""
-
-    method: dict[str, dict[str, list]]
-    protocol: dict[str, list]
-
-    def method_variants(self, method: str) -> list[tuple[tuple[str, object], ...]]:
-        return _product(self.method.get(method, {}))
-
-    def protocol_variants(self) -> list[tuple[tuple[str, object], ...]]:
-        return _product(self.protocol)
-
-
-def _product(values: dict[str, list]) -> list[tuple[tuple[str, object], ...]]:
-    keys = sorted(values)
-    return [tuple(zip(keys, combo)) for combo in itertools.product(*(values[k] for k in keys))]
-
-
-def parse_sets(items: typing.Iterable[str], methods: list[str]) -> Sweep:
-    """Read `method.field=v1,v2` and `protocol.field=v` options; errors name the valid keys."""
-    sweep = Sweep({}, {})
-    for item in items:
-        key, sep, raw = item.partition("=")
-        owner, dot, name = key.strip().partition(".")
-        if not sep or not dot or not raw:
-            raise ValueError(f"--set {item!r}: use method.field=value[,value...] or protocol.field=value")
-        if owner == "protocol":
-            types = {k: v for k, v in _field_types(Protocol).items() if k != "name"}
-        elif owner in methods:
-            types = _field_types(get_method(owner).Config)
-        else:
-            raise ValueError(f"--set {item!r}: {owner!r} is not one of the methods being run ({', '.join(methods)}) "
-                             "nor 'protocol'")
-        if name not in types:
-            raise ValueError(f"--set {item!r}: {owner} has no setting {name!r}; valid: {', '.join(sorted(types))}")
-        values = [_convert(v.strip(), types[name], f"--set {key}") for v in raw.split(",")]
-        target = sweep.protocol if owner == "protocol" else sweep.method.setdefault(owner, {})
-        target[name] = values
-    for method, overrides in sweep.method.items():  # let each config check its own values now, not mid-sweep
-        for combo in _product(overrides):
-            get_method(method).Config(**dict(combo))
-    return sweep
-
-
-def parse_speed(items: typing.Iterable[str]) -> tuple[tuple[str, object], ...]:
-    """`--speed FIELD=V` options -> (field, value) pairs of `bench.runner.Speed`; errors name the valid fields."""
-    types = _field_types(Speed)
-    pairs = {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        name = name.strip()
-        if not sep or not raw:
-            raise ValueError(f"--speed {item!r}: use FIELD=VALUE, e.g. compile=true")
-        if name not in types:
-            raise ValueError(f"--speed {item!r}: no switch {name!r}; valid: {', '.join(sorted(types))}")
-        pairs[name] = _convert(raw.strip(), types[name], f"--speed {name}")
-    return tuple(sorted(pairs.items()))
-
-
-def build_specs(preset: Preset, methods: list[str], classes: list[int], seeds: list[int], sweep: Sweep,
-                **common) -> list[RunSpec]:
-    specs = []
-    for method, forget_class, seed in itertools.product(methods, classes, seeds):
-        for overrides in sweep.method_variants(method):
-            for protocol_overrides in sweep.protocol_variants():
-                specs.append(RunSpec(preset=preset.name, method=method, forget_class=forget_class, seed=seed,
-                                     method_overrides=overrides, protocol_overrides=protocol_overrides, **common))
-    return specs
 
 
 def check_writable(out: str | Path) -> None:
@@ -468,11 +341,11 @@ def short_error(error: BaseException | str) -> str:
     """The last line of a job's traceback (`Type: message`), or the first line of a scheduler error."""
     text = str(error)
     if "failed during processing with trace" in text:
-        return _last_line(text.split("----------------------")[1])
+        return last_line(text.split("----------------------")[1])
     return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else text
 
@@ -489,95 +362,3 @@ def write_manifest(submission: Submission) -> Path:
     path = submission.folder / f"submission-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}.json"
     records.write_json_atomic(path, payload)
     return path
-
-
-# -- status: done / running / failed / missing per run, from records, claims and the jobs folder -----------------
-STATES = ("done", "running", "failed", "missing")
-SCHEDULER_RUNNING = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
-                     "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "READY"}
-SCHEDULER_FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-                    "DEADLINE"}
-
-
-@dataclass
-class RunStatus:
-    method: str
-    variant: str
-    forget_class: int
-    seed: int
-    state: str  # one of STATES
-    detail: str = ""
-
-
-def status(out: str | Path, folder: str | Path) -> list[RunStatus]:
-    """The state of every run that was submitted (manifests in `folder`) or has a record under `out`."""
-    folder, entries = Path(folder), {}
-    for manifest in sorted(folder.glob("submission-*.json"), key=lambda p: p.stat().st_mtime):
-        try:
-            payload = json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            log.warning("skipping unreadable manifest %s: %s", manifest, exc)
-            continue
-        for run in payload["runs"]:
-            entries[run["directory"]] = {**run, "cluster": payload["cluster"]}
-    for path in Path(out).rglob(records.RECORD_NAME):
-        entries.setdefault(str(path.parent.resolve()), _entry_from_path(path.parent))
-    slurm_ids = [e["job_id"] for e in entries.values() if e.get("cluster") == "slurm"]
-    scheduler = _scheduler_states(folder, slurm_ids)
-    rows = [_run_status(entry, folder, scheduler) for entry in entries.values()]
-    return sorted(rows, key=lambda r: (r.method, r.variant, r.forget_class, r.seed))
-
-
-def _entry_from_path(directory: Path) -> dict:
-    *_, method, variant, forget_class, seed = directory.parts
-    return {"method": method, "variant": variant, "forget_class": int(forget_class.removeprefix("class")),
-            "seed": int(seed.removeprefix("seed")), "directory": str(directory.resolve())}
-
-
-def _scheduler_states(folder: Path, job_ids: list[str]) -> dict[str, str]:
-    """SLURM state per job id, from one sacct call; empty where sacct is not available."""
-    jobs = {job_id: submitit.SlurmJob(folder, job_id) for job_id in job_ids}
-    if not jobs:
-        return {}
-    try:
-        next(iter(jobs.values())).get_info(mode="force")  # one call updates every registered job
-        return {job_id: job.state for job_id, job in jobs.items()}
-    except Exception as exc:  # sacct missing or failing: say so, and judge from files alone
-        log.warning("cannot ask SLURM for job states (%s); judging from files only", exc)
-        return {}
-
-
-def _run_status(entry: dict, folder: Path, scheduler: dict[str, str]) -> RunStatus:
-    row = RunStatus(entry["method"], entry["variant"], entry["forget_class"], entry["seed"], "missing")
-    directory = Path(entry["directory"])
-    record_path, claim_path = directory / records.RECORD_NAME, directory / records.CLAIM_NAME
-    if record_path.exists():
-        try:
-            records.read_record(record_path)
-            return dataclasses.replace(row, state="done", detail=str(record_path))
-        except records.CorruptRecord:
-            return dataclasses.replace(row, state="failed", detail=f"corrupt record {record_path}")
-    held = records.read_claim(claim_path)
-    if held is not None and not records.claim_is_stale(claim_path, held[1]):
-        return dataclasses.replace(row, state="running", detail=records.describe_holder(held[1] or {}))
-    job_id = entry.get("job_id")
-    if not job_id:
-        return row
-    paths = submitit.core.utils.JobPaths(folder, job_id, 0)
-    if paths.result_pickle.exists():
-        kind, value = submitit.core.utils.pickle_load(paths.result_pickle)
-        if kind == "error":
-            return dataclasses.replace(row, state="failed", detail=f"job {job_id}: {_last_line(str(value))}; "
-                                                                   f"log {paths.stderr}")
-        return dataclasses.replace(row, detail=f"job {job_id} ended without a record ({value.status}); "
-                                               f"log {paths.stderr}")
-    state = scheduler.get(job_id, "")
-    if state in SCHEDULER_RUNNING or (entry.get("cluster") == "local" and _local_job_alive(job_id)):
-        return dataclasses.replace(row, state="running", detail=f"job {job_id} {state.lower() or 'running'}")
-    if state.split(" ")[0] in SCHEDULER_FAILED:
-        return dataclasses.replace(row, state="failed", detail=f"job {job_id} {state}; log {paths.stderr}")
-    return dataclasses.replace(row, detail=f"job {job_id} ended without a record; log {paths.stderr}")
-
-
-def _local_job_alive(job_id: str) -> bool:
-    return job_id.isdigit() and records.process_start(int(job_id)) is not None

@@ -12,7 +12,8 @@ import pytest
 
 from bench import records
 from bench.config import get_preset
-from bench.orchestrate import Sweep, build_specs, run_sequential
+from bench.orchestrate import run_sequential
+from bench.sweep import Sweep, build_specs
 from methods.safemax import SafeMax
 
 REPO = Path(__file__).resolve().parent.parent

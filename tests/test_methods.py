@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bench.experiment import RunSpec, setup_method
-from bench.orchestrate import parse_sets
 from bench.runner import TrainSpec, train
+from bench.sweep import parse_sets
 from bench.unet import ConditionalUNet
 from methods import METHODS
 from methods.sa import diagonal_fisher
@@ -150,7 +150,7 @@ def test_set_errors_name_the_problem(item, message):
 
 def test_sweep_values_give_distinct_record_paths(tmp_path):
     from bench.config import get_preset
-    from bench.orchestrate import build_specs
+    from bench.sweep import build_specs
 
     sweep = parse_sets(["safemax.lam=0,1,50"], ["safemax", "original"])
     specs = build_specs(get_preset("tiny"), ["safemax", "original"], [0], [0], sweep, out=str(tmp_path))

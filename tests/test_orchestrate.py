@@ -26,7 +26,9 @@ from bench import experiment, records
 from bench.artifacts import Cache
 from bench.cli import main
 from bench.config import get_preset
-from bench.orchestrate import Job, Prerequisites, Sweep, build_specs, prepare_once, run_sequential, status
+from bench.orchestrate import Job, Prerequisites, prepare_once, run_sequential
+from bench.status import status
+from bench.sweep import Sweep, build_specs
 
 WAIT_S = 180
 
@@ -278,7 +280,8 @@ def test_shared_preparation_is_built_once_before_the_runs(tmp_path, tiny_cache):
     """SA's priors and Fisher are built by the prerequisites step, once for all forget classes and variants alike;
     the FID reference statistics once per forget class, for every method alike."""
     from bench.experiment import resolve_method_config
-    from bench.orchestrate import parse_sets, prerequisites_for
+    from bench.orchestrate import prerequisites_for
+    from bench.sweep import parse_sets
     from methods.sa import SelectiveAmnesia
 
     cache = tmp_path / "cache"

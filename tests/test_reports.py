@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from bench.config import get_preset
-from bench.orchestrate import Sweep, build_specs, run_sequential
+from bench.orchestrate import run_sequential
+from bench.sweep import Sweep, build_specs
 from reports import render, tables
 from reports.build import build_report
 

@@ -1,0 +1,111 @@
+"""`bench status`: done / running / failed / missing per run, from the records, the run claims and the jobs folder.
+
+The submission manifests (`submission-*.json`, written by bench.orchestrate) list every run that went out; the
+records and claims under the results folder say which finished or still run; submitit's result pickles and the
+scheduler (`sacct`/`squeue` on SLURM) say why a job without a record failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import submitit
+
+from bench import records
+from bench.orchestrate import last_line
+
+log = logging.getLogger(__name__)
+
+STATES = ("done", "running", "failed", "missing")
+SCHEDULER_RUNNING = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
+                     "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "READY"}
+SCHEDULER_FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+                    "DEADLINE"}
+
+
+@dataclass
+class RunStatus:
+    method: str
+    variant: str
+    forget_class: int
+    seed: int
+    state: str  # one of STATES
+    detail: str = ""
+
+
+def status(out: str | Path, folder: str | Path) -> list[RunStatus]:
+    """The state of every run that was submitted (manifests in `folder`) or has a record under `out`."""
+    folder, entries = Path(folder), {}
+    for manifest in sorted(folder.glob("submission-*.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            payload = json.loads(manifest.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("skipping unreadable manifest %s: %s", manifest, exc)
+            continue
+        for run in payload["runs"]:
+            entries[run["directory"]] = {**run, "cluster": payload["cluster"]}
+    for path in Path(out).rglob(records.RECORD_NAME):
+        entries.setdefault(str(path.parent.resolve()), _entry_from_path(path.parent))
+    slurm_ids = [e["job_id"] for e in entries.values() if e.get("cluster") == "slurm"]
+    scheduler = _scheduler_states(folder, slurm_ids)
+    rows = [_run_status(entry, folder, scheduler) for entry in entries.values()]
+    return sorted(rows, key=lambda r: (r.method, r.variant, r.forget_class, r.seed))
+
+
+def _entry_from_path(directory: Path) -> dict:
+    *_, method, variant, forget_class, seed = directory.parts
+    return {"method": method, "variant": variant, "forget_class": int(forget_class.removeprefix("class")),
+            "seed": int(seed.removeprefix("seed")), "directory": str(directory.resolve())}
+
+
+def _scheduler_states(folder: Path, job_ids: list[str]) -> dict[str, str]:
+    """SLURM state per job id, from one sacct call; empty where sacct is not available."""
+    jobs = {job_id: submitit.SlurmJob(folder, job_id) for job_id in job_ids}
+    if not jobs:
+        return {}
+    try:
+        next(iter(jobs.values())).get_info(mode="force")  # one call updates every registered job
+        return {job_id: job.state for job_id, job in jobs.items()}
+    except Exception as exc:  # sacct missing or failing: say so, and judge from files alone
+        log.warning("cannot ask SLURM for job states (%s); judging from files only", exc)
+        return {}
+
+
+def _run_status(entry: dict, folder: Path, scheduler: dict[str, str]) -> RunStatus:
+    row = RunStatus(entry["method"], entry["variant"], entry["forget_class"], entry["seed"], "missing")
+    directory = Path(entry["directory"])
+    record_path, claim_path = directory / records.RECORD_NAME, directory / records.CLAIM_NAME
+    if record_path.exists():
+        try:
+            records.read_record(record_path)
+            return dataclasses.replace(row, state="done", detail=str(record_path))
+        except records.CorruptRecord:
+            return dataclasses.replace(row, state="failed", detail=f"corrupt record {record_path}")
+    held = records.read_claim(claim_path)
+    if held is not None and not records.claim_is_stale(claim_path, held[1]):
+        return dataclasses.replace(row, state="running", detail=records.describe_holder(held[1] or {}))
+    job_id = entry.get("job_id")
+    if not job_id:
+        return row
+    paths = submitit.core.utils.JobPaths(folder, job_id, 0)
+    if paths.result_pickle.exists():
+        kind, value = submitit.core.utils.pickle_load(paths.result_pickle)
+        if kind == "error":
+            return dataclasses.replace(row, state="failed", detail=f"job {job_id}: {last_line(str(value))}; "
+                                                                   f"log {paths.stderr}")
+        return dataclasses.replace(row, detail=f"job {job_id} ended without a record ({value.status}); "
+                                               f"log {paths.stderr}")
+    state = scheduler.get(job_id, "")
+    if state in SCHEDULER_RUNNING or (entry.get("cluster") == "local" and _local_job_alive(job_id)):
+        return dataclasses.replace(row, state="running", detail=f"job {job_id} {state.lower() or 'running'}")
+    if state.split(" ")[0] in SCHEDULER_FAILED:
+        return dataclasses.replace(row, state="failed", detail=f"job {job_id} {state}; log {paths.stderr}")
+    return dataclasses.replace(row, detail=f"job {job_id} ended without a record; log {paths.stderr}")
+
+
+def _local_job_alive(job_id: str) -> bool:
+    return job_id.isdigit() and records.process_start(int(job_id)) is not None
