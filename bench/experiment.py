@@ -245,6 +245,8 @@ def run_one(spec: RunSpec) -> dict:
         "higher_is_better": {"ua": True, "entropy": True, "fid": False, "retain_accuracy": True, "rte_s": False},
         "timings": {
             "rte_s": result.seconds if result else 0.0,
+            # The first step alone (torch.compile's compile time and first-call set-up land there); inside rte_s.
+            "first_step_s": result.first_step_seconds if result else None,
             "iterations": result.steps if result else 0,
             "resumed_from_step": resumed_from,
             "prepare_s": prepare,

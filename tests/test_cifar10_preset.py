@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import urllib.error
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from bench.evaluate import fid_scorer, reference_images
 from bench.experiment import RunSpec, resolve_protocol
 from tests.conftest import run_bench
 
-JPEG_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg"
+# ../shared beside the repository, or $BENCH_SHARED (as in test_cifar_data.py).
+SHARED = Path(os.environ.get("BENCH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+JPEG_ROOT = SHARED / "datasets" / "cifar10-jpeg"
 
 
 def test_paper_and_fast_protocols_take_their_counts_from_the_preset():
@@ -92,7 +95,7 @@ def test_classifier_fid_is_lower_for_real_retained_images_than_for_the_forget_cl
     assert len(subset) == 45 and 3 not in subset.labels.tolist()
 
 
-@pytest.mark.skipif(not JPEG_ROOT.is_dir(), reason=f"the shared CIFAR-10 JPEG copy is not at {JPEG_ROOT}")
+@pytest.mark.skipif(not JPEG_ROOT.is_dir(), reason=f"no CIFAR-10 JPEG copy at {JPEG_ROOT} (set BENCH_SHARED)")
 def test_cifar10_fast_protocol_runs_end_to_end_on_the_cpu_with_inception_fid(tmp_path):
     """Mechanics only: a 2-step base model, a 1-step ResNet34, 1 SAFEMax iteration, 2 sampler steps, 36 images."""
     common = ("--preset", "cifar10", "--cache", str(tmp_path / "cache"), "--data-root", str(JPEG_ROOT),
