@@ -273,6 +273,7 @@ def table2(df: pd.DataFrame, grid: Grid) -> Table:
         cells = [_cell(means, grid, m, forget_class, metric) for m in grid.methods for metric in metrics]
         table.rows.append((_class_label(grid, forget_class), cells))
     table.rules.add(len(table.rows))
+    any_partial = False
     for label, reduce in (("μ", "mean"), ("σ", "std")):
         cells = []
         for method in grid.methods:
@@ -280,10 +281,12 @@ def table2(df: pd.DataFrame, grid: Grid) -> Table:
             for metric in metrics:
                 value = getattr(values[metric].dropna(), reduce)() if len(values) else math.nan
                 partial = 0 < len(values) < len(grid.classes)
+                any_partial = any_partial or partial
                 text = fmt(metric, value) + ("*" if partial and text_ok(value) else "")
                 cells.append(Cell(value, text) if text_ok(value) else Cell(None, "–"))
         table.rows.append((label, cells))
-    table.notes.append("* over fewer classes than the preset has (some runs missing).")
+    if any_partial:
+        table.notes.append("* over fewer classes than the preset has (some runs missing).")
     mark_best(table, directions(df))
     return table
 

@@ -68,6 +68,9 @@ def test_missing_cells_carry_the_command_that_fills_them(report):
     number = re.search(rf"\[(\d+)\] missing runs: `{re.escape(command)}`", markdown).group(1)
     row5 = next(line for line in markdown.splitlines() if line.startswith("| 5 |"))
     assert f"missing [{number}]" in row5
+    # Means over 2 of the 10 classes are starred, and the note says why (it is left out when none is partial).
+    table2 = report["written"]["tiny/paper/tables/table2.md"].read_text()
+    assert "over fewer classes than the preset has" in table2 and re.search(r"\| μ \|[^\n]*\*", table2)
     # SA is one of the paper's methods: it gets a column, and a command, before anyone runs it.
     assert "--methods sa --classes 0-9" in markdown
     page = report["written"]["report.html"].read_text()
