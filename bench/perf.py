@@ -66,7 +66,7 @@ TARGETS = {
     "sampler": {"min_rate": 16_000},
     "sa fisher": {"max_s": 3600 / 5000},  # 5,000 images x 1,000 timesteps in 60 min
 }
-# /work/shared/notes/gpu-anchors.md: one H200, torch 2.11, mean of 20 steps after 3 warm-up steps.
+# ../shared/notes/gpu-anchors.md: one H200, torch 2.11, mean of 20 steps after 3 warm-up steps.
 ANCHORS = {
     "safemax": "0.142 s, 15.4 GiB (fp32 eager); 0.144 s, 5.6 GiB (bf16 + compile)",
     "sa": "0.271 s, 15.9 GiB (published code)",
