@@ -128,24 +128,32 @@ def reference_images(data: ClassDataset, forget_class: int, per_class: int | Non
     return ClassDataset(retain.images[keep], retain.labels[keep], retain.class_names, retain.source)
 
 
-def fid_reference_key(protocol: Protocol, data: ClassDataset, forget_class: int, classifier: nn.Module) -> str:
+def classifier_id(protocol: Protocol, classifier: nn.Module) -> str | None:
+    """The classifier's weight fingerprint where FID uses its features (part of the cache key), else None."""
+    return fingerprint(classifier.state_dict()) if protocol.fid_features == "classifier" else None
+
+
+def fid_reference_key(protocol: Protocol, source: str, forget_class: int, count: int, classifier: str | None) -> str:
     """The cache name of the reference statistics: data set, forget class, image count and features."""
-    count = len(reference_images(data, forget_class, protocol.fid_reference_per_class))
-    slug = "".join(ch if ch.isalnum() else "-" for ch in data.source.lower()).strip("-")
+    slug = "".join(ch if ch.isalnum() else "-" for ch in source.lower()).strip("-")
     if protocol.fid_features == "inception":
         return f"{slug}-retain{forget_class}-n{count}-inception"
     if protocol.fid_features == "classifier":
-        return f"{slug}-retain{forget_class}-n{count}-classifier-{fingerprint(classifier.state_dict())}"
+        return f"{slug}-retain{forget_class}-n{count}-classifier-{classifier}"
     raise ValueError(f"unknown FID features {protocol.fid_features!r}; choose from inception, classifier")
 
 
 def fid_scorer(protocol: Protocol, data: ClassDataset, forget_class: int, classifier: nn.Module, cache_dir: Path,
-               device: torch.device, progress: bool = True) -> FidScorer:
-    """The protocol's FID features, with the real retained images' statistics from (or into) `cache_dir`."""
+               device: torch.device, progress: bool = True, classifier_key: str | None = None) -> FidScorer:
+    """The protocol's FID features, with the real retained images' statistics from (or into) `cache_dir`.
+
+    `classifier_key` is `classifier_id(protocol, classifier)` when the caller has it already.
+    """
     from bench.inception import inception_features, inception_model, reference_statistics
 
     real = reference_images(data, forget_class, protocol.fid_reference_per_class)
-    key = fid_reference_key(protocol, data, forget_class, classifier)
+    classifier_key = classifier_key or classifier_id(protocol, classifier)
+    key = fid_reference_key(protocol, data.source, forget_class, len(real), classifier_key)
     if protocol.fid_features == "inception":
         model = inception_model(device, protocol.inception_weights)
         extract = lambda images: inception_features(model, images, progress=progress)  # noqa: E731
@@ -153,7 +161,7 @@ def fid_scorer(protocol: Protocol, data: ClassDataset, forget_class: int, classi
     else:
         extract = lambda images: predict(classifier, images)[1]  # noqa: E731
         features = f"evaluation classifier penultimate layer ({getattr(classifier, 'feature_dim', '?')}-d)"
-        weights = fingerprint(classifier.state_dict())
+        weights = classifier_key
     log.info("FID reference: %d real retained images of %s, %s", len(real), data.source, features)
     reference = reference_statistics(cache_dir, key, real.images, extract)
     return FidScorer(extract, reference, {"features": features, "weights": weights, "reference_images": len(real),

@@ -23,7 +23,17 @@ from bench import records
 from bench.artifacts import Cache, atomic_save, ensure_base_model, ensure_classifier, load_classifier, load_unet, new_unet
 from bench.config import Preset, Protocol, get_preset
 from bench.diffusion import NoiseSchedule
-from bench.evaluate import GRID_COLUMNS, Sampler, evaluate, fid_reference_key, fid_scorer, from_uint8, noise_probabilities
+from bench.evaluate import (
+    GRID_COLUMNS,
+    Sampler,
+    evaluate,
+    fid_reference_key,
+    fid_scorer,
+    fingerprint,
+    from_uint8,
+    noise_probabilities,
+    reference_images,
+)
 from bench.runner import EMA, Speed, TrainSpec, device_name, memory_snapshot, pick_device, reset_peak_memory, train
 from methods import Context, get_method
 
@@ -146,13 +156,16 @@ def fid_references(specs: list[RunSpec], build: bool) -> bool:
         return False
     classifier = load_classifier(ensure_classifier(preset, cache, device, False), preset, device)
     data, folder = cache.dataset(preset, "train"), cache.path(preset, "fid-reference")
+    weights = fingerprint(classifier.state_dict())  # once, not per forget class
     for spec in specs:
         protocol = resolve_protocol(preset, spec)
-        if (folder / f"{fid_reference_key(protocol, data, spec.forget_class, classifier)}.npz").exists():
+        classifier_key = weights if protocol.fid_features == "classifier" else None
+        count = len(reference_images(data, spec.forget_class, protocol.fid_reference_per_class))
+        if (folder / f"{fid_reference_key(protocol, data.source, spec.forget_class, count, classifier_key)}.npz").exists():
             continue
         if not build:
             return False
-        fid_scorer(protocol, data, spec.forget_class, classifier, folder, device, spec.progress)
+        fid_scorer(protocol, data, spec.forget_class, classifier, folder, device, spec.progress, classifier_key)
     return True
 
 
@@ -208,8 +221,9 @@ def run_one(spec: RunSpec) -> dict:
     prepare = method.prepare()  # stage -> seconds it took to compute (also when loaded from the cache)
     prepare_wall = time.perf_counter() - prep_started
     result, resumed_from = None, 0
+    speed = Speed(**dict(spec.speed))  # training and sampling alike
     if config.iterations > 0:
-        result, resumed_from = _train(spec, preset, model, ema, method, config, ctx)
+        result, resumed_from = _train(spec, preset, model, ema, method, config, ctx, speed)
     memory = result.memory if result else memory_snapshot(device)
     if ema is not None:
         ema.copy_to(model)
@@ -217,7 +231,7 @@ def run_one(spec: RunSpec) -> dict:
     sample_cache = None
     if result is None and not cls.from_scratch:  # weights untouched: samples are the same in every run
         sample_cache = cache.path(preset, "samples", base["id"] + ("-ema" if config.ema else "-raw"))
-    speed = Speed(**dict(spec.speed)).for_device(device)
+    speed = speed.for_device(device)
     sampler = Sampler(model, schedule, protocol, preset, device, spec.seed, sample_cache, spec.progress, speed)
     fid = fid_scorer(protocol, train_data, spec.forget_class, classifier, cache.path(preset, "fid-reference"),
                      device, spec.progress)
@@ -275,7 +289,7 @@ def run_one(spec: RunSpec) -> dict:
 PARTIAL_NAME = "partial.pt"
 
 
-def _train(spec: RunSpec, preset: Preset, model, ema, method, config, ctx: Context):
+def _train(spec: RunSpec, preset: Preset, model, ema, method, config, ctx: Context, speed: Speed):
     """The unlearning loop; runs longer than the preset's checkpoint interval save and resume `partial.pt`.
 
     A resumed run reports the whole run: `steps` counts from step 0 and `seconds` adds the time before the
@@ -303,7 +317,7 @@ def _train(spec: RunSpec, preset: Preset, model, ema, method, config, ctx: Conte
                          "seconds": seconds_before + time.perf_counter() - began}, partial)
 
     batches = method.batches()
-    train_spec = TrainSpec(config.iterations, config.lr, config.grad_clip, speed=Speed(**dict(spec.speed)),
+    train_spec = TrainSpec(config.iterations, config.lr, config.grad_clip, speed=speed,
                            checkpoint_every=every)
     result = train(model, lambda step: method.loss(model, next(batches)), train_spec, ctx.device, ema=ema,
                    grad_mask=method.grad_mask(), start_step=start, optimizer_state=opt_state,
