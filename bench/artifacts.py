@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.classifier import build_classifier, initialize, predict, random_shift
+from bench.classifier import build_classifier, describe_noise_check, initialize, noise_check, predict, random_shift
 from bench.config import Preset
 from bench.data import ClassDataset, infinite_batches, load_dataset
 from bench.diffusion import NoiseSchedule
@@ -200,7 +200,7 @@ def train_classifier(preset: Preset, cache: Cache, device: torch.device, seed: i
     batch_size = batch_size or config.batch_size
     train_data, test_data = cache.dataset(preset, "train"), cache.dataset(preset, "test")
     torch.manual_seed(seed)
-    model = build_classifier(config, preset.unet.in_channels, preset.num_classes)
+    model = build_classifier(config, preset.unet.in_channels, preset.num_classes, preset.unet.image_size)
     origin, lrs = initialize(model, config)
     model = model.to(device)
     data_gen = torch.Generator().manual_seed(seed)
@@ -208,16 +208,26 @@ def train_classifier(preset: Preset, cache: Cache, device: torch.device, seed: i
     full_steps = config.epochs * math.ceil(len(train_data) / config.batch_size)
     steps = full_steps if steps is None else steps
 
+    mix = torch.distributions.Beta(config.mixup, config.mixup) if config.mixup > 0 else None
+
     def loss_fn(step: int) -> dict:
         x, y = next(batches)
-        x = random_shift(x, 1, data_gen)
-        return {"loss": F.cross_entropy(model(x.to(device)), y.to(device))}
+        x, y = random_shift(x, 1, data_gen).to(device), y.to(device)
+        if mix is None:
+            return {"loss": F.cross_entropy(model(x), y)}
+        # mixup: one weight per batch, each image paired with another of the same batch
+        weight = float(mix.sample())  # torch's global generator, seeded above
+        pair = torch.randperm(len(x), generator=data_gen).to(device)
+        logits = model(weight * x + (1 - weight) * x[pair])
+        return {"loss": weight * F.cross_entropy(logits, y) + (1 - weight) * F.cross_entropy(logits, y[pair])}
 
     train(model, loss_fn, TrainSpec(steps, config.lr, grad_clip=None), device, param_lrs=lrs,
           desc=f"classifier {preset.name}", progress=progress)
     if test_images is not None:
         test_data = _subset(test_data, test_images)
     accuracy = _accuracy(model, test_data)
+    shape = (preset.unet.in_channels, preset.unet.image_size, preset.unet.image_size)
+    noise = noise_check(model, shape)
     source = f"{origin} (seed {seed})"
     if steps != full_steps or batch_size != config.batch_size:
         source += (f"; {steps} steps of batch {batch_size} instead of {full_steps} of {config.batch_size}: a smoke "
@@ -226,12 +236,13 @@ def train_classifier(preset: Preset, cache: Cache, device: torch.device, seed: i
         "format": FORMAT, "kind": "classifier", "preset": preset.name, "config": dataclasses.asdict(config),
         "in_channels": preset.unet.in_channels, "num_classes": preset.num_classes, "model": model.state_dict(),
         "test_accuracy": accuracy, "test_images": len(test_data), "steps": steps, "batch_size": batch_size,
-        "source": source,
+        "source": source, "noise_check": noise,
         **_provenance(device, started),
     }
     atomic_save(payload, cache.classifier_path(preset))
     log.info("classifier saved to %s: %s, test accuracy %.2f%% on %d images", cache.classifier_path(preset), origin,
              100 * accuracy, len(test_data))
+    log.info("classifier on noise: %s", describe_noise_check(noise))
     return payload
 
 
@@ -255,7 +266,7 @@ def ensure_classifier(preset: Preset, cache: Cache, device: torch.device, progre
 
 
 def load_classifier(payload: dict, preset: Preset, device: torch.device) -> nn.Module:
-    model = build_classifier(preset.classifier, payload["in_channels"], payload["num_classes"])
+    model = build_classifier(preset.classifier, payload["in_channels"], payload["num_classes"], preset.unet.image_size)
     model.load_state_dict(payload["model"])
     return model.to(device).eval()
 

@@ -1,7 +1,7 @@
-"""The evaluation classifiers: a small CNN for the small presets, torchvision's ResNet34 for CIFAR-10.
+"""The evaluation classifiers: small CNNs for the small presets, torchvision's ResNet34 for CIFAR-10.
 
-Both expose `features(x)` (the penultimate layer, also FID features for the small presets) and `head`, and take
-images in [-1, 1] at the data set's size.
+All expose `features(x)` (the penultimate layer, also FID features for the small presets) and `head`, and take
+images in [-1, 1] at the data set's size. The head is linear, or cosine (bounded logits, see `CosineHead`).
 """
 
 from __future__ import annotations
@@ -12,23 +12,47 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench import metrics
 from bench.config import ClassifierConfig
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("small_cnn", "resnet34")
+ARCHS = ("small_cnn", "flat_cnn", "resnet34")
+HEADS = ("linear", "cosine")
 WEIGHTS = ("none", "imagenet")
 # torchvision's ImageNet normalization, which its pretrained ResNets expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class CosineHead(nn.Module):
+    """Logits = scale * cos(features, class weight), as in NormFace (Wang et al., 2017).
+
+    Bounded logits cap the confidence: an input unlike every class, such as noise, gets a flat distribution
+    (high entropy) instead of a confident one, while clean images still reach near one-hot probabilities.
+    """
+
+    def __init__(self, dim: int, num_classes: int, scale: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, dim) * 0.1)
+        self.scale = scale
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.scale * F.normalize(features, dim=1) @ F.normalize(self.weight, dim=1).t()
+
+
+def make_head(config: ClassifierConfig, dim: int, num_classes: int) -> nn.Module:
+    if config.head not in HEADS:
+        raise ValueError(f"unknown classifier head {config.head!r}; choose from {', '.join(HEADS)}")
+    return CosineHead(dim, num_classes, config.cosine_scale) if config.head == "cosine" else nn.Linear(dim, num_classes)
+
+
 class SmallCNN(nn.Module):
-    """Three 3x3 conv layers and global average pooling: 128-d features, then a linear head."""
+    """Three 3x3 conv layers and global average pooling: 128-d features, then the head."""
 
-    feature_dim = 128
+    feature_dim = embedding_dim = 128
 
-    def __init__(self, in_channels: int, num_classes: int):
+    def __init__(self, in_channels: int, num_classes: int, config: ClassifierConfig | None = None):
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
@@ -37,10 +61,47 @@ class SmallCNN(nn.Module):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.dropout = nn.Dropout(0.2)
-        self.head = nn.Linear(self.feature_dim, num_classes)
+        self.head = make_head(config or ClassifierConfig(), self.feature_dim, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)
+
+    def embed(self, features: Tensor) -> Tensor:
+        return features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.dropout(self.features(x)))
+
+
+class FlatCNN(nn.Module):
+    """Two 3x3 conv layers and 2x2 max pooling; the flattened map (64 x (size/2)^2) is the feature vector.
+
+    Without global pooling the features keep where the strokes are. On the 8x8 digits, with a cosine head and
+    mixup, this is the classifier that labels saturated noise as one class (see the digits preset).
+    The FID embedding pools the map to 2x2 (256-d): a few hundred samples per class cannot estimate a
+    covariance in the 1,024 dimensions of the full map.
+    """
+
+    embedding_grid = 2
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, config: ClassifierConfig):
+        super().__init__()
+        self.map_size = image_size // 2
+        self.feature_dim = 64 * self.map_size**2
+        self.embedding_dim = 64 * min(self.embedding_grid, self.map_size) ** 2
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        self.dropout = nn.Dropout(0.2)
+        self.head = make_head(config, self.feature_dim, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def embed(self, features: Tensor) -> Tensor:
+        grid = features.view(len(features), 64, self.map_size, self.map_size)
+        return F.adaptive_avg_pool2d(grid, min(self.embedding_grid, self.map_size)).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.dropout(self.features(x)))
@@ -53,17 +114,17 @@ class ResNetClassifier(nn.Module):
     channels, and normalized as torchvision's ImageNet models expect. `features` is the 512-d average pool.
     """
 
-    feature_dim = 512
+    feature_dim = embedding_dim = 512
     predict_batch = 128  # 224x224 activations: smaller chunks than the small CNN's
 
-    def __init__(self, num_classes: int, input_size: int | None = 224):
+    def __init__(self, num_classes: int, input_size: int | None = 224, config: ClassifierConfig | None = None):
         super().__init__()
         from torchvision.models import resnet34
 
         self.input_size = input_size
         self.body = resnet34()
         self.body.fc = nn.Identity()
-        self.head = nn.Linear(self.feature_dim, num_classes)
+        self.head = make_head(config or ClassifierConfig(), self.feature_dim, num_classes)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -83,18 +144,26 @@ class ResNetClassifier(nn.Module):
         x = ((x + 1) / 2 - self.mean) / self.std
         return self.body(x)
 
+    def embed(self, features: Tensor) -> Tensor:
+        return features
+
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
 
 
-def build_classifier(config: ClassifierConfig, in_channels: int, num_classes: int) -> nn.Module:
+def build_classifier(config: ClassifierConfig, in_channels: int, num_classes: int,
+                     image_size: int | None = None) -> nn.Module:
     """The untrained classifier `config` describes (weights are loaded or trained by bench.artifacts)."""
     if config.weights not in WEIGHTS:
         raise ValueError(f"unknown classifier weights {config.weights!r}; choose from {', '.join(WEIGHTS)}")
     if config.arch == "small_cnn":
-        return SmallCNN(in_channels, num_classes)
+        return SmallCNN(in_channels, num_classes, config)
+    if config.arch == "flat_cnn":
+        if image_size is None:
+            raise ValueError("the flat_cnn classifier needs the image size")
+        return FlatCNN(in_channels, num_classes, image_size, config)
     if config.arch == "resnet34":
-        return ResNetClassifier(num_classes, config.input_size)
+        return ResNetClassifier(num_classes, config.input_size, config)
     raise ValueError(f"unknown classifier arch {config.arch!r}; choose from {', '.join(ARCHS)}")
 
 
@@ -131,7 +200,7 @@ def random_shift(x: Tensor, pixels: int, generator: torch.Generator) -> Tensor:
 
 @torch.no_grad()
 def predict(classifier: nn.Module, images: Tensor, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Softmax probabilities and penultimate features of `images` (any device), returned on the CPU."""
+    """Softmax probabilities and FID embeddings (from the penultimate layer) of `images`, on the CPU."""
     batch_size = batch_size or getattr(classifier, "predict_batch", 1000)
     classifier.eval()
     device = next(classifier.parameters()).device
@@ -139,5 +208,36 @@ def predict(classifier: nn.Module, images: Tensor, batch_size: int | None = None
     for chunk in images.split(batch_size):
         features = classifier.features(chunk.to(device).float())
         probs.append(F.softmax(classifier.head(features), dim=1).cpu())
-        feats.append(features.cpu())
+        feats.append(classifier.embed(features).cpu())
     return torch.cat(probs), torch.cat(feats)
+
+
+NOISE_KINDS = ("gaussian", "uniform", "saturated")
+
+
+def noise_images(kind: str, count: int, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+    """Noise as unlearned models make it: N(0, I) clamped to [-1, 1], U[-1, 1] (SA's target), or +-1 pixels
+    (what the sampler's final clamp makes of a model that stopped denoising, as SAFEMax's does)."""
+    if kind == "gaussian":
+        return torch.randn((count, *shape), generator=generator).clamp(-1, 1)
+    if kind == "uniform":
+        return torch.rand((count, *shape), generator=generator) * 2 - 1
+    if kind == "saturated":
+        return torch.randint(0, 2, (count, *shape), generator=generator).float() * 2 - 1
+    raise ValueError(f"unknown noise kind {kind!r}; choose from {', '.join(NOISE_KINDS)}")
+
+
+def noise_check(classifier: nn.Module, shape: tuple[int, ...], count: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """How the classifier labels each kind of noise: favourite class, its share, mean entropy, histogram.
+
+    A classifier that spreads noise over several classes makes UA dip on each of them for methods that output
+    noise; the paper's ResNet34 puts CIFAR-10 noise in one class ("bird") with high entropy.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return {kind: metrics.noise_prediction(predict(classifier, noise_images(kind, count, shape, generator))[0])
+            for kind in NOISE_KINDS}
+
+
+def describe_noise_check(check: dict[str, dict]) -> str:
+    return "; ".join(f"{kind} noise -> class {c['top_class']} ({100 * c['top_fraction']:.0f}%, H {c['entropy']:.2f})"
+                     for kind, c in check.items())

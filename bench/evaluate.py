@@ -129,8 +129,11 @@ def reference_images(data: ClassDataset, forget_class: int, per_class: int | Non
 
 
 def classifier_id(protocol: Protocol, classifier: nn.Module) -> str | None:
-    """The classifier's weight fingerprint where FID uses its features (part of the cache key), else None."""
-    return fingerprint(classifier.state_dict()) if protocol.fid_features == "classifier" else None
+    """The classifier's weight fingerprint and embedding size where FID uses its features (part of the cache
+    key), else None."""
+    if protocol.fid_features != "classifier":
+        return None
+    return f"{fingerprint(classifier.state_dict())}-{classifier.embedding_dim}d"
 
 
 def fid_reference_key(protocol: Protocol, source: str, forget_class: int, count: int, classifier: str | None) -> str:
@@ -160,7 +163,7 @@ def fid_scorer(protocol: Protocol, data: ClassDataset, forget_class: int, classi
         features, weights = "inception pool3 (2048-d, pytorch-fid)", model.weights_source
     else:
         extract = lambda images: predict(classifier, images)[1]  # noqa: E731
-        features = f"evaluation classifier penultimate layer ({getattr(classifier, 'feature_dim', '?')}-d)"
+        features = f"evaluation classifier penultimate layer ({classifier.embedding_dim}-d)"
         weights = classifier_key
     log.info("FID reference: %d real retained images of %s, %s", len(real), data.source, features)
     reference = reference_statistics(cache_dir, key, real.images, extract)
