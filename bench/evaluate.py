@@ -131,8 +131,11 @@ def reference_images(data: ClassDataset, forget_class: int, per_class: int | Non
 def classifier_id(protocol: Protocol, classifier: nn.Module) -> str | None:
     """The classifier's weight fingerprint and embedding size where FID uses its features (part of the cache
     key), else None."""
-    if protocol.fid_features != "classifier":
-        return None
+    return classifier_key(classifier) if protocol.fid_features == "classifier" else None
+
+
+def classifier_key(classifier: nn.Module) -> str:
+    """What FID features from this classifier depend on: its weights and the size of its embedding."""
     return f"{fingerprint(classifier.state_dict())}-{classifier.embedding_dim}d"
 
 

@@ -26,10 +26,10 @@ from bench.diffusion import NoiseSchedule
 from bench.evaluate import (
     GRID_COLUMNS,
     Sampler,
+    classifier_key,
     evaluate,
     fid_reference_key,
     fid_scorer,
-    fingerprint,
     from_uint8,
     noise_probabilities,
     reference_images,
@@ -156,16 +156,16 @@ def fid_references(specs: list[RunSpec], build: bool) -> bool:
         return False
     classifier = load_classifier(ensure_classifier(preset, cache, device, False), preset, device)
     data, folder = cache.dataset(preset, "train"), cache.path(preset, "fid-reference")
-    weights = fingerprint(classifier.state_dict())  # once, not per forget class
+    weights = classifier_key(classifier)  # once, not per forget class
     for spec in specs:
         protocol = resolve_protocol(preset, spec)
-        classifier_key = weights if protocol.fid_features == "classifier" else None
+        key = weights if protocol.fid_features == "classifier" else None
         count = len(reference_images(data, spec.forget_class, protocol.fid_reference_per_class))
-        if (folder / f"{fid_reference_key(protocol, data.source, spec.forget_class, count, classifier_key)}.npz").exists():
+        if (folder / f"{fid_reference_key(protocol, data.source, spec.forget_class, count, key)}.npz").exists():
             continue
         if not build:
             return False
-        fid_scorer(protocol, data, spec.forget_class, classifier, folder, device, spec.progress, classifier_key)
+        fid_scorer(protocol, data, spec.forget_class, classifier, folder, device, spec.progress, key)
     return True
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 import time
 import traceback
 import uuid
@@ -237,11 +238,26 @@ def _run_guarded(job: Job, spec: RunSpec) -> Outcome:
         return Outcome(spec, "failed", error=f"{type(exc).__name__}: {exc}")
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int) -> None:
     import torch
 
+    _die_with_parent(parent)
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have Linux send this worker SIGTERM when the orchestrator dies, however it dies (a kill, a lost session):
+    a worker left behind would go on taking CPU and writing records for a sweep nobody waits for."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the request was made
+        os._exit(1)
 
 
 def _worker_run(spec: RunSpec, force: bool) -> Outcome:
@@ -256,7 +272,8 @@ def _run_in_workers(todo: list[RunSpec], force: bool, workers: int) -> list[Outc
     log.info("running %d run(s) in %d worker processes, %d thread(s) each", len(todo), workers, threads)
     context = multiprocessing.get_context("spawn")  # no fork of a process that already runs OpenMP threads
     outcomes = []
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                             initargs=(threads, os.getpid())) as pool:
         futures = {pool.submit(_worker_run, spec, force): spec for spec in todo}
         for index, future in enumerate(as_completed(futures), 1):
             outcome = future.result()

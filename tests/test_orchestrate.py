@@ -309,3 +309,4 @@ def test_shared_preparation_is_built_once_before_the_runs(tmp_path, tiny_cache):
     assert all(o.status == "done" for o in outcomes)
     assert [path.stat().st_mtime_ns for path in paths] == stamps  # the runs reused them
     assert [path.stat().st_mtime_ns for path in references] == reference_stamps
+    assert sorted((cache / "tiny" / "fid-reference").glob("*.npz")) == references  # and made none of their own

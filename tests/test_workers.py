@@ -1,0 +1,75 @@
+"""`bench run --workers N`: runs in N local processes, the same records as one at a time, and no process left
+behind when the orchestrator is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_workers_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache, tiny_sweep, tmp_path, bench_cli,
+                                                    sweep_records):
+    result = bench_cli("run", *tiny_sweep, "--cache", tiny_cache, "--out", str(tmp_path), "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert "in 2 worker processes" in result.stderr
+    assert sweep_records(tmp_path) == sweep_records(debug_sweep)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+def test_killing_the_orchestrator_stops_its_workers(tiny_cache, tmp_path):
+    """A SIGTERM (or a lost session) to `bench run --workers` must not leave runs going on in the background."""
+    command = [sys.executable, "-m", "bench.cli", "run", "--preset", "tiny", "--methods", "sa", "--classes", "0-9",
+               "--set", "sa.iterations=100000", "--workers", "2", "--no-progress", "--cache", tiny_cache,
+               "--out", str(tmp_path)]
+    workers: list[int] = []
+    parent = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(workers) < 2:
+            time.sleep(0.5)
+            workers = [pid for pid in _children(parent.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert len(workers) == 2, "the worker processes never started"
+        time.sleep(3)  # let them import and start their runs
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.5)
+        assert not any(_alive(pid) for pid in workers), "workers outlived the orchestrator"
+        assert not list(tmp_path.rglob("record.json"))  # and nothing half-done was recorded
+    finally:
+        for pid in [parent.pid, *_children(parent.pid), *workers]:  # whatever the outcome
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
