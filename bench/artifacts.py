@@ -155,7 +155,7 @@ def pretrain(preset: Preset, cache: Cache, device: torch.device, seed: int = 0, 
 
     started = time.perf_counter()
     spec = TrainSpec(recipe.iterations, recipe.lr, recipe.grad_clip, recipe.ema_decay,
-                     checkpoint_every=recipe.checkpoint_every)
+                     checkpoint_every=recipe.checkpoint_every, lr_warmdown=recipe.lr_warmdown)
     log.info("pretraining %s: %d iterations of batch %d on %s", preset.name, recipe.iterations,
              recipe.batch_size, device_name(device))
     result = train(model, loss_fn, spec, device, ema=ema, start_step=start, optimizer_state=opt_state,

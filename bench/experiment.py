@@ -319,7 +319,7 @@ def _train(spec: RunSpec, preset: Preset, model, ema, method, config, ctx: Conte
 
     batches = method.batches()
     train_spec = TrainSpec(config.iterations, config.lr, config.grad_clip, speed=speed,
-                           checkpoint_every=every)
+                           checkpoint_every=every, lr_warmdown=config.lr_warmdown)
     result = train(model, lambda step: method.loss(model, next(batches)), train_spec, ctx.device, ema=ema,
                    grad_mask=method.grad_mask(), start_step=start, optimizer_state=opt_state,
                    on_checkpoint=save if every else None, desc=f"{spec.method} class {spec.forget_class}",

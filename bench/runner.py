@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -92,6 +93,13 @@ class TrainSpec:
     check_every: int = 25
     checkpoint_every: int | None = None
     time_steps: bool = False  # keep every step's duration (`TrainResult.step_seconds`), for `bench perf`
+    # Fraction of the final iterations over which the learning rate falls linearly towards 0 (0: constant).
+    lr_warmdown: float = 0.0
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of 0-based `step` as a fraction of the nominal one; a function of the step alone."""
+        span = self.iterations * self.lr_warmdown
+        return 1.0 if span <= 0 else min(1.0, (self.iterations - step) / span)
 
 
 @dataclass
@@ -190,8 +198,8 @@ class EMA:
 
 
 def memory_snapshot(device: torch.device) -> dict[str, float]:
-    """Peak GPU memory since the last reset (GiB) and the process's peak resident memory (MiB)."""
-    stats = {"peak_process_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    """Peak GPU memory (GiB) and the process's peak resident memory (MiB) since `reset_peak_memory`."""
+    stats = {"peak_process_mib": _peak_rss_mib()}
     if device.type == "cuda":
         stats["peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         stats["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
@@ -199,9 +207,28 @@ def memory_snapshot(device: torch.device) -> dict[str, float]:
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: the GPU allocator's and, on Linux, the process's resident high-water mark.
+
+    Without the second, a worker that ran SA first would report SA's peak for every later run it does.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass  # elsewhere the peak counts from the process's start (ru_maxrss)
+
+
+def _peak_rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def synchronize(device: torch.device) -> None:
@@ -281,6 +308,7 @@ def train(
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = make_optimizer(_param_groups(model, spec.lr, param_lrs) if param_lrs else params, spec.lr, speed, device)
+    nominal_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resumed state's decayed ones
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     # Masks in the parameters' dtype and strides: one foreach multiply applies them all.
@@ -289,6 +317,9 @@ def train(
         ema.match_layout(model)
 
     def update(step: int) -> dict[str, Tensor]:
+        if spec.lr_warmdown > 0:
+            for group, lr in zip(optimizer.param_groups, nominal_lrs):
+                group["lr"] = lr * spec.lr_factor(step)
         terms = forward_backward(model, loss_fn, step, device, speed)
         if spec.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, spec.grad_clip, foreach=True)

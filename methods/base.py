@@ -36,6 +36,11 @@ class MethodConfig:
     # Evaluate (and keep) an EMA of the weights; SA continues the base model's EMA, SalUn keeps none.
     ema: bool = False
     ema_decay: float = 0.9999
+    lr_warmdown: float = 0.0  # fraction of the final iterations with a linearly falling lr; 0 (constant) as published
+
+    def __post_init__(self):
+        if not 0 <= self.lr_warmdown <= 1:
+            raise ValueError(f"lr_warmdown must be in [0, 1], got {self.lr_warmdown}")
 
 
 @dataclass

@@ -33,6 +33,7 @@ class Retrain(UnlearningMethod):
         recipe = preset.pretrain
         return {"iterations": recipe.iterations, "batch_size": recipe.batch_size, "lr": recipe.lr,
                 "ema_decay": recipe.ema_decay, "hflip": recipe.hflip, "grad_clip": recipe.grad_clip,
+                "lr_warmdown": recipe.lr_warmdown,
                 **preset.method_defaults.get(cls.name, {})}
 
     def batches(self) -> Iterator[Batch]:

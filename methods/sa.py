@@ -40,6 +40,7 @@ class SAConfig(MethodConfig):
     fim_timestep_chunk: int = 250  # timesteps per forward within one vmap call
 
     def __post_init__(self):
+        super().__post_init__()
         if self.fim_inputs not in FIM_INPUTS:
             raise ValueError(f"unknown sa fim_inputs {self.fim_inputs!r}; choose from {', '.join(FIM_INPUTS)}")
 

@@ -24,6 +24,7 @@ class SafeMaxConfig(MethodConfig):
     label_dropout: float = 0.1  # on the retained term only: regular fine-tuning, as in pretraining
 
     def __post_init__(self):
+        super().__post_init__()
         if self.target not in TARGETS:
             raise ValueError(f"unknown safemax target {self.target!r}; choose from {', '.join(TARGETS)}")
         if self.lam < 0:

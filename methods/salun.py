@@ -30,6 +30,7 @@ class SalUnConfig(MethodConfig):
     mask_batch_size: int = 128
 
     def __post_init__(self):
+        super().__post_init__()
         if self.pseudo not in PSEUDO:
             raise ValueError(f"unknown salun pseudo {self.pseudo!r}; choose from {', '.join(PSEUDO)}")
         if not 0 <= self.sparsity < 1:

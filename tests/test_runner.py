@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from bench.runner import EMA, NonFiniteLoss, TrainSpec, train
+from bench.runner import EMA, NonFiniteLoss, TrainSpec, memory_snapshot, reset_peak_memory, train
 
 CPU = torch.device("cpu")
 
@@ -94,3 +95,34 @@ def test_training_updates_the_ema_once_per_step():
     train(model, _regression_loss(model), TrainSpec(iterations=1, lr=1e-1), CPU, ema=ema, progress=False)
     for name, param in model.named_parameters():
         torch.testing.assert_close(ema.state_dict()[name], 0.75 * initial[name] + 0.25 * param.detach())
+
+
+def test_lr_warmdown_falls_linearly_over_the_final_fraction_and_survives_a_resume():
+    spec = TrainSpec(iterations=10, lr=1e-2, lr_warmdown=0.5)
+    assert [spec.lr_factor(step) for step in (0, 4, 5, 6, 9)] == pytest.approx([1.0, 1.0, 1.0, 0.8, 0.2])
+    assert TrainSpec(iterations=10, lr=1e-2).lr_factor(9) == 1.0  # the reference: constant
+
+    seen: dict[int, tuple[float, dict]] = {}
+
+    def remember(step, optimizer):
+        seen[step] = (optimizer.param_groups[0]["lr"], optimizer.state_dict())
+
+    model = _model()
+    spec = TrainSpec(iterations=10, lr=1e-2, lr_warmdown=0.5, checkpoint_every=8)
+    train(model, _regression_loss(model), spec, CPU, on_checkpoint=remember, progress=False)
+    assert seen[8][0] == pytest.approx(1e-2 * 0.6)  # step 7's rate and seen[10][0] == pytest.approx(1e-2 * 0.2)
+    # Resumed from step 8 with the decayed rate in the optimizer state: the rate is still the step's, not decayed twice.
+    resumed = {}
+    train(model, _regression_loss(model), spec, CPU, start_step=8, optimizer_state=seen[8][1],
+          on_checkpoint=lambda step, opt: resumed.setdefault(step, opt.param_groups[0]["lr"]), progress=False)
+    assert resumed[10] == pytest.approx(1e-2 * 0.2)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+def test_peak_process_memory_counts_from_the_reset_not_from_the_process_start():
+    big = torch.ones(100_000_000)  # 400 MB
+    before = memory_snapshot(CPU)["peak_process_mib"]
+    del big
+    reset_peak_memory(CPU)
+    after = memory_snapshot(CPU)["peak_process_mib"]
+    assert after < before - 300
