@@ -131,6 +131,7 @@ def pretrain(preset: Preset, cache: Cache, device: torch.device, seed: int = 0, 
     overrides = {k: v for k, v in (("iterations", iterations), ("batch_size", batch_size)) if v is not None}
     recipe = dataclasses.replace(recipe, **overrides)
     partial = final.with_name("base.partial.pt")
+    torch.manual_seed(seed)  # the initial weights: without it they depend on what the process drew before
     model = new_unet(preset, device)
     ema, start, opt_state = EMA(model, recipe.ema_decay), 0, None
     if partial.exists():

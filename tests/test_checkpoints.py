@@ -104,3 +104,15 @@ def test_a_file_that_needs_arbitrary_unpickling_is_refused_without_running_it(tm
     with pytest.raises(CheckpointError, match="arbitrary unpickling.*Unsupported global"):
         import_published_checkpoint(tmp_path / "ckpt.pth", get_preset("tiny"), Cache(tmp_path / "cache"))
     assert not marker.exists()
+
+
+def test_pretraining_is_reproducible_whatever_the_process_drew_before(tmp_path):
+    # The base model every run starts from must be the same on every machine and in every process for one seed.
+    from bench.artifacts import pretrain
+
+    preset = get_preset("tiny")
+    first = pretrain(preset, Cache(tmp_path / "a"), torch.device("cpu"), progress=False)
+    torch.rand(1000)  # what an earlier step of the same process might have drawn
+    second = pretrain(preset, Cache(tmp_path / "b"), torch.device("cpu"), progress=False)
+    for name, value in first["model"].items():
+        assert torch.equal(value, second["model"][name]), name
