@@ -264,8 +264,9 @@ def table2(df: pd.DataFrame, grid: Grid) -> Table:
         f"FID on retained-class samples, RTE (unlearning run, minutes, preparation excluded) and peak memory; "
         f"μ and σ (sample standard deviation) over the forget classes that have records; preset {grid.preset}, "
         f"protocol {grid.protocol}, mean over seeds {grid.seeds}. GPU GiB: peak allocated GPU memory; RSS GiB "
-        "(CPU runs, no GPU figure): peak resident memory of the whole process, which grows over the runs one "
-        f"process makes. {fid_kind} Bold: best per row among unlearning methods.",
+        "(CPU runs, no GPU figure): peak resident memory of the whole process during the run, the Python "
+        f"and torch runtime included (the original model's row shows that floor). {fid_kind} Bold: best per "
+        "row among unlearning methods.",
         "Class", [(method_label(m), [("FID ↓", "fid"), ("RTE (min) ↓", "rte_min"), (_memory_label(df, m), "memory_gib")])
                   for m in grid.methods],
         rank_groups=[m not in REFERENCE_METHODS for m in grid.methods])
