@@ -11,7 +11,7 @@ import pathlib
 import pytest
 import torch
 
-from bench.artifacts import Cache, CheckpointError, load_checkpoint, load_unet
+from bench.artifacts import Cache, CheckpointError, load_checkpoint, load_unet, pretrain
 from bench.checkpoints import export_published_checkpoint, import_published_checkpoint
 from bench.config import get_preset
 from bench.unet import ConditionalUNet
@@ -108,8 +108,6 @@ def test_a_file_that_needs_arbitrary_unpickling_is_refused_without_running_it(tm
 
 def test_pretraining_is_reproducible_whatever_the_process_drew_before(tmp_path):
     # The base model every run starts from must be the same on every machine and in every process for one seed.
-    from bench.artifacts import pretrain
-
     preset = get_preset("tiny")
     first = pretrain(preset, Cache(tmp_path / "a"), torch.device("cpu"), progress=False)
     torch.rand(1000)  # what an earlier step of the same process might have drawn
