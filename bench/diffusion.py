@@ -61,11 +61,15 @@ class NoiseSchedule:
         return torch.cat([half, self.timesteps - 1 - half])[:batch_size]
 
     def sampler_steps(self, num_steps: int) -> list[int]:
-        """Evenly skipped step sequence 0, skip, 2*skip, ... as in DDIM's `uniform` skip type."""
+        """The published `uniform` skip: range(0, T, T // num_steps), evaluated from its last step down.
+
+        Where `num_steps` does not divide T the sequence is longer than `num_steps` (n = 300 of T = 1000 gives
+        334 steps, 0, 3, ..., 999), exactly as the SA/SalUn sampler runs it. The chain starts from pure noise at
+        the sequence's last step (999 for n = 300 or 1000, 990 for n = 100, 950 for n = 20).
+        """
         if not 1 <= num_steps <= self.timesteps:
             raise ValueError(f"sampler steps must be in [1, {self.timesteps}], got {num_steps}")
-        skip = self.timesteps // num_steps
-        return list(range(0, self.timesteps, skip))[:num_steps]
+        return list(range(0, self.timesteps, self.timesteps // num_steps))
 
     def ddim_step(self, x_t: Tensor, eps: Tensor, t: Tensor, t_prev: Tensor, eta: float, noise: Tensor) -> Tensor:
         """One generalized DDIM update from step t to t_prev (t_prev = -1 ends at the image)."""

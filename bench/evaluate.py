@@ -43,8 +43,25 @@ class Evaluation:
     seconds: float
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+IMAGE_CONVERSIONS = ("stretch", "clamp")
+
+
+def to_uint8(images: Tensor, conversion: str = "stretch") -> Tensor:
+    """Sampler output in [-1, 1] -> 8-bit images, as the published code writes its PNGs.
+
+    Both clamp to [0, 1] first (`inverse_data_transform`). `stretch` then maps each image's own [min, max] to
+    [0, 1], as torchvision's `save_image(image, normalize=True)` does image by image in the SA/SalUn code;
+    `clamp` stops there (`save_image` without `normalize`). Quantized like `save_image`: floor(255 x + 0.5).
+    """
+    if conversion not in IMAGE_CONVERSIONS:
+        raise ValueError(f"unknown image conversion {conversion!r}; choose from {', '.join(IMAGE_CONVERSIONS)}")
+    unit = ((images.float() + 1) / 2).clamp(0, 1)
+    if conversion == "stretch":
+        flat = unit.flatten(1)
+        low, high = flat.min(1).values, flat.max(1).values
+        shape = (-1,) + (1,) * (unit.dim() - 1)
+        unit = (unit - low.view(shape)) / (high - low).clamp_min(1e-5).view(shape)
+    return unit.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).cpu()
 
 
 def from_uint8(images: Tensor) -> Tensor:
@@ -61,7 +78,8 @@ def fingerprint(state: dict[str, Tensor]) -> str:
 
 
 def _protocol_key(protocol: Protocol) -> str:
-    fields = {k: v for k, v in dataclasses.asdict(protocol).items() if k in ("sampler_steps", "eta", "guidance")}
+    keys = ("sampler_steps", "eta", "guidance", "image_conversion")
+    fields = {k: v for k, v in dataclasses.asdict(protocol).items() if k in keys}
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -94,8 +112,8 @@ class Sampler:
         generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + 7919 * label + 17)
         self.model.eval()
         chunks = []
-        steps = min(protocol.sampler_steps, self.schedule.timesteps)
-        total = steps * -(-count // protocol.batch_size)
+        steps = protocol.sampler_steps
+        total = len(self.schedule.sampler_steps(steps)) * -(-count // protocol.batch_size)
         with progress_bar(total=total, desc=f"sample class {label}", disable=not self.progress, leave=False) as bar:
             for start in range(0, count, protocol.batch_size):
                 size = min(protocol.batch_size, count - start)
@@ -103,7 +121,7 @@ class Sampler:
                 images = sample(self.model, self.schedule, labels, (cfg.in_channels, cfg.image_size, cfg.image_size),
                                 steps=steps, eta=protocol.eta, guidance=protocol.guidance, generator=generator,
                                 on_step=lambda: bar.update(1), speed=self.speed)
-                chunks.append(to_uint8(images))
+                chunks.append(to_uint8(images, protocol.image_conversion))
         return torch.cat(chunks)
 
 

@@ -332,6 +332,46 @@ def prepare(bench: Bench, name: str) -> tuple[dict, list[dict]]:
         return {}, [error_row(f"{name} preparation", "-", exc)]
 
 
+def probe(method: str, preset: str = "tiny", steps: int = 2, seed: int = 0) -> dict:
+    """The first `steps` training steps of `method` on seeded random weights and data, through its real
+    preparation, batches, loss and the runner's update (clipping, mask, Adam, EMA).
+
+    Returns `losses` (each step's loss terms, `grad_norm` the gradient's norm before clipping) and `prepared`
+    (per tensor the method's preparation computed: its sum and its count of non-zero entries). The pinned-
+    numerics tests compare these with values written in the tests.
+    """
+    import tempfile
+
+    from bench.artifacts import Cache
+
+    options = PerfOptions.for_preset(preset, methods=(method,), iterations=20, seed=seed, device="cpu")
+    bench = Bench(get_preset(preset), options, torch.device("cpu"))
+    cls = get_method(method)
+    config = dataclasses.replace(cls.Config(), **{**cls.preset_defaults(bench.preset), "iterations": steps})
+    with tempfile.TemporaryDirectory() as folder:
+        ctx = dataclasses.replace(bench.context(), cache=Cache(folder))
+        runner = cls(config, ctx)
+        runner.prepare()
+        model = bench.model() if not cls.from_scratch else _fresh_model(bench, seed)
+        ema = EMA(model, config.ema_decay, shadow=None if cls.from_scratch else bench.base) if config.ema else None
+        batches = runner.batches()
+        spec = TrainSpec(steps, config.lr, config.grad_clip, speed=PLAIN, check_every=1,
+                         lr_warmdown=config.lr_warmdown)
+        result = train(model, lambda step: runner.loss(model, next(batches)), spec, bench.device, ema=ema,
+                       grad_mask=runner.grad_mask(), progress=False)
+    prepared = {}
+    for attribute in ("fisher", "mask"):
+        for name, tensor in (getattr(runner, attribute, None) or {}).items():
+            prepared[f"{attribute}.{name}"] = {"sum": float(tensor.double().sum()), "nonzero": int(tensor.count_nonzero())}
+    return {"losses": [{k: v for k, v in row.items() if k != "step"} for row in result.loss_history],
+            "prepared": prepared}
+
+
+def _fresh_model(bench: Bench, seed: int) -> ConditionalUNet:
+    torch.manual_seed(seed + 1)
+    return ConditionalUNet(bench.preset.unet)
+
+
 def run_perf(options: PerfOptions) -> dict:
     """Time every method's step under every variant, each method's preparation, and the sampler."""
     options.check()

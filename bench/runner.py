@@ -59,23 +59,24 @@ class Speed:
     to all of them alike. A switch that does not apply to the device is dropped there (`for_device`).
     """
 
-    amp: bool = True  # bf16 autocast, fp32 master weights and optimizer state; CUDA (see `amp_on_cpu`)
+    # bf16 autocast with fp32 master weights and optimizer state: None (default) on CUDA only, True on any device
+    # (the CPU too), False nowhere (the published fp32 computation).
+    amp: bool | None = None
     # NHWC weights and activations for the convolutions. Off until a GPU table shows it pays: the H200 anchor
     # (bf16 + channels_last + fused Adam, eager) was slower than plain fp32 for this UNet.
     channels_last: bool = False
     fused_adam: bool = True  # one fused Adam kernel (CUDA and CPU: 3x foreach's speed there); else foreach
     compile: bool = False  # torch.compile the model; its compile time lands in the first step, reported apart
     cuda_graphs: bool = True  # the sampler's guided forward captured once and replayed (CUDA only)
-    amp_on_cpu: bool = False  # bf16 autocast on the CPU too: tests compare it with fp32 there
 
     def for_device(self, device: torch.device) -> Speed:
-        """The switches that apply on `device`: autocast and CUDA graphs need CUDA (or `amp_on_cpu`)."""
+        """The switches that apply on `device`: CUDA graphs need CUDA, and autocast does unless asked for by True."""
         cuda = device.type == "cuda"
-        return dataclasses.replace(self, amp=self.amp and (cuda or self.amp_on_cpu),
+        return dataclasses.replace(self, amp=self.amp is True or (self.amp is None and cuda),
                                    cuda_graphs=self.cuda_graphs and cuda)
 
     def describe(self) -> str:
-        on = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) and f.name != "amp_on_cpu"]
+        on = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
         return ", ".join(on) or "none (plain fp32 eager)"
 
 
@@ -321,8 +322,8 @@ def train(
             for group, lr in zip(optimizer.param_groups, nominal_lrs):
                 group["lr"] = lr * spec.lr_factor(step)
         terms = forward_backward(model, loss_fn, step, device, speed)
-        if spec.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, spec.grad_clip, foreach=True)
+        if spec.grad_clip is not None:  # the norm before clipping goes into the loss history
+            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, spec.grad_clip, foreach=True)
         if masks is not None:
             torch._foreach_mul_([p.grad for p in params], masks)
         optimizer.step()

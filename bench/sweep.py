@@ -110,6 +110,8 @@ def parse_sets(items: typing.Iterable[str], methods: list[str]) -> Sweep:
     for method, overrides in sweep.method.items():  # let each config check its own values now, not mid-sweep
         for combo in _product(overrides):
             get_method(method).Config(**dict(combo))
+    for combo in _product(sweep.protocol):
+        Protocol("check", **dict(combo))
     return sweep
 
 

@@ -119,9 +119,11 @@ class ConditionalUNet(nn.Module):
         super().__init__()
         self.config = config
         ch, mults, emb_ch, groups = config.ch, tuple(config.ch_mult), config.ch * 4, config.norm_groups
-        self.null_classes_emb = nn.Parameter(torch.zeros(ch))
+        # Created in the published order, so that one seed gives the published initial weights; the null class
+        # embedding starts standard normal, as published (its parameter is still listed first by name).
         self.temb = Embedding(ch, emb_ch)
         self.classes_emb = nn.Embedding(config.num_classes, ch)
+        self.null_classes_emb = nn.Parameter(torch.randn(ch))
         self.cemb = Embedding(ch, emb_ch)
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
-from bench.data import ClassDataset, infinite_batches
+from bench.data import HFLIPS, ClassDataset, training_batches
 from bench.diffusion import NoiseSchedule
 from bench.unet import NULL_CLASS
 
@@ -37,10 +37,15 @@ class MethodConfig:
     ema: bool = False
     ema_decay: float = 0.9999
     lr_warmdown: float = 0.0  # fraction of the final iterations with a linearly falling lr; 0 (constant) as published
+    # Horizontal flips of the training images: `once` per image when the lists are built (SalUn's loaders, which
+    # SAFEMax shares: "the same hyperparameters as SalUn"), `every_draw` (pretraining, SA's replay) or `none`.
+    hflip: str = "once"
 
     def __post_init__(self):
         if not 0 <= self.lr_warmdown <= 1:
             raise ValueError(f"lr_warmdown must be in [0, 1], got {self.lr_warmdown}")
+        if self.hflip not in HFLIPS:
+            raise ValueError(f"hflip must be one of {', '.join(HFLIPS)}, got {self.hflip!r}")
 
 
 @dataclass
@@ -92,6 +97,8 @@ class UnlearningMethod:
         if paper.ema and paper.iterations and scale != 1.0:
             # Keep the EMA's horizon the same fraction of the (shorter) run: decay ** iterations is preserved.
             defaults["ema_decay"] = round(paper.ema_decay ** (1.0 / scale), 6)
+        if not preset.pretrain.hflip:  # data whose mirror image is another thing (a flipped 3 is no 3)
+            defaults["hflip"] = "none"
         return {**defaults, **preset.method_defaults.get(cls.name, {})}
 
     def prepare(self) -> dict[str, float]:
@@ -105,9 +112,9 @@ class UnlearningMethod:
 
     def batches(self) -> Iterator[Batch]:
         """Endless training batches; by default real forget-class and retained-class images."""
-        ctx, size = self.ctx, self.config.batch_size
-        forget = infinite_batches(ctx.train_data.forget(ctx.forget_class), size, ctx.data_generator)
-        retain = infinite_batches(ctx.train_data.retain(ctx.forget_class), size, ctx.data_generator)
+        ctx, size, hflip = self.ctx, self.config.batch_size, self.config.hflip
+        forget = training_batches(ctx.train_data.forget(ctx.forget_class), size, ctx.data_generator, hflip)
+        retain = training_batches(ctx.train_data.retain(ctx.forget_class), size, ctx.data_generator, hflip)
         for pair in zip(forget, retain):
             yield {name: (x.to(ctx.device), y.to(ctx.device)) for name, (x, y) in zip(("forget", "retain"), pair)}
 

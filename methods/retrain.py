@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from bench.data import infinite_batches
+from bench.data import training_batches
 from methods.base import Batch, MethodConfig, UnlearningMethod, noise_loss
 
 
@@ -19,7 +19,7 @@ class RetrainConfig(MethodConfig):
     ema: bool = True
     ema_decay: float = 0.9999
     label_dropout: float = 0.1
-    hflip: bool = True
+    hflip: str = "every_draw"  # as pretraining: a RandomHorizontalFlip in the loader
 
 
 class Retrain(UnlearningMethod):
@@ -32,14 +32,14 @@ class Retrain(UnlearningMethod):
     def preset_defaults(cls, preset) -> dict:
         recipe = preset.pretrain
         return {"iterations": recipe.iterations, "batch_size": recipe.batch_size, "lr": recipe.lr,
-                "ema_decay": recipe.ema_decay, "hflip": recipe.hflip, "grad_clip": recipe.grad_clip,
+                "ema_decay": recipe.ema_decay, "hflip": "every_draw" if recipe.hflip else "none", "grad_clip": recipe.grad_clip,
                 "lr_warmdown": recipe.lr_warmdown,
                 **preset.method_defaults.get(cls.name, {})}
 
     def batches(self) -> Iterator[Batch]:
         ctx = self.ctx
         retain = ctx.train_data.retain(ctx.forget_class)
-        for x, y in infinite_batches(retain, self.config.batch_size, ctx.data_generator, self.config.hflip):
+        for x, y in training_batches(retain, self.config.batch_size, ctx.data_generator, self.config.hflip):
             yield {"retain": (x.to(ctx.device), y.to(ctx.device))}
 
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:

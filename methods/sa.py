@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from bench.data import ClassDataset, infinite_batches
+from bench.data import ClassDataset, training_batches
 from bench.diffusion import NoiseSchedule
 from bench.runner import progress_bar, same_layout
+from bench.unet import NULL_CLASS
 from methods.base import Batch, MethodConfig, UnlearningMethod, drop_labels, squared_error
 
 FIM_INPUTS = ("unit", "model")
@@ -31,13 +32,18 @@ class SAConfig(MethodConfig):
     ema: bool = True  # continued from the base model's EMA
     lam: float = 10.0  # EWC weight
     gamma: float = 1.0  # weight of the replay (retain) term
-    label_dropout: float = 0.1  # on the replay term
+    # Label dropout of the replay term; the published forget objective passes 0 to both of its noise losses.
+    label_dropout: float = 0.0
+    hflip: str = "every_draw"  # replay images, flipped with p = 0.5 at every draw as published
     prior_samples_per_class: int = 500
     fim_timesteps: int = 0  # 0 = all T timesteps, as published; fewer are evenly spaced and rescaled by T/K
     # The published code feeds the Fisher its images in [0, 1] instead of the model's [-1, 1]: "unit" keeps that.
     fim_inputs: str = "unit"
     fim_batch_size: int = 4  # images per vmap call
     fim_timestep_chunk: int = 250  # timesteps per forward within one vmap call
+    # The published Fisher calls the noise loss with its default label dropout: each (image, timestep) term uses
+    # the null-class embedding with this probability, so the null embedding gets Fisher mass and EWC holds it.
+    fim_label_dropout: float = 0.1
 
     def __post_init__(self):
         super().__post_init__()
@@ -55,9 +61,10 @@ def fisher_timesteps(schedule: NoiseSchedule, count: int, device) -> tuple[Tenso
 
 def diagonal_fisher(model: nn.Module, schedule: NoiseSchedule, images: Tensor, labels: Tensor, timesteps: Tensor,
                     scale: float, generator: torch.Generator, batch_size: int, timestep_chunk: int,
-                    progress: bool = False) -> dict[str, Tensor]:
-    """F = mean over images of g^2, g = scale * grad of sum_t ||noise_t - eps(x_t, y, t)||^2 (one draw per t).
+                    progress: bool = False, label_dropout: float = 0.0) -> dict[str, Tensor]:
+    """F = mean over images of g^2, g = scale * grad of sum_t ||noise_t - eps(x_t, y_t, t)||^2 (one draw per t).
 
+    y_t is the image's label, or the null class with probability `label_dropout`, drawn per (image, t).
     Per-sample gradients come from vmap over images; the timesteps of one image form the batch of its
     forward pass, in chunks whose gradients add up before squaring.
     """
@@ -66,9 +73,9 @@ def diagonal_fisher(model: nn.Module, schedule: NoiseSchedule, images: Tensor, l
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = dict(model.named_buffers())
 
-    def image_loss(p, x0, label, noise, steps):
+    def image_loss(p, x0, step_labels, noise, steps):
         x_t = schedule.add_noise(x0.expand(len(steps), *x0.shape), noise, steps)
-        eps = functional_call(model, (p, buffers), (x_t, steps, label.expand(len(steps))))
+        eps = functional_call(model, (p, buffers), (x_t, steps, step_labels))
         return squared_error(noise, eps).sum()
 
     per_sample_grad = vmap(grad(image_loss), in_dims=(None, 0, 0, 0, None))
@@ -77,10 +84,15 @@ def diagonal_fisher(model: nn.Module, schedule: NoiseSchedule, images: Tensor, l
                               leave=False):
         x0, y = images[start : start + batch_size], labels[start : start + batch_size]
         noise = torch.randn((len(x0), len(timesteps), *x0.shape[1:]), generator=generator, device=device)
+        step_labels = y[:, None].expand(-1, len(timesteps))
+        if label_dropout > 0:
+            dropped = torch.rand(step_labels.shape, generator=generator, device=device) < label_dropout
+            step_labels = torch.where(dropped, NULL_CLASS, step_labels)
         total = None
         for chunk in range(0, len(timesteps), timestep_chunk):
             steps = timesteps[chunk : chunk + timestep_chunk]
-            grads = per_sample_grad(params, x0, y, noise[:, chunk : chunk + len(steps)], steps)
+            chunk_labels = step_labels[:, chunk : chunk + len(steps)]
+            grads = per_sample_grad(params, x0, chunk_labels, noise[:, chunk : chunk + len(steps)], steps)
             total = grads if total is None else {k: total[k] + grads[k] for k in grads}
         for name, g in total.items():
             fisher[name] += (scale * g).square().sum(0)
@@ -98,8 +110,10 @@ class SelectiveAmnesia(UnlearningMethod):
     def artifact_paths(cache, preset, base_id: str, config: SAConfig):
         """Where the priors and the Fisher of this base model and configuration are cached."""
         folder = cache.path(preset, "sa", base_id)
-        n = config.prior_samples_per_class
-        return folder / f"priors-n{n}.pt", folder / f"fisher-n{n}-t{config.fim_timesteps}-{config.fim_inputs}.pt"
+        n, conversion = config.prior_samples_per_class, preset.protocol(None).image_conversion
+        priors = folder / f"priors-n{n}-{conversion}.pt"
+        fisher = f"fisher-n{n}-{conversion}-t{config.fim_timesteps}-{config.fim_inputs}-drop{config.fim_label_dropout}.pt"
+        return priors, folder / fisher
 
     @classmethod
     def preparation_ready(cls, cache, preset, base_id: str, config: SAConfig) -> bool:
@@ -147,7 +161,8 @@ class SelectiveAmnesia(UnlearningMethod):
             steps, scale = fisher_timesteps(ctx.schedule, config.fim_timesteps, ctx.device)
             generator = torch.Generator(ctx.device).manual_seed(1234)
             fisher = diagonal_fisher(model, ctx.schedule, images, self.priors.labels.to(ctx.device), steps, scale,
-                                     generator, config.fim_batch_size, config.fim_timestep_chunk, ctx.progress)
+                                     generator, config.fim_batch_size, config.fim_timestep_chunk, ctx.progress,
+                                     config.fim_label_dropout)
             stored = {"fisher": fisher, "seconds": time.perf_counter() - started, "timesteps": len(steps)}
             atomic_save({"fisher": {k: v.cpu() for k, v in fisher.items()}, "seconds": stored["seconds"],
                          "timesteps": len(steps)}, fisher_path)
@@ -158,7 +173,7 @@ class SelectiveAmnesia(UnlearningMethod):
 
     def batches(self) -> Iterator[Batch]:
         replay = self.priors.retain(self.ctx.forget_class)
-        for x, y in infinite_batches(replay, self.config.batch_size, self.ctx.data_generator):
+        for x, y in training_batches(replay, self.config.batch_size, self.ctx.data_generator, self.config.hflip):
             yield {"retain": (x.to(self.ctx.device), y.to(self.ctx.device))}
 
     def ewc(self, model: nn.Module) -> Tensor:

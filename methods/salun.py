@@ -69,9 +69,9 @@ def saliency_scores(model: nn.Module, ctx, batch_size: int, guidance: float) -> 
 
 
 def top_fraction_mask(scores: dict[str, Tensor], keep: float) -> dict[str, Tensor]:
-    """Boolean masks keeping exactly round(keep * total) of all weights, those with the highest scores."""
+    """Boolean masks keeping exactly int(keep * total) of all weights (floor, as published), the highest scores."""
     flat = torch.cat([s.flatten() for s in scores.values()])
-    count = round(keep * flat.numel())
+    count = int(keep * flat.numel())
     chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     chosen[torch.topk(flat, count, sorted=False).indices] = True
     masks, offset = {}, 0

@@ -44,7 +44,7 @@ log = logging.getLogger("gpu_check")
 # bf16 keeps 8 bits of mantissa: the loss agrees to ~1e-3 and the whole gradient to a few percent (measured on
 # the CPU's tiny UNet: 1.2-5.9%); fp32 variants differ only by summation order (and TF32 convolutions on CUDA).
 STEP_TOLERANCE = {"bf16": (1e-2, 0.1), "bf16 + channels_last": (1e-2, 0.1), "fp32 channels_last": (1e-3, 1e-2)}
-STEP_SPEEDS = {"bf16": Speed(amp_on_cpu=True), "bf16 + channels_last": Speed(amp_on_cpu=True, channels_last=True),
+STEP_SPEEDS = {"bf16": Speed(amp=True), "bf16 + channels_last": Speed(amp=True, channels_last=True),
                "fp32 channels_last": Speed(amp=False, channels_last=True)}
 
 
@@ -79,11 +79,11 @@ def check_sampler(bench: Bench, compile_too: bool) -> list[dict]:
 
     reference = eps(PLAIN)
     # Guidance (1 + w) c - w u = 3c - 2u triples bf16's ~1% error per prediction: measured 4.6% on the CPU.
-    variants = {"bf16": (Speed(amp_on_cpu=True, cuda_graphs=False), 0.1),
+    variants = {"bf16": (Speed(amp=True, cuda_graphs=False), 0.1),
                 "fp32 CUDA graph": (dataclasses.replace(PLAIN, cuda_graphs=True), 1e-4),
-                "bf16 CUDA graph": (Speed(amp_on_cpu=True), 0.1)}
+                "bf16 CUDA graph": (Speed(amp=True), 0.1)}
     if compile_too:
-        variants["bf16 compiled + CUDA graphs"] = (Speed(amp_on_cpu=True, compile=True), 0.1)
+        variants["bf16 compiled + CUDA graphs"] = (Speed(amp=True, compile=True), 0.1)
     checks = []
     for label, (speed, tolerance) in variants.items():
         if speed.cuda_graphs and device.type != "cuda":

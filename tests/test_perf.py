@@ -76,7 +76,7 @@ def test_bf16_channels_last_step_matches_the_plain_fp32_step_within_bf16_roundin
     # Measured on the tiny UNet: loss within 4e-4, whole gradient within 1.2-5.9% (SalUn's forget loss is a
     # difference of two predictions, so it loses the most), each tensor within 14% + 1e-4 of the total.
     ref_loss, ref_grads = first_step(bench, name, PLAIN, stand_ins(bench, name))
-    loss, grads = first_step(bench, name, Speed(amp_on_cpu=True, channels_last=True), stand_ins(bench, name))
+    loss, grads = first_step(bench, name, Speed(amp=True, channels_last=True), stand_ins(bench, name))
     assert loss != ref_loss, "autocast did not apply: the bf16 step computed exactly the fp32 loss"
     assert loss == pytest.approx(ref_loss, rel=2e-3)
     assert relative_error(grads, ref_grads) <= 0.1
@@ -106,9 +106,10 @@ def test_sampler_speed_switches_draw_the_plain_samples(bench):
         return sample(model, bench.schedule, labels, (1, 8, 8), steps=steps, eta=1.0, guidance=2.0,
                       generator=torch.Generator().manual_seed(7), speed=speed)
 
-    # Three steps amplify rounding; a random-weight model's chain also saturates the clamp, so bf16 is checked
-    # on one step (one guided prediction): measured 4.5e-4 apart at most.
-    torch.testing.assert_close(draw(Speed(amp=False, channels_last=True), 3), draw(None, 3), rtol=0, atol=2e-4)
-    plain, bf16 = draw(None, 1), draw(Speed(amp_on_cpu=True), 1)
+    # Three steps amplify rounding (guidance triples it each step); a random-weight model's chain also saturates
+    # the clamp, so bf16 is checked on one step (one guided prediction): measured 4.5e-4 apart at most. fp32
+    # channels_last over three steps: measured 3.8e-4.
+    torch.testing.assert_close(draw(Speed(amp=False, channels_last=True), 3), draw(None, 3), rtol=0, atol=1e-3)
+    plain, bf16 = draw(None, 1), draw(Speed(amp=True), 1)
     assert not torch.equal(bf16, plain), "autocast did not apply to the sampler"
     torch.testing.assert_close(bf16, plain, rtol=0, atol=5e-3)

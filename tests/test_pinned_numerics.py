@@ -1,0 +1,91 @@
+"""Pinned numerics: each method's first two steps on the `tiny` preset, from seeded random weights and data.
+
+`bench.perf.probe` runs a method's real preparation, batches, loss and the runner's update (clipping, mask,
+Adam, EMA) on the CPU in fp32. The values below were written by hand from its output. A change that moves any of
+them changes the method: the commit that updates a value must say why (docs/fidelity.md, "Pinned numerics").
+Measured spread between 1 and 2 torch threads: 3e-7 relative; the tolerance is 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.perf import probe
+
+RELATIVE = 1e-5
+
+# method -> (losses of step 1 and step 2, each {term: value}; `grad_norm` is the norm before clipping)
+LOSSES = {
+    "safemax": [
+        {"loss": 110.579833984375, "forget": 42.74879455566406, "retain": 67.83103942871094,
+         "grad_norm": 311.5267028808594},
+        {"loss": 109.04473876953125, "forget": 45.99885559082031, "retain": 63.04588317871094,
+         "grad_norm": 302.3455810546875},
+    ],
+    "sa": [
+        {"loss": 132.1427001953125, "forget": 65.05895233154297, "retain": 67.08375549316406, "ewc": 0.0,
+         "grad_norm": 496.4038391113281},
+        {"loss": 16374.9111328125, "forget": 65.94634246826172, "retain": 69.48407745361328,
+         "ewc": 1623.947998046875, "grad_norm": 5547071.0},
+    ],
+    "salun": [
+        {"loss": 0.11394208669662476, "forget": 0.046916473656892776, "retain": 67.0256118774414,
+         "grad_norm": 0.6678332090377808},
+        {"loss": 0.11201046407222748, "forget": 0.047571469098329544, "retain": 64.43899536132812,
+         "grad_norm": 0.7108335494995117},
+    ],
+    "ga": [
+        {"loss": -67.53273010253906, "forget": 67.60037231445312, "retain": 67.63905334472656,
+         "grad_norm": 278.53436279296875},
+        {"loss": -67.31245422363281, "forget": 67.38499450683594, "retain": 72.54327392578125,
+         "grad_norm": 293.3371276855469},
+    ],
+    "neggrad_plus": [
+        {"loss": 62.36619567871094, "forget": 67.25486755371094, "retain": 69.09168243408203,
+         "grad_norm": 272.5986022949219},
+        {"loss": 57.08088302612305, "forget": 65.00362396240234, "retain": 63.58124542236328,
+         "grad_norm": 242.58172607421875},
+    ],
+    "retrain": [
+        {"loss": 77.71688079833984, "grad_norm": 289.5930480957031},
+        {"loss": 42.778438568115234, "grad_norm": 166.89517211914062},
+    ],
+}
+
+# What the preparation computed: the sum over every tensor, the count of non-zero entries, and one tensor's sum.
+PREPARED = {
+    "sa": {"total": 162418311731.61734, "nonzero": 775681, "fisher.null_classes_emb": 4666.237064361572},
+    "salun": {"total": 387840.0, "nonzero": 387840, "mask.null_classes_emb": 10.0},
+}
+
+
+@pytest.fixture(scope="module")
+def probes():
+    return {}
+
+
+def probed(probes: dict, method: str) -> dict:
+    if method not in probes:
+        probes[method] = probe(method, preset="tiny", steps=2, seed=0)
+    return probes[method]
+
+
+@pytest.mark.parametrize("method", sorted(LOSSES))
+def test_first_two_steps_are_pinned(method, probes):
+    losses = probed(probes, method)["losses"]
+    assert [sorted(step) for step in losses] == [sorted(step) for step in LOSSES[method]]
+    for measured, pinned in zip(losses, LOSSES[method]):
+        for term, value in pinned.items():
+            assert measured[term] == pytest.approx(value, rel=RELATIVE, abs=1e-9), (method, term)
+
+
+@pytest.mark.parametrize("method", sorted(PREPARED))
+def test_preparation_is_pinned(method, probes):
+    prepared = probed(probes, method)["prepared"]
+    summary = {"total": sum(v["sum"] for v in prepared.values()),
+               "nonzero": sum(v["nonzero"] for v in prepared.values())}
+    pinned = PREPARED[method]
+    assert summary["nonzero"] == pinned["nonzero"]
+    assert summary["total"] == pytest.approx(pinned["total"], rel=RELATIVE)
+    name = next(key for key in pinned if "." in key)
+    assert prepared[name]["sum"] == pytest.approx(pinned[name], rel=RELATIVE)
