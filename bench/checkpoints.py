@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bench.artifacts import FORMAT, Cache, CheckpointError, atomic_save
+from bench.cache import FORMAT, Cache, CheckpointError, atomic_save
 from bench.config import Preset
 from bench.unet import ConditionalUNet
 

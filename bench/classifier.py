@@ -153,7 +153,7 @@ class ResNetClassifier(nn.Module):
 
 def build_classifier(config: ClassifierConfig, in_channels: int, num_classes: int,
                      image_size: int | None = None) -> nn.Module:
-    """The untrained classifier `config` describes (weights are loaded or trained by bench.artifacts)."""
+    """The untrained classifier `config` describes (weights are loaded or trained by bench.prerequisites)."""
     if config.weights not in WEIGHTS:
         raise ValueError(f"unknown classifier weights {config.weights!r}; choose from {', '.join(WEIGHTS)}")
     if config.arch == "small_cnn":
@@ -165,6 +165,13 @@ def build_classifier(config: ClassifierConfig, in_channels: int, num_classes: in
     if config.arch == "resnet34":
         return ResNetClassifier(num_classes, config.input_size, config)
     raise ValueError(f"unknown classifier arch {config.arch!r}; choose from {', '.join(ARCHS)}")
+
+
+def load_classifier(payload: dict, preset, device: torch.device) -> nn.Module:
+    """The classifier a checkpoint payload (`bench.prerequisites.train_classifier`) describes, in eval mode."""
+    model = build_classifier(preset.classifier, payload["in_channels"], payload["num_classes"], preset.unet.image_size)
+    model.load_state_dict(payload["model"])
+    return model.to(device).eval()
 
 
 def initialize(model: nn.Module, config: ClassifierConfig) -> tuple[str, dict[str, float]]:

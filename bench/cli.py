@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from bench.artifacts import Cache, CheckpointError, default_cache_dir, pretrain, train_classifier
+from bench.cache import Cache, CheckpointError, default_cache_dir
 from bench.config import PRESETS, get_preset
-from bench.runner import pick_device
-from methods import METHODS
+from bench.device import pick_device
+from methods import METHODS, load_plugins
 
 log = logging.getLogger("bench")
 
@@ -70,14 +70,28 @@ def list_cmd() -> None:
 @click.option("--iterations", type=click.IntRange(min=1), default=None,
               help="replace the recipe's iterations (smoke tests; recorded in the checkpoint)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="replace the recipe's batch size")
-def pretrain_cmd(preset, cache_dir, data_root, device, seed, force, iterations, batch_size) -> None:
+@click.option("--speed", "speed_items", multiple=True, metavar="SWITCH=V",
+              help="speed switch (amp, channels_last, fused_adam, compile); default: plain fp32, as published")
+def pretrain_cmd(preset, cache_dir, data_root, device, seed, force, iterations, batch_size, speed_items) -> None:
     """Train the base diffusion model of a preset with its recipe."""
+    from bench.device import PLAIN, Speed
+    from bench.prerequisites import pretrain
+    from bench.sweep import parse_speed
+
     preset, cache = _preset(preset), Cache(cache_dir, data_root)
     path = cache.base_path(preset)
     if path.exists() and not force:
         click.echo(f"base model already at {path} (use --force to retrain)")
         return
-    payload = pretrain(preset, cache, pick_device(device), seed=seed, iterations=iterations, batch_size=batch_size)
+    try:
+        switches, dev = parse_speed(speed_items), pick_device(device)
+        cache.dataset(preset, "train")
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    speed = Speed(**dict(switches)) if switches else PLAIN
+    if force:  # a new base model: its resumable checkpoint belongs to the old one
+        path.with_name("base.partial.pt").unlink(missing_ok=True)
+    payload = pretrain(preset, cache, dev, seed=seed, speed=speed, iterations=iterations, batch_size=batch_size)
     click.echo(f"base model: {path} ({payload['step']} steps, {payload['seconds']:.0f} s; {payload['source']})")
 
 
@@ -95,51 +109,50 @@ def pretrain_cmd(preset, cache_dir, data_root, device, seed, force, iterations, 
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="replace the preset's batch size")
 def classifier_cmd(preset, cache_dir, data_root, device, seed, force, steps, test_images, batch_size) -> None:
     """Train the evaluation classifier of a preset and store its test accuracy."""
+    from bench.prerequisites import train_classifier
+
     preset, cache = _preset(preset), Cache(cache_dir, data_root)
     path = cache.classifier_path(preset)
     if path.exists() and not force:
         click.echo(f"classifier already at {path} (use --force to retrain)")
         return
-    payload = train_classifier(preset, cache, pick_device(device), seed=seed, steps=steps, test_images=test_images,
+    try:
+        dev = pick_device(device)
+        cache.dataset(preset, "train")
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    payload = train_classifier(preset, cache, dev, seed=seed, steps=steps, test_images=test_images,
                                batch_size=batch_size)
     click.echo(f"classifier: {path} ({payload['source']}; test accuracy {100 * payload['test_accuracy']:.2f}% on "
                f"{payload['test_images']} images, {payload['seconds']:.0f} s)")
 
 
-@main.command("run")
-@click.option("--methods", "methods_spec", default="all", show_default=True,
-              help=f"'all' or a comma-separated list of: {', '.join(METHODS)}")
-@click.option("--classes", "classes_spec", default="0-9", show_default=True, help="forget classes: 0-9 or 0,3,7")
-@preset_option
-@click.option("--seeds", default="0", show_default=True, help="comma-separated seeds")
-@click.option("--protocol", default=None, help="evaluation protocol of the preset [default: the preset's]")
-@click.option("--set", "sets", multiple=True, metavar="METHOD.FIELD=V1,V2",
-              help="override (and sweep) a hyperparameter, or protocol.FIELD=V; repeatable")
-@click.option("--out", default="results", show_default=True, help="results folder")
-@cache_option
-@data_root_option
-@device_option
-@click.option("--force", is_flag=True, help="redo runs that already have a record")
-@click.option("--no-progress", is_flag=True, help="no progress bars")
-@click.option("--cluster", type=click.Choice(["local", "slurm", "debug"]), default=None,
-              help="run each (method, class, seed) as a submitit job: processes on this machine (local), a SLURM "
-                   "job array (slurm), or in this process through the job path (debug) [default: in this process]")
-@click.option("--cluster-config", default=None, metavar="NAME|PATH",
-              help="cluster parameters: slurm/clusters/NAME.yaml or a YAML path (needed with --cluster slurm)")
-@click.option("--jobs-folder", default=None, help="submitit pickles and job logs, on storage the jobs can see "
-                                                   "[default: OUT/.submitit]")
-@click.option("--no-wait", is_flag=True, help="submit and exit; see `bench status --out OUT` for progress")
-@click.option("--speed", "speed_items", multiple=True, metavar="SWITCH=V",
-              help="speed switch for training and sampling (amp, channels_last, fused_adam, compile, cuda_graphs); "
-                   "repeatable; recorded, not part of the run's variant")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="without --cluster: runs at once in worker processes on this machine, CPU threads split between them")
-def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, out, cache_dir, data_root, device, force,
-            no_progress, cluster, cluster_config, jobs_folder, no_wait, speed_items, workers) -> None:
-    """Unlearn each forget class with each method, evaluate, and write one record per run."""
-    from submitit.core.utils import FailedSubmissionError
+def grid_options(command):
+    """The options that say which runs: shared by `bench run` and `bench prepare`."""
+    for option in reversed([
+        click.option("--methods", "methods_spec", default="all", show_default=True,
+                     help=f"'all' or a comma-separated list of: {', '.join(METHODS)}"),
+        click.option("--classes", "classes_spec", default="0-9", show_default=True,
+                     help="forget classes: 0-9 or 0,3,7"),
+        preset_option,
+        click.option("--seeds", default="0", show_default=True, help="seeds: 0, 0,1,2 or 0-2"),
+        click.option("--protocol", default=None, help="evaluation protocol of the preset [default: the preset's]"),
+        click.option("--set", "sets", multiple=True, metavar="METHOD.FIELD=V1,V2",
+                     help="override (and sweep) a hyperparameter, or protocol.FIELD=V; repeatable"),
+        click.option("--results", "--out", "results", default="results", show_default=True,
+                     help="results folder (the records)"),
+        cache_option, data_root_option, device_option,
+        click.option("--speed", "speed_items", multiple=True, metavar="SWITCH=V",
+                     help="speed switch for training and sampling (amp, channels_last, fused_adam, compile, "
+                          "cuda_graphs); repeatable; recorded, and a record made with others is run again"),
+    ]):
+        command = option(command)
+    return command
 
-    from bench.orchestrate import PrerequisitesFailed, check_writable, run_sequential
+
+def _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root, device,
+           speed_items, absolute: bool, progress: bool):
+    """Parse and check every grid option before any work; the RunSpecs they ask for."""
     from bench.sweep import build_specs, parse_classes, parse_seeds, parse_sets, parse_speed
     from methods import parse_methods
 
@@ -151,28 +164,80 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, out, cach
         preset_obj.protocol(protocol)
         sweep = parse_sets(sets, methods)
         speed = parse_speed(speed_items)
-        check_writable(out)
+        pick_device(device)
+    except ValueError as exc:
+        _fail(str(exc))
+    if absolute:  # jobs may start elsewhere: give them absolute paths, and the default cache explicitly
+        results, cache_dir = str(Path(results).resolve()), str(Path(cache_dir or default_cache_dir()).resolve())
+        data_root = str(Path(data_root).resolve()) if data_root else None
+    specs = build_specs(preset_obj, methods, classes, seed_list, sweep, results=results, cache=cache_dir,
+                        protocol=protocol, data_root=data_root, device=device, speed=speed, progress=progress)
+    return preset_obj, methods, specs
+
+
+@main.command("run")
+@grid_options
+@click.option("--force", is_flag=True, help="redo runs that already have a record")
+@click.option("--no-progress", is_flag=True, help="no progress bars")
+@click.option("--cluster", type=click.Choice(["local", "slurm", "debug"]), default=None,
+              help="run each (method, class, seed) as a submitit job: processes on this machine (local), a SLURM "
+                   "job array (slurm), or in this process through the job path (debug) [default: in this process]")
+@click.option("--cluster-config", default=None, metavar="NAME|PATH",
+              help="cluster parameters: slurm/clusters/NAME.yaml or a YAML path (needed with --cluster slurm)")
+@click.option("--jobs-folder", default=None, help="submitit pickles and job logs, on storage the jobs can see "
+                                                   "[default: RESULTS/.submitit]")
+@click.option("--no-wait", is_flag=True, help="submit and exit; see `bench status --results RESULTS` for progress")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="without --cluster: runs at once in worker processes on this machine, CPU threads split between them")
+def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root, device,
+            speed_items, force, no_progress, cluster, cluster_config, jobs_folder, no_wait, workers) -> None:
+    """Unlearn each forget class with each method, evaluate, and write one record per run."""
+    from submitit.core.utils import FailedSubmissionError
+
+    from bench.orchestrate import PrerequisitesFailed, check_writable, run_local
+
+    try:
         config = _cluster_config(cluster, cluster_config, no_wait)
+        check_writable(results)
     except (ValueError, PermissionError, FileNotFoundError) as exc:
         _fail(str(exc))
-    if cluster is not None:  # jobs may start elsewhere: give them absolute paths, and the default cache explicitly
-        out, cache_dir = str(Path(out).resolve()), str(Path(cache_dir or default_cache_dir()).resolve())
-        data_root = str(Path(data_root).resolve()) if data_root else None
-    specs = build_specs(preset_obj, methods, classes, seed_list, sweep, out=out, cache=cache_dir, protocol=protocol,
-                        data_root=data_root, device=device, speed=speed,
-                        progress=not no_progress and cluster is None and workers == 1)
+    preset_obj, methods, specs = _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results,
+                                        cache_dir, data_root, device, speed_items, absolute=cluster is not None,
+                                        progress=not no_progress and cluster is None and workers == 1)
+    if cluster is not None:
+        results = str(Path(results).resolve())
     click.echo(f"{len(specs)} run(s): methods {', '.join(methods)} x classes {classes_spec} x seeds {seeds}; "
-               f"records under {out}/{preset_obj.name}/")
+               f"records under {results}/{preset_obj.name}/")
     try:
         if cluster is None:
-            outcomes = run_sequential(specs, force=force, workers=workers)
+            outcomes = run_local(specs, force=force, workers=workers)
         else:
-            outcomes = _run_on_cluster(specs, cluster, config, jobs_folder or str(Path(out) / ".submitit"), force,
-                                       no_wait, not no_progress, out)
+            outcomes = _run_on_cluster(specs, cluster, config, jobs_folder or str(Path(results) / ".submitit"), force,
+                                       no_wait, not no_progress, results)
     except (CheckpointError, FileNotFoundError, ValueError, PrerequisitesFailed, FailedSubmissionError) as exc:
         _fail(str(exc))
     if outcomes is not None:
-        _report(outcomes, out)
+        _report(outcomes, results)
+
+
+@main.command("prepare")
+@grid_options
+@click.option("--no-progress", is_flag=True, help="no progress bars")
+def prepare_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root, device,
+                speed_items, no_progress) -> None:
+    """Build what the runs of a grid share (base model, classifier, preparations, FID statistics), nothing else."""
+    from bench.prerequisites import build, prerequisites_for
+
+    _, _, specs = _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root,
+                         device, speed_items, absolute=False, progress=not no_progress)
+    try:
+        for task in prerequisites_for(specs):
+            built = build(task)
+            what = ", ".join(built["built"]) or "nothing: all cached"
+            click.echo(f"{task.preset}: built {what}; base model {built['base']} ({built['base_id']}), classifier "
+                       f"{built['classifier']} (test accuracy {100 * built['classifier_accuracy']:.2f}%)")
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
 
 
 def _cluster_config(cluster: str | None, name_or_path: str | None, no_wait: bool) -> dict:
@@ -206,7 +271,7 @@ def _run_on_cluster(specs, cluster: str, config: dict, jobs_folder: str, force: 
         if submission.prerequisites_jobs:
             click.echo(f"the runs wait for job {', '.join(submission.prerequisites_jobs)} (base model, classifier)")
         status_folder = "" if Path(jobs_folder) == Path(out) / ".submitit" else f" --jobs-folder {jobs_folder}"
-        click.echo(f"check progress with: bench status --out {out}{status_folder}")
+        click.echo(f"check progress with: bench status --results {out}{status_folder}")
         return None
     return wait_runs(submission, progress=progress)
 
@@ -220,23 +285,27 @@ def _report(outcomes, out: str) -> None:
     finished = [o.record or (finished_record(o.spec) if o.status == "busy" else None) for o in outcomes]
     finished = [record for record in finished if record is not None]
     click.echo("\n" + summary_text(finished))
-    count = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "busy", "failed")}
+    states = ("done", "skipped", "busy", "failed", "interrupted")
+    count = {status: sum(o.status == status for o in outcomes) for status in states}
     busy = f", {count['busy']} left to another process running them" if count["busy"] else ""
+    stopped = f", {count['interrupted']} not finished (stopped)" if count["interrupted"] else ""
     click.echo(f"\n{count['done']} run(s) done, {count['skipped']} skipped (already finished){busy}, "
-               f"{count['failed']} failed; records in {out}/")
-    failed = [o for o in outcomes if o.status == "failed"]
+               f"{count['failed']} failed{stopped}; records in {out}/")
+    failed = [o for o in outcomes if o.status in ("failed", "interrupted")]
     for outcome in failed:
         spec = outcome.spec
         where = f"\n  log: {outcome.log_path}" if outcome.log_path else ""
-        click.echo(f"FAILED {spec.method} [{spec.variant}] class {spec.forget_class} seed {spec.seed}: "
+        label = "FAILED" if outcome.status == "failed" else "NOT FINISHED"
+        click.echo(f"{label} {spec.method} [{spec.variant}] class {spec.forget_class} seed {spec.seed}: "
                    f"{outcome.error}{where}", err=True)
     if failed:
-        sys.exit(1)
+        sys.exit(130 if count["interrupted"] and not count["failed"] else 1)
 
 
 @main.command("status")
-@click.option("--out", default="results", show_default=True, help="results folder")
-@click.option("--jobs-folder", default=None, help="the submitit folder given to `bench run` [default: OUT/.submitit]")
+@click.option("--results", "--out", "out", default="results", show_default=True, help="results folder (the records)")
+@click.option("--jobs-folder", default=None,
+              help="the submitit folder given to `bench run` [default: RESULTS/.submitit]")
 def status_cmd(out, jobs_folder) -> None:
     """Show done / running / failed / missing for every (method, class, seed) submitted or recorded."""
     from bench.status import STATES, status

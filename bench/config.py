@@ -1,14 +1,40 @@
 """Frozen configuration dataclasses and the preset registry.
 
 A preset bundles everything one benchmark setting needs: the data set, the UNet, the noise schedule, the
-pretraining recipe, the evaluation classifier and the evaluation protocols. `cifar10` is the reference protocol
-of the SA/SalUn code (../shared/notes/reference-protocol.md); the small presets scale it down and say how.
+pretraining recipe, the evaluation classifier and the evaluation protocols. `cifar10` is the published SA/SalUn
+setting number for number (docs/fidelity.md); the small presets scale it down and say how.
+
+Every numeric field is range-checked when the dataclass is built, so a bad `--set` value fails before any work
+with a message that names the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+HFLIPS = ("none", "once", "every_draw")
+
+
+def check_number(name: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 integer: bool = False, optional: bool = False) -> None:
+    """Raise ValueError naming `name` unless `value` is a finite number (an int if `integer`) in the range."""
+    if value is None and optional:
+        return
+    kind = "an integer" if integer else "a finite number"
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, bool) or not ok:
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -45,19 +71,41 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
-class TrainRecipe:
-    """How a diffusion model is trained from scratch (pretraining and `retrain`)."""
+class TrainConfig:
+    """How weights are trained: pretraining (`Preset.pretrain`), retraining and every method's `Config` share it.
 
-    iterations: int = 800_000
+    The defaults are SalUn's paper-scale values (Adam 1e-4, batch 128 + 128, 1,000 iterations, clipping at 1.0,
+    no EMA); methods and presets replace what differs. `label_dropout` is the classifier-free-guidance dropout of
+    the method's ordinary noise-loss terms (each method's docstring says which).
+    """
+
+    iterations: int = 1000
     batch_size: int = 128
-    lr: float = 2e-4
+    lr: float = 1e-4
+    grad_clip: float | None = 1.0  # global gradient norm; None: no clipping
+    ema: bool = False  # keep (and evaluate with) an EMA of the weights
     ema_decay: float = 0.9999
-    grad_clip: float = 1.0
-    label_dropout: float = 0.1
-    hflip: bool = True
-    checkpoint_every: int = 5_000
-    # Fraction of the final iterations with a linearly falling learning rate; 0 (constant) is the reference's.
+    # Fraction of the final iterations over which the learning rate falls linearly to 0; 0 (constant) as published.
     lr_warmdown: float = 0.0
+    # Horizontal flips of the training images: `once` per image when the lists are built (SalUn's loaders),
+    # `every_draw` (a RandomHorizontalFlip in the loader: pretraining, SA's replay) or `none`.
+    hflip: str = "once"
+    label_dropout: float = 0.1
+
+    def __post_init__(self):
+        check_number("iterations", self.iterations, low=0, integer=True)
+        check_number("batch_size", self.batch_size, low=1, integer=True)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("grad_clip", self.grad_clip, low=0, low_open=True, optional=True)
+        check_number("ema_decay", self.ema_decay, low=0, high=1)
+        check_number("lr_warmdown", self.lr_warmdown, low=0, high=1)
+        check_number("label_dropout", self.label_dropout, low=0, high=1)
+        check_choice("hflip", self.hflip, HFLIPS)
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of 0-based `step` as a fraction of the nominal one; a function of the step alone."""
+        span = self.iterations * self.lr_warmdown
+        return 1.0 if span <= 0 else min(1.0, (self.iterations - step) / span)
 
 
 @dataclass(frozen=True)
@@ -112,8 +160,18 @@ class Protocol:
     image_conversion: str = "stretch"
 
     def __post_init__(self):
-        if self.image_conversion not in ("stretch", "clamp"):
-            raise ValueError(f"protocol.image_conversion must be stretch or clamp, got {self.image_conversion!r}")
+        check_number("protocol.sampler_steps", self.sampler_steps, low=1, integer=True)
+        check_number("protocol.eta", self.eta, low=0, high=1)  # above 1 the DDIM variance goes negative
+        check_number("protocol.guidance", self.guidance, low=0)
+        check_number("protocol.forget_samples", self.forget_samples, low=1, integer=True)
+        check_number("protocol.retain_samples_per_class", self.retain_samples_per_class, low=1, integer=True)
+        check_number("protocol.batch_size", self.batch_size, low=1, integer=True)
+        check_number("protocol.noise_samples", self.noise_samples, low=1, integer=True)
+        check_number("protocol.fid_reference_per_class", self.fid_reference_per_class, low=1, integer=True,
+                     optional=True)
+        check_choice("protocol.fid_features", self.fid_features, ("classifier", "inception"))
+        check_choice("protocol.inception_weights", self.inception_weights, ("auto", "pytorch-fid", "fid-helper"))
+        check_choice("protocol.image_conversion", self.image_conversion, ("stretch", "clamp"))
 
     def describe(self) -> str:
         update = "ancestral (eta=1)" if self.eta == 1.0 else f"DDIM eta={self.eta}"
@@ -126,10 +184,12 @@ class Preset:
     description: str
     dataset: str
     unet: UNetConfig
-    pretrain: TrainRecipe
+    pretrain: TrainConfig
     classifier: ClassifierConfig
     protocols: dict[str, Protocol]
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    # Pretraining, retraining and long unlearning runs save a resumable checkpoint this often (the published 5,000).
+    checkpoint_every: int = 5_000
     # Unlearning iterations are the paper's count times this factor (1.0 = paper scale).
     iteration_scale: float = 1.0
     # Batch of forget images and of retain images per unlearning step (paper: 128 + 128).
@@ -158,7 +218,8 @@ PRESETS: dict[str, Preset] = {
         description="CIFAR-10 32x32 with the published SA/SalUn UNet: the paper's setting",
         dataset="cifar10",
         unet=UNETS["sa"],
-        pretrain=TrainRecipe(),
+        pretrain=TrainConfig(iterations=800_000, batch_size=128, lr=2e-4, ema=True, ema_decay=0.9999,
+                             hflip="every_draw"),
         # The reference classifier: ResNet34 from ImageNet weights, fine-tuned at 224x224 with Adam 1e-5 (body)
         # and 1e-4 (head). Offline it trains from scratch at 1e-3 (recorded with its test accuracy).
         classifier=ClassifierConfig(arch="resnet34", epochs=20, batch_size=128, lr=1e-4, weights="imagenet",
@@ -180,8 +241,9 @@ PRESETS: dict[str, Preset] = {
         # the reference's constant rate the raw weights of so short a run lag its EMA (retained FID 6.84 raw vs 5.80
         # EMA, measured): SAFEMax and SalUn start from the raw weights, as published, and inherited that gap. With
         # the warm-down raw and EMA agree (5.40 vs 5.29), as they do after the reference's 800,000 iterations.
-        pretrain=TrainRecipe(iterations=1000, batch_size=128, lr=1e-3, ema_decay=0.99, hflip=False,
-                             checkpoint_every=500, lr_warmdown=0.3),
+        pretrain=TrainConfig(iterations=1000, batch_size=128, lr=1e-3, ema=True, ema_decay=0.99, hflip="none",
+                             lr_warmdown=0.3),
+        checkpoint_every=500,
         # The classifier must label noise consistently and with high entropy, as the paper's ResNet34 does
         # ("bird", H ~1.1), or UA and H of noise-making methods mean little. Measured on 500 of SAFEMax's
         # saturated-noise samples: the pooled small CNN put 39-75% of them in one class (3 seeds; the rest over
@@ -217,8 +279,9 @@ PRESETS: dict[str, Preset] = {
         # classifier's 128-d features against every retained training image.
         dataset="fashion",
         unet=UNETS["fashion"],
-        pretrain=TrainRecipe(iterations=40_000, batch_size=128, lr=2e-4, ema_decay=0.9995, hflip=True,
-                             checkpoint_every=2_000),
+        pretrain=TrainConfig(iterations=40_000, batch_size=128, lr=2e-4, ema=True, ema_decay=0.9995,
+                             hflip="every_draw"),
+        checkpoint_every=2_000,
         classifier=ClassifierConfig(arch="small_cnn", epochs=15, batch_size=128, lr=2e-3),
         protocols={
             "paper": Protocol("paper", sampler_steps=100, eta=1.0, forget_samples=500,
@@ -233,7 +296,8 @@ PRESETS: dict[str, Preset] = {
         description="digits with a minimal UNet and a handful of steps: the CI smoke test, not a benchmark",
         dataset="digits",
         unet=UNETS["tiny"],
-        pretrain=TrainRecipe(iterations=30, batch_size=32, lr=1e-3, ema_decay=0.9, hflip=False, checkpoint_every=10),
+        pretrain=TrainConfig(iterations=30, batch_size=32, lr=1e-3, ema=True, ema_decay=0.9, hflip="none"),
+        checkpoint_every=10,
         classifier=ClassifierConfig(arch="flat_cnn", epochs=1, batch_size=64, lr=2e-3, head="cosine", mixup=1.0),
         protocols={
             "paper": Protocol("paper", sampler_steps=5, eta=1.0, forget_samples=20,

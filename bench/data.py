@@ -7,6 +7,7 @@ class folders follow CIFAR-10's label order, such as a JPEG copy.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from bench.config import HFLIPS
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,31 @@ class ClassDataset:
 
     def retain(self, forget_class: int) -> ClassDataset:
         return self.of_classes([c for c in range(self.num_classes) if c != forget_class])
+
+
+IMAGE_CONVERSIONS = ("stretch", "clamp")
+
+
+def to_uint8(images: Tensor, conversion: str = "stretch") -> Tensor:
+    """Sampler output in [-1, 1] -> 8-bit images, as the published code writes its PNGs.
+
+    Both clamp to [0, 1] first (`inverse_data_transform`). `stretch` then maps each image's own [min, max] to
+    [0, 1], as torchvision's `save_image(image, normalize=True)` does image by image in the SA/SalUn code;
+    `clamp` stops there (`save_image` without `normalize`). Quantized like `save_image`: floor(255 x + 0.5).
+    """
+    if conversion not in IMAGE_CONVERSIONS:
+        raise ValueError(f"unknown image conversion {conversion!r}; choose from {', '.join(IMAGE_CONVERSIONS)}")
+    unit = ((images.float() + 1) / 2).clamp(0, 1)
+    if conversion == "stretch":
+        flat = unit.flatten(1)
+        low, high = flat.min(1).values, flat.max(1).values
+        shape = (-1,) + (1,) * (unit.dim() - 1)
+        unit = (unit - low.view(shape)) / (high - low).clamp_min(1e-5).view(shape)
+    return unit.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).cpu()
+
+
+def from_uint8(images: Tensor) -> Tensor:
+    return images.float() / 127.5 - 1.0
 
 
 def fit_to_size(images: Tensor, size: int) -> Tensor:
@@ -162,8 +190,10 @@ def load_fashion_mnist(split: str, image_size: int = 28, root: str | Path = FASH
 # --- end of Fashion-MNIST ---
 
 
+@functools.lru_cache(maxsize=4)
 def load_dataset(name: str, split: str, *, image_size: int, root: str | Path | None = None) -> ClassDataset:
-    """The registry of data sets by preset `dataset` name."""
+    """The registry of data sets by preset `dataset` name; each is read once per process (callers never modify
+    a data set in place: views like `forget`, `retain` and flips make new tensors)."""
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; choose from train, test")
     if name == "digits":
@@ -175,9 +205,6 @@ def load_dataset(name: str, split: str, *, image_size: int, root: str | Path | N
     if name == "fashion":  # Fashion-MNIST: Debian's package folder unless --data-root says otherwise
         return load_fashion_mnist(split, image_size, root if root is not None else FASHION_MNIST_ROOT)
     raise ValueError(f"unknown data set {name!r}; choose from cifar10, digits, fashion")
-
-
-HFLIPS = ("none", "once", "every_draw")
 
 
 def infinite_batches(

@@ -1,8 +1,9 @@
-"""The noise schedule, kept apart from the network and the losses.
+"""The DDPM arithmetic: noise schedule, training loss and sampler, kept apart from the network.
 
 Timesteps are integers in [0, T): step t has cumulative product abar_t = prod_{i<=t} (1 - beta_i), as in the
-DDIM codebase that SA and SalUn build on. The sampler is DDIM's "generalized" update; eta = 1 over every step
-is the reference evaluation (it equals ancestral DDPM sampling), fewer steps give the DDIM protocols.
+DDIM codebase that SA and SalUn build on. The loss is theirs: squared error summed over pixels, antithetic
+timesteps, classifier-free-guidance label dropout. The sampler is DDIM's "generalized" update; eta = 1 over
+every step is the reference evaluation (it equals ancestral DDPM sampling), fewer steps give the DDIM protocols.
 Given a `Speed`, the guided prediction runs under bf16 autocast, torch.compile or as a replayed CUDA graph;
 without one it is the plain fp32 eager forward.
 """
@@ -15,8 +16,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from torch import nn
+
 from bench.config import DiffusionConfig
-from bench.runner import PLAIN, Speed, autocast
+from bench.device import PLAIN, Speed, autocast
 from bench.unet import NULL_CLASS
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,35 @@ class NoiseSchedule:
         c1 = eta * ((1 - at / at_prev) * (1 - at_prev) / (1 - at)).sqrt()
         c2 = ((1 - at_prev) - c1**2).sqrt()
         return at_prev.sqrt() * x0_pred + c1 * noise + c2 * eps
+
+
+def drop_labels(labels: Tensor, probability: float, generator: torch.Generator | None) -> Tensor:
+    """Replace each label by the null class with `probability` (classifier-free guidance training)."""
+    if probability <= 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < probability
+    return torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
+
+
+def squared_error(target: Tensor, prediction: Tensor) -> Tensor:
+    """Per-sample squared error summed over pixels, in float32."""
+    return (target.float() - prediction.float()).square().flatten(1).sum(1)
+
+
+def noised(schedule: NoiseSchedule, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Antithetic timesteps t, fresh noise, and x_t for a batch of clean images."""
+    t = schedule.sample_timesteps(len(x0), generator, x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
+    return t, noise, schedule.add_noise(x0, noise, t)
+
+
+def noise_loss(
+    model: nn.Module, schedule: NoiseSchedule, x0: Tensor, labels: Tensor, generator: torch.Generator,
+    label_dropout: float = 0.0,
+) -> Tensor:
+    """The DDPM loss per sample: || noise - eps(x_t, label, t) ||^2 summed over pixels."""
+    t, noise, x_t = noised(schedule, x0, generator)
+    return squared_error(noise, model(x_t, t, drop_labels(labels, label_dropout, generator)))
 
 
 def guided_eps(model: EpsModel, x: Tensor, t: Tensor, labels: Tensor, guidance: float) -> Tensor:

@@ -25,15 +25,21 @@ import torch
 from torch import Tensor, nn
 
 from bench import metrics
+from bench.cache import atomic_save, load_derived
 from bench.classifier import predict
 from bench.config import Preset, Protocol
-from bench.data import ClassDataset
+from bench.data import ClassDataset, from_uint8, to_uint8
+from bench.device import Speed, progress_bar
 from bench.diffusion import NoiseSchedule, sample
-from bench.runner import Speed, progress_bar
+from bench.inception import images_fingerprint, inception_features, inception_model, reference_statistics
 
 log = logging.getLogger(__name__)
 
 GRID_COLUMNS = 8
+
+
+class NonFiniteSamples(RuntimeError):
+    """The sampler returned NaN or infinite images: the model or the protocol (eta, guidance) is broken."""
 
 
 @dataclass
@@ -41,31 +47,6 @@ class Evaluation:
     metrics: dict
     grid: Tensor  # (classes * GRID_COLUMNS, C, H, W) uint8, one row per class
     seconds: float
-
-
-IMAGE_CONVERSIONS = ("stretch", "clamp")
-
-
-def to_uint8(images: Tensor, conversion: str = "stretch") -> Tensor:
-    """Sampler output in [-1, 1] -> 8-bit images, as the published code writes its PNGs.
-
-    Both clamp to [0, 1] first (`inverse_data_transform`). `stretch` then maps each image's own [min, max] to
-    [0, 1], as torchvision's `save_image(image, normalize=True)` does image by image in the SA/SalUn code;
-    `clamp` stops there (`save_image` without `normalize`). Quantized like `save_image`: floor(255 x + 0.5).
-    """
-    if conversion not in IMAGE_CONVERSIONS:
-        raise ValueError(f"unknown image conversion {conversion!r}; choose from {', '.join(IMAGE_CONVERSIONS)}")
-    unit = ((images.float() + 1) / 2).clamp(0, 1)
-    if conversion == "stretch":
-        flat = unit.flatten(1)
-        low, high = flat.min(1).values, flat.max(1).values
-        shape = (-1,) + (1,) * (unit.dim() - 1)
-        unit = (unit - low.view(shape)) / (high - low).clamp_min(1e-5).view(shape)
-    return unit.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).cpu()
-
-
-def from_uint8(images: Tensor) -> Tensor:
-    return images.float() / 127.5 - 1.0
 
 
 def fingerprint(state: dict[str, Tensor]) -> str:
@@ -91,20 +72,18 @@ class Sampler:
                  speed: Speed | None = None):
         self.model, self.schedule, self.protocol, self.preset = model, schedule, protocol, preset
         self.device, self.seed, self.cache_dir, self.progress = device, seed, cache_dir, progress
-        self.speed = speed  # None: plain fp32 eager (bench.runner.PLAIN)
+        self.speed = speed  # None: plain fp32 eager (bench.device.PLAIN)
 
     def class_samples(self, label: int, count: int) -> Tensor:
         path = None
         if self.cache_dir is not None:
             path = self.cache_dir / _protocol_key(self.protocol) / f"seed{self.seed}" / f"class{label}-n{count}.pt"
-            if path.exists():
-                return torch.load(path, weights_only=True)
+            cached = load_derived(path)
+            if cached is not None:
+                return cached
         images = self._draw(label, count)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(images, tmp)
-            tmp.replace(path)
+            atomic_save(images, path)
         return images
 
     def _draw(self, label: int, count: int) -> Tensor:
@@ -121,6 +100,9 @@ class Sampler:
                 images = sample(self.model, self.schedule, labels, (cfg.in_channels, cfg.image_size, cfg.image_size),
                                 steps=steps, eta=protocol.eta, guidance=protocol.guidance, generator=generator,
                                 on_step=lambda: bar.update(1), speed=self.speed)
+                if not torch.isfinite(images).all():  # quantising would turn them into plausible-looking images
+                    raise NonFiniteSamples(f"the sampler returned non-finite images for class {label} "
+                                           f"({protocol.describe()}): the model's weights or the protocol are broken")
                 chunks.append(to_uint8(images, protocol.image_conversion))
         return torch.cat(chunks)
 
@@ -168,16 +150,18 @@ def fid_reference_key(protocol: Protocol, source: str, forget_class: int, count:
 
 
 def fid_scorer(protocol: Protocol, data: ClassDataset, forget_class: int, classifier: nn.Module, cache_dir: Path,
-               device: torch.device, progress: bool = True, classifier_key: str | None = None) -> FidScorer:
+               device: torch.device, progress: bool = True, classifier_key: str | None = None,
+               build: bool = True) -> FidScorer | None:
     """The protocol's FID features, with the real retained images' statistics from (or into) `cache_dir`.
 
-    `classifier_key` is `classifier_id(protocol, classifier)` when the caller has it already.
+    `classifier_key` is `classifier_id(protocol, classifier)` when the caller has it already. With `build=False`,
+    None when the statistics are not cached (nothing is computed or loaded then).
     """
-    from bench.inception import inception_features, inception_model, reference_statistics
-
     real = reference_images(data, forget_class, protocol.fid_reference_per_class)
     classifier_key = classifier_key or classifier_id(protocol, classifier)
     key = fid_reference_key(protocol, data.source, forget_class, len(real), classifier_key)
+    if not build and not _reference_cached(cache_dir / f"{key}.npz", real.images):
+        return None
     if protocol.fid_features == "inception":
         model = inception_model(device, protocol.inception_weights)
         extract = lambda images: inception_features(model, images, progress=progress)  # noqa: E731
@@ -190,6 +174,14 @@ def fid_scorer(protocol: Protocol, data: ClassDataset, forget_class: int, classi
     reference = reference_statistics(cache_dir, key, real.images, extract)
     return FidScorer(extract, reference, {"features": features, "weights": weights, "reference_images": len(real),
                                           "reference_source": data.source})
+
+
+def _reference_cached(path: Path, images: Tensor) -> bool:
+    try:
+        with np.load(path) as cached:
+            return str(cached["fingerprint"]) == images_fingerprint(images)
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def evaluate(sampler: Sampler, classifier: nn.Module, forget_class: int, fid: FidScorer,

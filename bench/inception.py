@@ -197,10 +197,13 @@ def reference_statistics(cache_dir: Path, key: str, images: Tensor,
     path = Path(cache_dir) / f"{key}.npz"
     fingerprint = images_fingerprint(images)
     if path.exists():
-        with np.load(path) as cached:
-            if str(cached["fingerprint"]) == fingerprint:
-                return cached["mu"], cached["sigma"]
-        log.warning("%s was computed from other images than these %d; recomputing it", path, len(images))
+        try:
+            with np.load(path) as cached:
+                if str(cached["fingerprint"]) == fingerprint:
+                    return cached["mu"], cached["sigma"]
+            log.warning("%s was computed from other images than these %d; recomputing it", path, len(images))
+        except (OSError, ValueError, KeyError) as exc:  # truncated or not an .npz: derived, so rebuilt
+            log.warning("cached statistics %s do not load (%s); recomputing them", path, exc)
     mu, sigma = feature_statistics(extract(images))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")

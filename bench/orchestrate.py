@@ -1,47 +1,44 @@
-"""Run specs (bench.sweep) -> skip finished -> build prerequisites -> run here or submit through submitit.
+"""Run specs (bench.sweep) -> prerequisites -> skip finished -> run here, in worker processes, or through submitit.
 
-Runs go through one job callable, `Job`, whether they run in this process (`run_sequential`) or through
-submitit (`submit_runs` with `debug`, `local` or `slurm`). Each run is claimed with a lock file in its folder
-while it runs (`records.try_claim`), so two orchestrators on one results folder never run or write it twice.
-A submission leaves a manifest in the jobs folder, from which `status` tells done, running, failed and missing.
+Every run goes through one job callable, `Job`: in this process (`run_local`, one worker), in local worker
+processes (`run_local` with `workers` > 1), or through submitit (`submit_runs`: `debug`, `local`, `slurm`). A run is
+claimed (`bench.claims`) while it runs, so two orchestrators on one results folder never run or write it twice; a
+run that fails leaves `failure.json` where its record would be. A record is reused only if it was made from the
+current base model and classifier with the same speed switches: a stale one is run again.
+A submission leaves a manifest in the jobs folder, from which `bench status` tells done, running, failed and missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
 import os
+import queue
+import signal
 import socket
-import sys
 import time
 import traceback
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
 import torch
 
-from bench import records
-from bench.artifacts import Cache
+from bench import claims, records
+from bench.cache import Cache, load_file
 from bench.cluster import make_executor, submit_all, wait_all
 from bench.config import get_preset
-from bench.experiment import (
-    RunSpec,
-    fid_references,
-    prepare_prerequisites,
-    prepare_shared,
-    run_one,
-    shared_preparation_ready,
-)
-from methods import get_method
+from bench.experiment import run_one
+from bench.prerequisites import Prerequisites, build, missing, prerequisites_for
+from bench.sweep import RunSpec
 
 log = logging.getLogger(__name__)
 
 
-def check_writable(out: str | Path) -> None:
+def check_writable(results: str | Path) -> None:
     """Fail before any work if the results folder cannot be created or written."""
-    path = Path(out)
+    path = Path(results)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
@@ -54,98 +51,77 @@ def check_writable(out: str | Path) -> None:
 @dataclass
 class Outcome:
     spec: RunSpec
-    status: str  # done, skipped (had a record), busy (claimed by another live process), failed
+    status: str  # done, skipped (had a record), busy (claimed by another live process), failed, interrupted
     record: dict | None = None
     error: str | None = None
     log_path: str | None = None
 
 
-def finished_record(spec: RunSpec) -> dict | None:
-    """The run's valid record, or None; a corrupt record is reported by name and counts as unfinished."""
+# -- which records are finished, and still valid ----------------------------------------------------------------
+def current_ids(spec: RunSpec) -> tuple[str | None, str | None]:
+    """The ids of the base model and classifier a run of `spec` would use now (None where there is none yet)."""
+    preset, cache = get_preset(spec.preset), Cache(spec.cache, spec.data_root)
+    ids = []
+    for path in (cache.base_path(preset), cache.classifier_path(preset)):
+        if not path.exists():
+            ids.append(None)
+            continue
+        payload = load_file(path, "rebuild it with `bench pretrain` / `bench classifier` with --force", mmap=True)
+        ids.append(payload.get("id") if isinstance(payload, dict) else None)
+    return ids[0], ids[1]
+
+
+def stale_reason(record: dict, spec: RunSpec, ids: tuple[str | None, str | None]) -> str | None:
+    """Why a valid record cannot stand for `spec` now: another base model, classifier or speed switches."""
+    base_id, classifier_id = ids
+    if record["base_model"].get("id") != base_id:
+        return f"made with base model {record['base_model'].get('id')}, now {base_id}"
+    if classifier_id is not None and record["classifier"].get("id", classifier_id) != classifier_id:
+        return f"evaluated with classifier {record['classifier'].get('id')}, now {classifier_id}"
+    made = (record.get("speed") or {}).get("switches") or {}
+    if made != dict(spec.speed):
+        return f"made with speed switches {made or 'default'}, asked for {dict(spec.speed) or 'default'}"
+    return None
+
+
+def finished_record(spec: RunSpec, ids: tuple[str | None, str | None] | None = None) -> dict | None:
+    """The run's valid, current record, or None; a corrupt or stale record is reported and counts as unfinished."""
     path = spec.directory / records.RECORD_NAME
     if not path.exists():
         return None
     try:
-        return records.read_record(path)
+        record = records.read_record(path)
     except records.CorruptRecord as exc:
         log.warning("corrupt record, will re-run %s: %s", spec.describe(), exc)
         return None
+    reason = stale_reason(record, spec, ids if ids is not None else current_ids(spec))
+    if reason:
+        log.warning("stale record %s (%s): running it again", path, reason)
+        return None
+    return record
 
 
 def run_claimed(spec: RunSpec, force: bool = False, job_id: str | None = None) -> Outcome:
     """Run one spec while holding its claim; returns skipped (finished) or busy (claimed) without running.
 
-    Exceptions of the run propagate, so that a job that fails is failed in the scheduler's accounting too.
+    A failure leaves `failure.json` in the run folder and propagates, so that a job that fails is failed in the
+    scheduler's accounting too.
     """
     if not force and (record := finished_record(spec)) is not None:
         return Outcome(spec, "skipped", record)
-    claim = records.try_claim(spec.directory / records.CLAIM_NAME, job_id)
+    claim = claims.try_claim(spec.directory / claims.CLAIM_NAME, job_id)
     if claim is None:
-        held = records.read_claim(spec.directory / records.CLAIM_NAME)
-        holder = records.describe_holder(held[1]) if held and held[1] else "another process"
+        held = claims.read_claim(spec.directory / claims.CLAIM_NAME)
+        holder = claims.describe_holder(held[1]) if held and held[1] else "another process"
         log.info("%s is being run by %s; leaving it to that process", spec.describe(), holder)
         return Outcome(spec, "busy", error=f"claimed by {holder}")
     try:
         if not force and (record := finished_record(spec)) is not None:  # finished before we got the claim
             return Outcome(spec, "skipped", record)
         return Outcome(spec, "done", run_one(spec))
-    finally:
-        claim.release()
-
-
-@dataclass(frozen=True)
-class Prerequisites:
-    """What every run of a preset needs first: base model, classifier, shared preparation, FID reference statistics."""
-
-    preset: str
-    cache: str | None
-    data_root: str | None = None
-    device: str | None = None
-    progress: bool = True
-    # One run per (method, overrides) whose preparation all forget classes share (SA's priors and Fisher).
-    shared: tuple[RunSpec, ...] = ()
-    # One run per (protocol, forget class): the FID reference statistics of the real retained images.
-    fid: tuple[RunSpec, ...] = ()
-
-    @classmethod
-    def of(cls, spec: RunSpec) -> Prerequisites:
-        return cls(spec.preset, spec.cache, spec.data_root, spec.device, spec.progress)
-
-    def cached(self) -> bool:
-        """True when all are in the cache (and load: a corrupt file raises CheckpointError naming it)."""
-        preset, cache = get_preset(self.preset), Cache(self.cache, self.data_root)
-        if not (cache.base_path(preset).exists() and cache.classifier_path(preset).exists()):
-            return False
-        prepare_prerequisites(self.preset, self.cache, self.data_root, "cpu", progress=False)
-        return all(shared_preparation_ready(spec) for spec in self.shared) and fid_references(list(self.fid), False)
-
-
-def prerequisites_for(specs: list[RunSpec]) -> list[Prerequisites]:
-    """One Prerequisites per preset and cache, with a representative run of each shared preparation."""
-    groups: dict[Prerequisites, tuple[dict, dict]] = {}
-    for spec in specs:
-        shared, fid = groups.setdefault(Prerequisites.of(spec), ({}, {}))
-        if get_method(spec.method).shares_preparation:
-            shared.setdefault((spec.method, spec.method_overrides), spec)
-        fid.setdefault((spec.protocol, spec.protocol_overrides, spec.forget_class), spec)
-    return [dataclasses.replace(task, shared=tuple(shared.values()), fid=tuple(fid.values()))
-            for task, (shared, fid) in groups.items()]
-
-
-PREPARE_CLAIM = "prepare.claim.json"
-
-
-def prepare_once(task: Prerequisites, job_id: str | None = None, poll_s: float = 5.0) -> dict:
-    """Build (or load) the prerequisites; a second process waits for the first instead of training them again."""
-    path = Cache(task.cache, task.data_root).path(get_preset(task.preset), PREPARE_CLAIM)
-    while (claim := records.try_claim(path, job_id)) is None:
-        log.info("waiting for another process building the %s prerequisites (%s)", task.preset, path)
-        time.sleep(poll_s)
-    try:
-        built = prepare_prerequisites(task.preset, task.cache, task.data_root, task.device, task.progress)
-        built["shared"] = {spec.describe(): prepare_shared(spec) for spec in task.shared}
-        built["fid_reference"] = fid_references(list(task.fid), build=True)
-        return built
+    except BaseException as exc:
+        records.write_failure(spec.directory, f"{type(exc).__name__}: {exc}", _log_path())
+        raise
     finally:
         claim.release()
 
@@ -155,6 +131,13 @@ def _job_id() -> str | None:
         return submitit.JobEnvironment().job_id
     except RuntimeError:  # not inside a submitit job
         return None
+
+
+def _log_path() -> str | None:
+    try:
+        return str(submitit.JobEnvironment().paths.stderr)
+    except RuntimeError:
+        return os.environ.get("BENCH_WORKER_LOG")
 
 
 def _job_setup() -> None:
@@ -170,8 +153,8 @@ class Job(submitit.helpers.Checkpointable):
     """The one job callable of every executor: a RunSpec -> Outcome, or Prerequisites -> where they are.
 
     When SLURM preempts a job or its time runs out, submitit calls `checkpoint`, which resubmits the same
-    argument: the requeued job resumes from the run's `partial.pt` (pretraining from `base.partial.pt`) and
-    reaches the same final step count. A job killed outright is resumed the same way by the next `bench run`.
+    argument: the requeued job resumes exactly from the run's `partial.pt` (pretraining from `base.partial.pt`).
+    A job killed outright is resumed the same way by the next `bench run`.
     """
 
     def __init__(self, force: bool = False):
@@ -180,7 +163,7 @@ class Job(submitit.helpers.Checkpointable):
     def __call__(self, task: RunSpec | Prerequisites):
         _job_setup()
         if isinstance(task, Prerequisites):
-            return prepare_once(task, _job_id())
+            return build(task, _job_id())
         return run_claimed(task, self.force, _job_id())
 
     def checkpoint(self, task: RunSpec | Prerequisites) -> submitit.helpers.DelayedSubmission:
@@ -190,15 +173,18 @@ class Job(submitit.helpers.Checkpointable):
 
 def split_finished(specs: list[RunSpec], force: bool = False) -> tuple[list[Outcome], list[RunSpec]]:
     """(outcomes of runs already finished or claimed by a live process, the specs still to run)."""
-    known, todo = [], []
+    known, todo, ids = [], [], {}
     for spec in specs:
-        record = None if force else finished_record(spec)
-        claim_path = spec.directory / records.CLAIM_NAME
-        held = records.read_claim(claim_path)
+        key = (spec.preset, spec.cache, spec.data_root)
+        if key not in ids and not force:
+            ids[key] = current_ids(spec)
+        record = None if force else finished_record(spec, ids[key])
+        claim_path = spec.directory / claims.CLAIM_NAME
+        held = claims.read_claim(claim_path)
         if record is not None:
             known.append(Outcome(spec, "skipped", record))
-        elif held is not None and not records.claim_is_stale(claim_path, held[1]):
-            holder = records.describe_holder(held[1]) if held[1] else "another process"
+        elif held is not None and not claims.claim_is_stale(claim_path, held[1]):
+            holder = claims.describe_holder(held[1]) if held[1] else "another process"
             known.append(Outcome(spec, "busy", error=f"claimed by {holder}"))
         else:
             todo.append(spec)
@@ -207,26 +193,40 @@ def split_finished(specs: list[RunSpec], force: bool = False) -> tuple[list[Outc
         log.info("skipping %d finished run(s) (use --force to redo them)", skipped)
     for outcome in known:
         if outcome.status == "busy":
-            log.info("not submitting %s: %s", outcome.spec.describe(), outcome.error)
+            log.info("not running %s: %s", outcome.spec.describe(), outcome.error)
     return known, todo
 
 
-def run_sequential(specs: list[RunSpec], force: bool = False, workers: int = 1) -> list[Outcome]:
-    """Run every spec on this machine; finished runs are skipped unless `force`; failures do not stop the rest.
+def in_spec_order(outcomes: list[Outcome], specs: list[RunSpec]) -> list[Outcome]:
+    position = {spec: index for index, spec in enumerate(specs)}
+    return sorted(outcomes, key=lambda outcome: position.get(outcome.spec, len(specs)))
 
-    With `workers` > 1 the runs go to that many worker processes, the CPU threads split between them: small
-    models use a multi-core CPU better as parallel runs than as threads of one run.
+
+# -- on this machine: in this process, or in worker processes -----------------------------------------------------
+def run_local(specs: list[RunSpec], force: bool = False, workers: int = 1, progress=None) -> list[Outcome]:
+    """Build the prerequisites, then run every unfinished spec here; failures do not stop the rest.
+
+    With `workers` > 1 the runs go to that many worker processes, the CPU threads split between them (small models
+    use a multi-core CPU better as parallel runs than as threads of one run). A worker that dies fails its run
+    only; Ctrl-C stops the workers and returns what finished. `progress(outcome)` is called after each run.
     """
+    for task in prerequisites_for(specs):
+        build(task)
     outcomes, todo = split_finished(specs, force)
-    if todo:
-        for task in prerequisites_for(todo):
-            prepare_once(task)
     if workers > 1 and len(todo) > 1:
-        return in_spec_order(outcomes + _run_in_workers(todo, force, workers), specs)
+        return in_spec_order(outcomes + WorkerPool(workers, force).run(todo, progress), specs)
     job = Job(force)
-    for index, spec in enumerate(todo, 1):
-        log.info("[%d/%d] %s", index, len(todo), spec.describe())
-        outcomes.append(_run_guarded(job, spec))
+    try:
+        for index, spec in enumerate(todo, 1):
+            log.info("[%d/%d] %s", index, len(todo), spec.describe())
+            outcomes.append(_run_guarded(job, spec))
+            if progress:
+                progress(outcomes[-1])
+    except KeyboardInterrupt:
+        log.warning("interrupted: %d of %d run(s) finished", len(outcomes), len(specs))
+        done = {o.spec for o in outcomes}
+        outcomes += [Outcome(spec, "interrupted", error="not finished: the sweep was stopped")
+                     for spec in todo if spec not in done]
     return in_spec_order(outcomes, specs)
 
 
@@ -238,21 +238,25 @@ def _run_guarded(job: Job, spec: RunSpec) -> Outcome:
         return Outcome(spec, "failed", error=f"{type(exc).__name__}: {exc}")
 
 
-def _worker_init(threads: int, parent: int) -> None:
-    import torch
-
+def _worker_main(tasks, results, threads: int, force: bool, parent: int) -> None:
+    """A worker process: take (index, spec) from `tasks` until None, report ("start"|"done", index, outcome)."""
     _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    job = Job(force)
+    while (task := tasks.get()) is not None:
+        index, spec = task
+        results.put(("start", index, os.getpid()))
+        results.put(("done", index, _run_guarded(job, spec)))
 
 
 def _die_with_parent(parent: int) -> None:
     """Have Linux send this worker SIGTERM when the orchestrator dies, however it dies (a kill, a lost session):
     a worker left behind would go on taking CPU and writing records for a sweep nobody waits for."""
-    if not sys.platform.startswith("linux"):
+    if not os.uname().sysname == "Linux":
         return
     import ctypes
-    import signal
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -260,36 +264,84 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker_run(spec: RunSpec, force: bool) -> Outcome:
-    return _run_guarded(Job(force), spec)
+class WorkerPool:
+    """Worker processes fed from a queue, each reporting which run it started; a dead worker is replaced and only
+    the run it held fails."""
 
+    def __init__(self, workers: int, force: bool):
+        self.workers, self.force = workers, force
+        self.context = multiprocessing.get_context("spawn")  # no fork of a process that runs OpenMP threads
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
 
-def _run_in_workers(todo: list[RunSpec], force: bool, workers: int) -> list[Outcome]:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    def _spawn(self, tasks, results):
+        process = self.context.Process(target=_worker_main, daemon=True,
+                                       args=(tasks, results, self.threads, self.force, os.getpid()))
+        process.start()
+        return process
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    log.info("running %d run(s) in %d worker processes, %d thread(s) each", len(todo), workers, threads)
-    context = multiprocessing.get_context("spawn")  # no fork of a process that already runs OpenMP threads
-    outcomes = []
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                             initargs=(threads, os.getpid())) as pool:
-        futures = {pool.submit(_worker_run, spec, force): spec for spec in todo}
-        for index, future in enumerate(as_completed(futures), 1):
-            outcome = future.result()
-            log.info("[%d/%d] %s: %s", index, len(todo), outcome.spec.describe(), outcome.status)
-            outcomes.append(outcome)
-    return outcomes
+    def run(self, todo: list[RunSpec], progress=None) -> list[Outcome]:
+        log.info("running %d run(s) in %d worker processes, %d thread(s) each", len(todo), self.workers, self.threads)
+        tasks, results = self.context.Queue(), self.context.Queue()
+        for item in enumerate(todo):
+            tasks.put(item)
+        for _ in range(self.workers):
+            tasks.put(None)
+        processes = [self._spawn(tasks, results) for _ in range(self.workers)]
+        running: dict[int, int] = {}  # pid -> index of the run it started
+        outcomes: dict[int, Outcome] = {}
+        try:
+            while len(outcomes) < len(todo):
+                try:
+                    kind, index, value = results.get(timeout=1.0)
+                except queue.Empty:
+                    processes = self._replace_dead(processes, running, outcomes, todo, tasks, results, progress)
+                    if not any(p.is_alive() for p in processes) and results.empty():
+                        break  # every worker gone and nothing left to report
+                    continue
+                if kind == "start":
+                    running[value] = index
+                else:
+                    running = {pid: i for pid, i in running.items() if i != index}
+                    outcomes[index] = value
+                    log.info("[%d/%d] %s: %s", len(outcomes), len(todo), value.spec.describe(), value.status)
+                    if progress:
+                        progress(value)
+        except KeyboardInterrupt:
+            log.warning("interrupted: stopping %d worker(s); %d of %d run(s) finished", len(processes),
+                        len(outcomes), len(todo))
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.terminate()
+            for process in processes:
+                process.join(timeout=10)
+        unfinished = [Outcome(spec, "interrupted", error="not finished: the sweep was stopped")
+                      for index, spec in enumerate(todo) if index not in outcomes]
+        return list(outcomes.values()) + unfinished
 
-
-def in_spec_order(outcomes: list[Outcome], specs: list[RunSpec]) -> list[Outcome]:
-    position = {spec: index for index, spec in enumerate(specs)}
-    return sorted(outcomes, key=lambda outcome: position.get(outcome.spec, len(specs)))
+    def _replace_dead(self, processes, running, outcomes, todo, tasks, results, progress):
+        """Fail the run a dead worker held and start a new worker in its place (if runs are left)."""
+        alive = []
+        for process in processes:
+            if process.is_alive() or process.exitcode == 0:
+                alive.append(process)
+                continue
+            index = running.pop(process.pid, None)
+            if index is not None and index not in outcomes:
+                outcomes[index] = Outcome(todo[index], "failed",
+                                          error=f"worker process {process.pid} died (exit code {process.exitcode})")
+                records.write_failure(todo[index].directory, outcomes[index].error)
+                log.error("%s: %s", todo[index].describe(), outcomes[index].error)
+                if progress:
+                    progress(outcomes[index])
+            if len(outcomes) + len(running) < len(todo):  # its end marker is still queued: the new one takes it
+                alive.append(self._spawn(tasks, results))
+        return alive
 
 
 # -- submitit: prerequisites job, then one job array; a manifest for `status` ------------------------------------
 class PrerequisitesFailed(RuntimeError):
-    """The job building the base model or classifier failed; no run was submitted."""
+    """The job building the base model, classifier or preparations failed; no run was submitted."""
 
 
 @dataclass
@@ -312,9 +364,10 @@ def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Pat
     here blocks; elsewhere this waits for it. Raises PrerequisitesFailed if it fails.
     """
     folder = Path(folder)
-    known, todo = split_finished(specs, force)
     executor = make_executor(kind, folder, config)
-    prerequisites = _prerequisites(executor, todo, wait_prerequisites or kind != "slurm") if todo else []
+    wait = wait_prerequisites or kind != "slurm"
+    prerequisites = _prerequisites(executor, specs, wait)
+    known, todo = split_finished(specs, force)
     if prerequisites and kind == "slurm" and not wait_prerequisites:
         executor.update_parameters(slurm_additional_parameters={
             "dependency": "afterok:" + ":".join(prerequisites), "kill-on-invalid-dep": "yes"})
@@ -325,15 +378,15 @@ def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Pat
     return submission
 
 
-def _prerequisites(executor, todo: list[RunSpec], wait: bool) -> list[str]:
-    """Submit one job per preset whose base model or classifier is missing (and wait for it); their job ids."""
-    tasks = [t for t in prerequisites_for(todo) if not t.cached()]
+def _prerequisites(executor, specs: list[RunSpec], wait: bool) -> list[str]:
+    """Submit one job per preset whose prerequisites are incomplete (and wait for it); their job ids."""
+    tasks = [task for task in prerequisites_for(specs) if missing(task)]
     if not tasks:
         return []
     jobs = submit_all(executor, Job(), tasks)
     for task, job in zip(tasks, jobs):
-        log.info("building the %s base model, classifier, shared preparation and FID references first: job %s (log %s)",
-                 task.preset, job.job_id, job.paths.stderr)
+        log.info("building the %s prerequisites first (%s): job %s (log %s)", task.preset, ", ".join(missing(task)),
+                 job.job_id, job.paths.stderr)
     if wait:
         for finished in wait_all(jobs, tasks, progress=False, poll_s=2.0, refresh_s=10.0):
             if finished.failed:
@@ -376,6 +429,6 @@ def write_manifest(submission: Submission) -> Path:
                "host": socket.gethostname(), "pid": os.getpid(),
                "prerequisites_jobs": submission.prerequisites_jobs, "runs": runs}
     # Unique even for two submissions of one process within a second (the suffix), ordered by time in `ls`.
-    path = submission.folder / f"submission-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}.json"
+    path = submission.folder / f"submission-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{os.urandom(3).hex()}.json"
     records.write_json_atomic(path, payload)
     return path

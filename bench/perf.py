@@ -2,10 +2,11 @@
 
 Speed and memory do not depend on the values of the weights or the data, so the model has random weights and
 the data are random images: no base model, data set or cache is needed. Each training step is the real
-method's `loss` through the runner's `train()` (optimizer, clipping, masks, EMA, finite checks), timed per
+method's update through the runner's `train()` (optimizer, clipping, masks, EMA, finite checks), timed per
 step with CUDA events and summarized by the median after warm-up; the first step, which holds any
-torch.compile time, is reported apart. SA's Fisher and SalUn's saliency mask are the methods' own functions
-on a few images, scaled to seconds per image. Results go to JSON and a Markdown table.
+torch.compile time, is reported apart. Each method's preparation is its own `prepare()`, shrunk by
+`PerfOptions.prepare_sets` (`--set`-style: SA draws one prior per class); every stage it times is projected to
+the paper's counts from the units it declares. Results go to JSON and a Markdown table.
 """
 
 from __future__ import annotations
@@ -27,25 +28,22 @@ import torch
 from bench import records
 from bench.config import Preset, get_preset
 from bench.data import ClassDataset
-from bench.diffusion import NoiseSchedule, sample
-from bench.runner import (
-    EMA,
+from bench.device import (
     PLAIN,
     Speed,
-    TrainSpec,
     device_name,
-    forward_backward,
     memory_snapshot,
     pick_device,
     prepare_model,
     reset_peak_memory,
     synchronize,
-    train,
 )
+from bench.diffusion import NoiseSchedule, sample
+from bench.evaluate import Sampler
+from bench.runner import EMA, Trainer, make_optimizer, train
+from bench.sweep import parse_sets
 from bench.unet import ConditionalUNet, count_parameters
 from methods import METHODS, Context, get_method
-from methods.sa import diagonal_fisher, fisher_timesteps
-from methods.salun import saliency_scores, top_fraction_mask
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +62,20 @@ TARGETS = {
     "salun": {"max_s": 0.08},
     "sa": {"max_s": 0.10},
     "sampler": {"min_rate": 16_000},
-    "sa fisher": {"max_s": 3600 / 5000},  # 5,000 images x 1,000 timesteps in 60 min
+    "sa fisher": {"max_paper_s": 3600},  # 5,000 images x 1,000 timesteps in 60 min
 }
-# ../shared/notes/gpu-anchors.md: one H200, torch 2.11, mean of 20 steps after 3 warm-up steps.
+# The published code on one H200 (torch 2.11, mean of 20 steps after 3 warm-up steps), measured 2026-11-28.
 ANCHORS = {
     "safemax": "0.142 s, 15.4 GiB (fp32 eager); 0.144 s, 5.6 GiB (bf16 + compile)",
     "sa": "0.271 s, 15.9 GiB (published code)",
     "salun": "0.225 s, 22.9 GiB (published code)",
     "sampler": "3,674/s (published, fp32, batch 512); 13,048/s (bf16 + compile, batch 1,024)",
 }
-PAPER_FORGET_IMAGES = 5000  # one CIFAR-10 class: SalUn's mask pass and SA's 10 x 500 priors alike
+# How many units of work a preparation stage does at the paper's CIFAR-10 counts, by the unit it declares
+# (`Context.stage`): SA's 5,000 priors x 1,000 sampler steps or Fisher timesteps, one class's 5,000 images,
+# the other 45,000.
+PAPER_WORK = {"image-steps": 5000 * 1000, "image-timesteps": 5000 * 1000, "forget-class images": 5000,
+              "retained images": 45_000}
 NOTE = "random weights and random data: speed and memory do not depend on the values"
 
 
@@ -90,16 +92,16 @@ class PerfOptions:
     batch_size: int | None = None  # forget and retain images per step; None: the preset's
     sample_batch: int = 1024
     sample_steps: int = 50
-    fisher_images: int = 4
-    fisher_timesteps: int = 250
-    mask_images: int = 256
+    images_per_class: int = 256  # random training images per class (the data that masks are computed on)
+    # `--set`-style overrides that shrink a preparation to seconds; its stages are projected back to paper counts
+    prepare_sets: tuple[str, ...] = ("sa.prior_samples_per_class=1",)
     device: str | None = None
     seed: int = 0
 
     @classmethod
     def for_preset(cls, preset: str, **overrides) -> PerfOptions:
         """Paper-scale sizes for cifar10; a few seconds' worth elsewhere (tiny: the CI smoke test)."""
-        small = {"sample_batch": 32, "sample_steps": 5, "fisher_images": 2, "fisher_timesteps": 8, "mask_images": 32}
+        small = {"sample_batch": 32, "sample_steps": 5, "images_per_class": 32}
         sizes = {} if preset == "cifar10" else small
         return cls(preset=preset, **{**sizes, **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -115,6 +117,7 @@ class PerfOptions:
                 raise ValueError(f"unknown speed variant {name!r}; choose from {', '.join(VARIANTS)}")
         if self.iterations < 20:
             raise ValueError(f"time at least 20 steps for a stable median, got {self.iterations}")
+        parse_sets(self.prepare_sets, list(METHODS))
 
 
 class Bench:
@@ -123,7 +126,7 @@ class Bench:
     def __init__(self, preset: Preset, options: PerfOptions, device: torch.device):
         self.preset, self.options, self.device = preset, options, device
         self.batch_size = options.batch_size or preset.unlearn_batch_size
-        cfg, per_class = preset.unet, max(self.batch_size, options.mask_images)
+        cfg, per_class = preset.unet, max(self.batch_size, options.images_per_class)
         gen = torch.Generator().manual_seed(options.seed)
         images = torch.rand((per_class * cfg.num_classes, cfg.in_channels, cfg.image_size, cfg.image_size),
                             generator=gen) * 2 - 1
@@ -132,6 +135,9 @@ class Bench:
         torch.manual_seed(options.seed)
         self.base = ConditionalUNet(cfg).state_dict()  # on the CPU, as a loaded base checkpoint is
         self.schedule = NoiseSchedule(preset.diffusion, device)
+        shrink = parse_sets(options.prepare_sets, list(METHODS))
+        self.shrink = {method: dict(values[0]) for method in shrink.method
+                       for values in [shrink.method_variants(method)]}
 
     def model(self) -> ConditionalUNet:
         with self.device:  # initialized where it runs: the CPU takes seconds for the 38.6 M-parameter UNet
@@ -139,23 +145,31 @@ class Bench:
         model.load_state_dict(self.base)
         return model
 
+    def generate(self, weights: dict, label: int, count: int) -> torch.Tensor:
+        if getattr(self, "_sampled", (None,))[0] is not weights:  # one model per set of weights
+            model = self.model()
+            model.load_state_dict(weights)
+            self._sampled = (weights, Sampler(model, self.schedule, self.preset.protocol(None), self.preset,
+                                              self.device, seed=0, progress=False))
+        return self._sampled[1].class_samples(label, count)
+
     def context(self, forget_class: int = 0) -> Context:
         seed = self.options.seed
         return Context(preset=self.preset, forget_class=forget_class, seed=seed, schedule=self.schedule,
                        train_data=self.data, device=self.device,
                        noise_generator=torch.Generator(self.device).manual_seed(seed),
                        data_generator=torch.Generator().manual_seed(seed), base_weights=self.base,
-                       base_ema=self.base, base_id="random", cache=None,  # preparation is stood in for here
-                       progress=False)
+                       base_ema=self.base, generate=self.generate, progress=False)
 
-    def method(self, name: str, prepared: dict):
-        """The method with the preset's configuration, the perf batch size and `prepared` attributes set."""
+    def method(self, name: str, prepared: dict, iterations: int | None = None, shrink: bool = False):
+        """The method with the preset's configuration and the perf batch size, `prepared` handed to it."""
         cls = get_method(name)
-        steps = self.options.warmup + self.options.iterations
-        values = {**cls.preset_defaults(self.preset), "batch_size": self.batch_size, "iterations": steps}
+        values = {**cls.preset_defaults(self.preset), "batch_size": self.batch_size,
+                  "iterations": iterations or self.options.warmup + self.options.iterations}
+        if shrink:
+            values.update(self.shrink.get(name, {}))
         method = cls(dataclasses.replace(cls.Config(), **values), self.context())
-        # Own copies of the prepared dicts: a method may re-lay them out (SA's EWC follows channels_last).
-        method.__dict__.update({k: dict(v) if isinstance(v, dict) else v for k, v in prepared.items()})
+        method.prepared = prepared
         return method
 
 
@@ -176,52 +190,31 @@ def fresh_memory(device: torch.device) -> None:
     reset_peak_memory(device)
 
 
-def prepare_sa(bench: Bench, method_config) -> tuple[dict, list[dict]]:
-    """SA's Fisher on a few images x timesteps (timed, per image at the preset's timesteps); priors = data."""
-    opts, schedule, device = bench.options, bench.schedule, bench.device
-    images = bench.data.images[: opts.fisher_images].to(device)
-    labels = bench.data.labels[: opts.fisher_images].to(device)
-    steps, _ = fisher_timesteps(schedule, opts.fisher_timesteps, device)
-    model, generator = bench.model(), torch.Generator(device).manual_seed(1234)
-
-    def run():
-        return diagonal_fisher(model, schedule, images, labels, steps, 1.0, generator, method_config.fim_batch_size,
-                               method_config.fim_timestep_chunk)
-
-    run()  # warm-up: cuDNN, vmap tracing, allocator
-    fresh_memory(device)
-    fisher, seconds = timed(device, run)
-    per_step = seconds / (len(images) * len(steps))
-    full = len(fisher_timesteps(schedule, method_config.fim_timesteps, device)[0])
-    row = {"workload": "sa fisher", "method": "sa", "variant": "fp32 (as published)",
-           "unit": f"s / image ({full} timesteps)",
-           "value": per_step * full, "s_per_image_timestep": per_step, "timesteps_per_image": full,
-           "measured_on": f"{len(images)} images x {len(steps)} timesteps", **memory_snapshot(device),
-           "paper_scale_s": per_step * full * PAPER_FORGET_IMAGES}
-    prepared = {"priors": bench.data, "fisher": fisher,
-                "theta_star": {k: v.to(device) for k, v in bench.base.items() if k in fisher}}
-    return prepared, [row]
-
-
-def prepare_salun(bench: Bench, method_config) -> tuple[dict, list[dict]]:
-    """SalUn's saliency mask over the forget class's images (timed per image); the step then uses it."""
-    device, ctx, model = bench.device, bench.context(), bench.model()
-
-    def run():
-        scores = saliency_scores(model, ctx, method_config.mask_batch_size, method_config.mask_guidance)
-        return top_fraction_mask(scores, 1.0 - method_config.sparsity)
-
-    run()  # warm-up
-    fresh_memory(device)
-    mask, seconds = timed(device, run)
-    count = len(bench.data.forget(ctx.forget_class))
-    row = {"workload": "salun mask", "method": "salun", "variant": "fp32 (as published)", "unit": "s / image",
-           "value": seconds / count, "measured_on": f"{count} images", **memory_snapshot(device),
-           "paper_scale_s": seconds / count * PAPER_FORGET_IMAGES}
-    return {"mask": mask}, [row]
-
-
-PREPARE = {"sa": prepare_sa, "salun": prepare_salun}
+def prepare(bench: Bench, name: str) -> tuple[dict, list[dict]]:
+    """`name`'s own `prepare()` (shrunk by `prepare_sets`; once to warm up, once timed): the tensors, one row per
+    stage with its time projected to the paper's counts."""
+    if bench.method(name, {}).cache_key() is None:
+        return {}, []
+    try:
+        bench.method(name, {}, shrink=True).prepare()  # warm-up: cuDNN, vmap tracing, allocator
+        method = bench.method(name, {}, shrink=True)
+        fresh_memory(bench.device)
+        prepared, seconds = timed(bench.device, method.prepare)
+    except Exception as exc:  # every failure is reported in the table
+        return {}, [error_row(f"{name} preparation", "-", exc)]
+    memory, rows = memory_snapshot(bench.device), []
+    shrunk = ", ".join(f"{k}={v}" for k, v in bench.shrink.get(name, {}).items()) or "as configured"
+    for stage, stage_seconds in method.ctx.timings.items():
+        work, unit = method.ctx.work.get(stage, (0, ""))
+        paper = PAPER_WORK.get(unit)
+        rows.append({"workload": f"{name} {stage}", "method": name, "variant": "fp32 (as published)",
+                     "unit": f"s / {unit.rstrip('s')}" if work else "s", "value": stage_seconds / work if work
+                     else stage_seconds, "measured_on": f"{work:,} {unit} ({shrunk})" if work else shrunk,
+                     **memory, "paper_scale_s": stage_seconds / work * paper if work and paper else None})
+    if not rows:
+        rows.append({"workload": f"{name} preparation", "method": name, "variant": "fp32 (as published)",
+                     "unit": "s", "value": seconds, "measured_on": shrunk, **memory})
+    return prepared, rows
 
 
 def time_step(bench: Bench, name: str, variant: str, prepared: dict) -> dict:
@@ -231,11 +224,9 @@ def time_step(bench: Bench, name: str, variant: str, prepared: dict) -> dict:
     config = method.config
     model = bench.model()
     ema = EMA(model, config.ema_decay, shadow=bench.base) if config.ema else None
-    batches = method.batches()
-    spec = TrainSpec(config.iterations, config.lr, config.grad_clip, speed=VARIANTS[variant], time_steps=True)
     fresh_memory(device)
-    result = train(model, lambda step: method.loss(model, next(batches)), spec, device, ema=ema,
-                   grad_mask=method.grad_mask(), desc=f"perf {name}", progress=False)
+    result = train(model, method.batches(), method.update, config, device, speed=VARIANTS[variant], ema=ema,
+                   grad_mask=method.grad_mask(), time_steps=True, desc=f"perf {name}", progress=False)
     measured = result.step_seconds[opts.warmup:]
     median = statistics.median(measured)
     return {"workload": f"{name} step", "method": name, "variant": variant, "unit": "s / iteration",
@@ -274,22 +265,8 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def stand_ins(bench: Bench, name: str) -> dict:
-    """Cheap stand-ins for what `prepare` sets, for checks that need a step but not its timing: a random
-    positive Fisher, theta* and priors for SA, a random half mask for SalUn."""
-    gen = torch.Generator().manual_seed(bench.options.seed + 5)
-    params = dict(bench.model().named_parameters())
-    if name == "sa":
-        fisher = {k: torch.rand(p.shape, generator=gen).to(bench.device) for k, p in params.items()}
-        theta_star = {k: bench.base[k].to(bench.device) for k in params}
-        return {"priors": bench.data, "fisher": fisher, "theta_star": theta_star}
-    if name == "salun":
-        return {"mask": {k: (torch.rand(p.shape, generator=gen) < 0.5).to(bench.device) for k, p in params.items()}}
-    return {}
-
-
 def first_step(bench: Bench, name: str, speed: Speed, prepared: dict) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and gradients of `name`'s first step through the runner's `forward_backward` under `speed`.
+    """Loss and gradients of `name`'s first step under `speed` (`Trainer.forward_backward`, as training runs it).
 
     Each call builds the method afresh, so its generators draw the same noise and timesteps every time.
     """
@@ -297,9 +274,13 @@ def first_step(bench: Bench, name: str, speed: Speed, prepared: dict) -> tuple[f
     model = bench.model()
     prepare_model(model, speed)
     method = bench.method(name, prepared)
-    batches = method.batches()
-    terms = forward_backward(model, lambda step: method.loss(model, next(batches)), 0, bench.device, speed)
-    return terms["loss"].item(), {k: p.grad.detach().float().clone() for k, p in model.named_parameters()}
+    batch = next(method.batches())
+    batch = {key: tuple(t.to(bench.device) for t in pair) for key, pair in batch.items()}
+    trainer = Trainer(model, make_optimizer(list(model.parameters()), 1e-4, speed, bench.device), bench.device, speed,
+                      None, None)
+    terms = trainer.forward_backward(lambda: method.loss(model, batch))
+    return terms["loss"].item(), {k: p.grad.detach().float().clone() for k, p in model.named_parameters()
+                                  if p.grad is not None}
 
 
 def relative_error(values: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
@@ -322,54 +303,32 @@ def guarded(workload: str, variant: str, fn: Callable[..., dict], *args) -> dict
         return error_row(workload, variant, exc)
 
 
-def prepare(bench: Bench, name: str) -> tuple[dict, list[dict]]:
-    """The attributes `name`'s `prepare` would set (timed where the method computes them) and their rows."""
-    if name not in PREPARE:
-        return {}, []
-    try:
-        return PREPARE[name](bench, bench.method(name, {}).config)
-    except Exception as exc:
-        return {}, [error_row(f"{name} preparation", "-", exc)]
-
-
 def probe(method: str, preset: str = "tiny", steps: int = 2, seed: int = 0) -> dict:
     """The first `steps` training steps of `method` on seeded random weights and data, through its real
-    preparation, batches, loss and the runner's update (clipping, mask, Adam, EMA).
+    preparation, batches, update and the runner (clipping, mask, Adam, EMA), on the CPU in fp32.
 
     Returns `losses` (each step's loss terms, `grad_norm` the gradient's norm before clipping) and `prepared`
-    (per tensor the method's preparation computed: its sum and its count of non-zero entries). The pinned-
-    numerics tests compare these with values written in the tests.
+    (per Fisher or mask tensor of its preparation: its sum and its count of non-zero entries). The pinned-numerics
+    tests compare these with values written in the tests.
     """
-    import tempfile
-
-    from bench.artifacts import Cache
-
-    options = PerfOptions.for_preset(preset, methods=(method,), iterations=20, seed=seed, device="cpu")
+    options = PerfOptions.for_preset(preset, methods=(method,), seed=seed, device="cpu")
     bench = Bench(get_preset(preset), options, torch.device("cpu"))
     cls = get_method(method)
     config = dataclasses.replace(cls.Config(), **{**cls.preset_defaults(bench.preset), "iterations": steps})
-    with tempfile.TemporaryDirectory() as folder:
-        ctx = dataclasses.replace(bench.context(), cache=Cache(folder))
-        runner = cls(config, ctx)
-        runner.prepare()
-        model = bench.model() if not cls.from_scratch else _fresh_model(bench, seed)
-        ema = EMA(model, config.ema_decay, shadow=None if cls.from_scratch else bench.base) if config.ema else None
-        batches = runner.batches()
-        spec = TrainSpec(steps, config.lr, config.grad_clip, speed=PLAIN, check_every=1,
-                         lr_warmdown=config.lr_warmdown)
-        result = train(model, lambda step: runner.loss(model, next(batches)), spec, bench.device, ema=ema,
-                       grad_mask=runner.grad_mask(), progress=False)
-    prepared = {}
-    for attribute in ("fisher", "mask"):
-        for name, tensor in (getattr(runner, attribute, None) or {}).items():
-            prepared[f"{attribute}.{name}"] = {"sum": float(tensor.double().sum()), "nonzero": int(tensor.count_nonzero())}
+    runner = cls(config, bench.context())
+    runner.prepared = runner.prepare()
+    if cls.from_scratch:
+        torch.manual_seed(seed + 1)  # retrain's initial weights (and its dropout)
+        model = ConditionalUNet(bench.preset.unet)
+    else:
+        model = bench.model()
+    ema = EMA(model, config.ema_decay, shadow=None if cls.from_scratch else bench.base) if config.ema else None
+    result = train(model, runner.batches(), runner.update, config, bench.device, speed=PLAIN, ema=ema,
+                   grad_mask=runner.grad_mask(), check_every=1, progress=False)
+    prepared = {name: {"sum": float(tensor.double().sum()), "nonzero": int(tensor.count_nonzero())}
+                for name, tensor in runner.prepared.items() if name.startswith(("fisher.", "mask."))}
     return {"losses": [{k: v for k, v in row.items() if k != "step"} for row in result.loss_history],
             "prepared": prepared}
-
-
-def _fresh_model(bench: Bench, seed: int) -> ConditionalUNet:
-    torch.manual_seed(seed + 1)
-    return ConditionalUNet(bench.preset.unet)
 
 
 def run_perf(options: PerfOptions) -> dict:

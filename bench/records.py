@@ -1,33 +1,44 @@
-"""Run records: one JSON file per (preset, protocol, method, variant, forget class, seed).
+"""Run records: one JSON file per (preset, protocol, method, variant, forget class, seed), and their schema.
 
-Layout: <out>/<preset>/<protocol>/<method>/<variant>/class<k>/seed<s>/record.json, beside samples.png.
-A record is written last and atomically (temporary file + os.replace), so a crashed run leaves none and a
-reader never sees half of one. Tables and figures are built from these files alone.
+Layout: <results>/<preset>/<protocol>/<method>/<variant>/class<k>/seed<s>/record.json, beside samples.png.
+`run_dir` builds the path and `parse_run_dir` reads it back. A record is made by `make_record` (which checks it
+against the schema, so a malformed one is never written), written last and atomically (temporary file +
+os.replace), and checked again on read: types, not only keys. A crashed run leaves none; a reader never sees
+half of one. Tables and figures are built from these files alone.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import logging
+import math
 import os
 import re
-import socket
-import threading
-import time
 import uuid
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from bench.metrics import HIGHER_IS_BETTER
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RECORD_NAME = "record.json"
+FAILURE_NAME = "failure.json"
 SAFE_PART = re.compile(r"^[A-Za-z0-9._=,+-]+$")
+
+# Every record field and its JSON type. A record of schema 1 (before base and classifier ids) reads as well.
+SCHEMA: dict[str, type | tuple[type, ...]] = {
+    "schema": int, "preset": str, "dataset": str, "protocol": dict, "method": str, "variant": str,
+    "forget_class": int, "forget_class_name": str, "seed": int, "hyperparameters": dict, "overrides": dict,
+    "scaled_from_paper": dict, "metrics": dict, "higher_is_better": dict, "timings": dict, "memory": dict,
+    "losses": dict, "base_model": dict, "classifier": dict, "fid": dict, "speed": dict, "provenance": dict,
+    "artifacts": dict, "method_report": dict,
+}
+NUMBER = (int, float)
+# Fields inside `metrics` and `timings` that every table reads: finite numbers.
+METRICS = ("ua", "entropy", "forget_prob", "fid", "retain_accuracy")
+TIMINGS = ("rte_s", "prepare_total_s", "eval_s")
 
 
 class CorruptRecord(ValueError):
-    """A record file that is not valid JSON or lacks the fields every record has."""
+    """A record file that is not valid JSON or does not follow the schema; the message says what is wrong."""
 
 
 def _safe(part: str) -> str:
@@ -36,15 +47,24 @@ def _safe(part: str) -> str:
     return part
 
 
-def run_dir(out: str | Path, preset: str, protocol: str, method: str, variant: str, forget_class: int,
+def run_dir(results: str | Path, preset: str, protocol: str, method: str, variant: str, forget_class: int,
             seed: int) -> Path:
     parts = [preset, protocol, method, variant, f"class{int(forget_class)}", f"seed{int(seed)}"]
-    return Path(out).joinpath(*(_safe(p) for p in parts))
+    return Path(results).joinpath(*(_safe(p) for p in parts))
+
+
+def parse_run_dir(directory: str | Path) -> dict:
+    """The inverse of `run_dir`: preset, protocol, method, variant, forget_class and seed of a run folder."""
+    *_, preset, protocol, method, variant, forget_class, seed = Path(directory).parts
+    if not (forget_class.startswith("class") and seed.startswith("seed")):
+        raise ValueError(f"{directory} is not a run folder (<preset>/<protocol>/<method>/<variant>/class<k>/seed<s>)")
+    return {"preset": preset, "protocol": protocol, "method": method, "variant": variant,
+            "forget_class": int(forget_class.removeprefix("class")), "seed": int(seed.removeprefix("seed"))}
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "w") as handle:
             json.dump(payload, handle, indent=2, sort_keys=False, default=str)
@@ -55,34 +75,60 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         tmp.unlink(missing_ok=True)  # only left behind when something above failed
 
 
-REQUIRED = ("schema", "preset", "method", "forget_class", "seed", "metrics", "timings")
+def problems(record) -> list[str]:
+    """What is wrong with `record` against the schema (empty when nothing is)."""
+    if not isinstance(record, dict):
+        return [f"a record is a JSON object, not {type(record).__name__}"]
+    found = []
+    for key, kind in SCHEMA.items():
+        if key not in record:
+            if key not in ("forget_class_name", "higher_is_better", "speed", "artifacts", "dataset", "method_report"):
+                found.append(f"no {key!r}")
+        elif not isinstance(record[key], kind) or (kind is int and isinstance(record[key], bool)):
+            found.append(f"{key!r} is {type(record[key]).__name__}, not {getattr(kind, '__name__', kind)}")
+    for section, names in (("metrics", METRICS), ("timings", TIMINGS)):
+        values = record.get(section)
+        if not isinstance(values, dict):
+            continue
+        for name in names:
+            value = values.get(name)
+            if name in values and not (isinstance(value, NUMBER) and not isinstance(value, bool)
+                                       and math.isfinite(value)):
+                found.append(f"{section}.{name} is {value!r}, not a finite number")
+        if section == "metrics" and not all(name in values for name in ("ua", "entropy", "fid")):
+            found.append("metrics lacks ua, entropy or fid")
+    return found
+
+
+def make_record(**fields) -> dict:
+    """A record in schema order, with `schema` and `higher_is_better` filled in; raises if it breaks the schema."""
+    record = {"schema": SCHEMA_VERSION, **fields,
+              "higher_is_better": {k: v for k, v in HIGHER_IS_BETTER.items() if k in fields.get("metrics", {})
+                                   or k in fields.get("timings", {})}}
+    record = {key: record[key] for key in SCHEMA if key in record} | {k: v for k, v in record.items()
+                                                                        if k not in SCHEMA}
+    wrong = problems(record)
+    if wrong:
+        raise ValueError(f"refusing to write a record that breaks the schema: {'; '.join(wrong)}")
+    return record
 
 
 def read_record(path: str | Path) -> dict:
     path = Path(path)
     try:
         record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptRecord(f"{path}: unreadable record ({exc}); delete it or rerun with --force") from exc
-    missing = [key for key in REQUIRED if key not in record] if isinstance(record, dict) else list(REQUIRED)
-    if missing:
-        raise CorruptRecord(f"{path}: record lacks {missing}; delete it or rerun with --force")
+    wrong = problems(record)
+    if wrong:
+        raise CorruptRecord(f"{path}: {'; '.join(wrong)}; delete it or rerun with --force")
     return record
 
 
-def is_done(directory: Path) -> bool:
-    """True when a valid record exists in `directory`."""
-    try:
-        read_record(directory / RECORD_NAME)
-    except (CorruptRecord, FileNotFoundError):
-        return False
-    return True
-
-
-def read_all(out: str | Path) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """Every valid record under `out` (each with its `path`), and (path, problem) for each corrupt one."""
+def read_all(results: str | Path) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """Every valid record under `results` (each with its `path`), and (path, problem) for each corrupt one."""
     records, corrupt = [], []
-    for path in sorted(Path(out).rglob(RECORD_NAME)):
+    for path in sorted(Path(results).rglob(RECORD_NAME)):
         try:
             record = read_record(path)
         except CorruptRecord as exc:
@@ -93,134 +139,18 @@ def read_all(out: str | Path) -> tuple[list[dict], list[tuple[Path, str]]]:
     return records, corrupt
 
 
-# -- claims: which process is running a run (or building a preset's prerequisites) right now ----------------------
-CLAIM_NAME = "claim.json"
-HEARTBEAT_S = 30.0
-# A claim from another host counts as abandoned when its heartbeat (the file's mtime) is this old.
-STALE_AFTER_S = 300.0
+def write_failure(directory: Path, error: str, log_path: str | None = None) -> Path:
+    """Leave `failure.json` where the record would be: what failed and where its log is (read by `bench status`)."""
+    import time
+
+    path = directory / FAILURE_NAME
+    write_json_atomic(path, {"error": error, "log": log_path, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return path
 
 
-def process_start(pid: int) -> str | None:
-    """The start time of `pid` from /proc (tells a live process from a later one reusing its pid); None if dead."""
+def read_failure(directory: Path) -> dict | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        payload = json.loads((directory / FAILURE_NAME).read_text())
+    except (OSError, ValueError):
         return None
-    return None if fields[0] in ("Z", "X") else fields[19]  # a zombie is dead; fields[19] is starttime
-
-
-def _holder(job_id: str | None) -> dict:
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "pid_start": process_start(pid), "job_id": job_id,
-            "token": uuid.uuid4().hex, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def describe_holder(holder: dict) -> str:
-    job = f"job {holder['job_id']}, " if holder.get("job_id") else ""
-    return f"{job}pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
-
-
-def read_claim(path: Path) -> tuple[str, dict | None] | None:
-    """(raw text, parsed holder or None if unreadable) of a claim file; None when there is none."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    try:
-        holder = json.loads(text)
-    except json.JSONDecodeError:
-        holder = None
-    return text, holder if isinstance(holder, dict) else None
-
-
-def claim_is_stale(path: Path, holder: dict | None, job_id: str | None = None) -> bool:
-    """A claim is abandoned when its process is dead (same host), it is this job's own earlier incarnation
-    (requeued), or, from another host, its heartbeat stopped STALE_AFTER_S ago."""
-    try:
-        age = time.time() - path.stat().st_mtime
-    except FileNotFoundError:
-        return True
-    if holder is None:  # unreadable: written by something else; give a writer time, then take it
-        return age > STALE_AFTER_S
-    if job_id is not None and holder.get("job_id") == job_id:
-        return True
-    if holder.get("host") == socket.gethostname():
-        start = process_start(int(holder.get("pid", -1)))
-        return start is None or start != holder.get("pid_start")
-    return age > STALE_AFTER_S
-
-
-class Claim:
-    """This process's claim on a run folder; keeps its heartbeat going until `release()`."""
-
-    def __init__(self, path: Path, token: str):
-        self.path, self.token = path, token
-        self._stop = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeat, name=f"claim {path}", daemon=True)
-        self._beat.start()
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
-
-    def release(self) -> None:
-        """Remove the claim if it is still ours, and the markers of earlier takeovers."""
-        self._stop.set()
-        current = read_claim(self.path)
-        if current is not None and current[1] is not None and current[1].get("token") == self.token:
-            self.path.unlink(missing_ok=True)
-        for marker in self.path.parent.glob(f".{self.path.name}.takeover-*"):
-            marker.unlink(missing_ok=True)
-
-
-def _link_or_create(tmp: Path, path: Path) -> None:
-    """Hard-link `tmp` to `path`, failing with FileExistsError if `path` exists."""
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise
-    except OSError:  # a filesystem without hard links: exclusive create (briefly empty to readers)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(tmp.read_text())
-
-
-def try_claim(path: str | Path, job_id: str | None = None) -> Claim | None:
-    """Claim `path` atomically for this process; None while another live process holds it.
-
-    The claim file appears complete or not at all (written aside, then hard-linked, which fails if it exists,
-    also on NFS). An abandoned claim is taken over by exactly one claimant: the one that creates the takeover
-    marker named after the abandoned claim's content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    holder = _holder(job_id)
-    tmp = path.with_name(f".{path.name}.{holder['token']}.tmp")
-    tmp.write_text(json.dumps(holder))
-    try:
-        for _ in range(5):
-            try:
-                _link_or_create(tmp, path)
-                return Claim(path, holder["token"])
-            except FileExistsError:
-                pass
-            current = read_claim(path)
-            if current is None:
-                continue  # released just now: try again
-            text, held = current
-            if not claim_is_stale(path, held, job_id):
-                return None
-            marker = path.with_name(f".{path.name}.takeover-{hashlib.sha256(text.encode()).hexdigest()[:16]}")
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            except FileExistsError:
-                return None  # another claimant is taking this one over
-            if read_claim(path) != current:
-                continue  # changed under us: judge the new one
-            log.warning("taking over abandoned claim %s (%s)", path, describe_holder(held or {}))
-            os.replace(tmp, path)
-            return Claim(path, holder["token"])
-        return None
-    finally:
-        tmp.unlink(missing_ok=True)
+    return payload if isinstance(payload, dict) else None

@@ -1,7 +1,8 @@
 """`bench status`: done / running / failed / missing per run, from the records, the run claims and the jobs folder.
 
-The submission manifests (`submission-*.json`, written by bench.orchestrate) list every run that went out; the
-records and claims under the results folder say which finished or still run; submitit's result pickles and the
+The results folder says what every run did, wherever it ran: a record (done), a live claim (running), a failure
+marker with its reason and log (failed), a dead claim (killed). The submission manifests (`submission-*.json`,
+written by bench.orchestrate) add runs that were submitted but have not started; submitit's result pickles and the
 scheduler (`sacct`/`squeue` on SLURM) say why a job without a record failed.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import submitit
 
-from bench import records
+from bench import claims, records
 from bench.orchestrate import last_line
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,12 @@ def status(out: str | Path, folder: str | Path) -> list[RunStatus]:
             continue
         for run in payload["runs"]:
             entries[run["directory"]] = {**run, "cluster": payload["cluster"]}
-    for path in Path(out).rglob(records.RECORD_NAME):
-        entries.setdefault(str(path.parent.resolve()), _entry_from_path(path.parent))
+    for name in (records.RECORD_NAME, claims.CLAIM_NAME, records.FAILURE_NAME):
+        for path in Path(out).rglob(name):
+            try:
+                entries.setdefault(str(path.parent.resolve()), _entry_from_path(path.parent))
+            except ValueError:  # a claim or file outside the run layout (a preset's prerequisites)
+                continue
     slurm_ids = [e["job_id"] for e in entries.values() if e.get("cluster") == "slurm"]
     scheduler = _scheduler_states(folder, slurm_ids)
     rows = [_run_status(entry, folder, scheduler) for entry in entries.values()]
@@ -57,9 +62,7 @@ def status(out: str | Path, folder: str | Path) -> list[RunStatus]:
 
 
 def _entry_from_path(directory: Path) -> dict:
-    *_, method, variant, forget_class, seed = directory.parts
-    return {"method": method, "variant": variant, "forget_class": int(forget_class.removeprefix("class")),
-            "seed": int(seed.removeprefix("seed")), "directory": str(directory.resolve())}
+    return {**records.parse_run_dir(directory), "directory": str(directory.resolve())}
 
 
 def _scheduler_states(folder: Path, job_ids: list[str]) -> dict[str, str]:
@@ -78,18 +81,25 @@ def _scheduler_states(folder: Path, job_ids: list[str]) -> dict[str, str]:
 def _run_status(entry: dict, folder: Path, scheduler: dict[str, str]) -> RunStatus:
     row = RunStatus(entry["method"], entry["variant"], entry["forget_class"], entry["seed"], "missing")
     directory = Path(entry["directory"])
-    record_path, claim_path = directory / records.RECORD_NAME, directory / records.CLAIM_NAME
+    record_path, claim_path = directory / records.RECORD_NAME, directory / claims.CLAIM_NAME
     if record_path.exists():
         try:
             records.read_record(record_path)
             return dataclasses.replace(row, state="done", detail=str(record_path))
-        except records.CorruptRecord:
-            return dataclasses.replace(row, state="failed", detail=f"corrupt record {record_path}")
-    held = records.read_claim(claim_path)
-    if held is not None and not records.claim_is_stale(claim_path, held[1]):
-        return dataclasses.replace(row, state="running", detail=records.describe_holder(held[1] or {}))
+        except records.CorruptRecord as exc:
+            return dataclasses.replace(row, state="failed", detail=str(exc))
+    held = claims.read_claim(claim_path)
+    if held is not None and not claims.claim_is_stale(claim_path, held[1]):
+        return dataclasses.replace(row, state="running", detail=claims.describe_holder(held[1] or {}))
+    failure = records.read_failure(directory)
+    if failure is not None:
+        where = f"; log {failure['log']}" if failure.get("log") else ""
+        return dataclasses.replace(row, state="failed", detail=f"{failure.get('error')}{where}")
     job_id = entry.get("job_id")
     if not job_id:
+        if held is not None:
+            return dataclasses.replace(row, state="failed", detail=f"killed: its process is gone "
+                                                                   f"({claims.describe_holder(held[1] or {})})")
         return row
     paths = submitit.core.utils.JobPaths(folder, job_id, 0)
     if paths.result_pickle.exists():
@@ -108,4 +118,4 @@ def _run_status(entry: dict, folder: Path, scheduler: dict[str, str]) -> RunStat
 
 
 def _local_job_alive(job_id: str) -> bool:
-    return job_id.isdigit() and records.process_start(int(job_id)) is not None
+    return job_id.isdigit() and claims.process_start(int(job_id)) is not None

@@ -1,22 +1,86 @@
-"""The grid a `bench run` asks for: forget classes, seeds, swept values -> one RunSpec per run.
+"""What a `bench run` asks for: one `RunSpec` per run, from forget classes, seeds and swept values.
 
 `--set method.field=v1,v2` sweeps a method hyperparameter and `--set protocol.field=v` changes the evaluation;
 `--speed switch=v` sets how runs are computed. Values are parsed to the field's declared type (`none` for an
 optional one) and checked by the config itself, before any work starts; errors name the valid keys.
+`resolve_method_config` and `resolve_protocol` turn a spec into the configuration it runs with.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench import records
-from bench.config import Preset, Protocol
-from bench.experiment import RunSpec
-from bench.runner import Speed
+from bench.config import Preset, Protocol, TrainConfig, get_preset
+from bench.device import Speed
 from methods import get_method
+
+# A variant folder name longer than this is cut and completed with a hash of the whole (file names have limits).
+MAX_VARIANT = 96
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: (preset, method, forget class, seed, overrides). Picklable, so it runs in any process or job."""
+
+    preset: str
+    method: str
+    forget_class: int
+    seed: int
+    results: str
+    cache: str | None = None
+    protocol: str | None = None
+    method_overrides: tuple[tuple[str, object], ...] = ()
+    protocol_overrides: tuple[tuple[str, object], ...] = ()
+    # `bench.device.Speed` switches for training and sampling: how a run is computed, not what. Not part of the
+    # run's folder; a record made with other switches is not reused for this spec (`bench.orchestrate`).
+    speed: tuple[tuple[str, object], ...] = ()
+    data_root: str | None = None
+    device: str | None = None
+    progress: bool = True
+    save_model: bool = False
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def variant(self) -> str:
+        parts = [f"{k}={v}" for k, v in sorted(self.method_overrides)]
+        parts += [f"protocol.{k}={v}" for k, v in sorted(self.protocol_overrides)]
+        full = ",".join(parts) or "default"
+        if len(full) <= MAX_VARIANT:
+            return full
+        return f"{full[:MAX_VARIANT - 17]}+{hashlib.sha1(full.encode()).hexdigest()[:16]}"
+
+    @property
+    def protocol_name(self) -> str:
+        return get_preset(self.preset).protocol(self.protocol).name
+
+    @property
+    def directory(self) -> Path:
+        return records.run_dir(self.results, self.preset, self.protocol_name, self.method, self.variant,
+                               self.forget_class, self.seed)
+
+    def describe(self) -> str:
+        extra = "" if self.variant == "default" else f" [{self.variant}]"
+        return f"{self.method}{extra} class {self.forget_class} seed {self.seed}"
+
+
+def resolve_protocol(preset: Preset, spec: RunSpec) -> Protocol:
+    return dataclasses.replace(preset.protocol(spec.protocol), **dict(spec.protocol_overrides))
+
+
+def resolve_method_config(preset: Preset, method: str, overrides=()) -> tuple[type, TrainConfig, dict]:
+    """Paper defaults, then the preset's scaling, then the user's overrides; plus what the preset changed."""
+    cls = get_method(method)
+    paper = cls.Config()
+    scaled = cls.preset_defaults(preset)
+    config = dataclasses.replace(paper, **{**scaled, **dict(overrides)})  # the user's value wins
+    changes = {k: {"paper": getattr(paper, k), "preset": v} for k, v in scaled.items() if getattr(paper, k) != v}
+    return cls, config, changes
 
 
 def parse_classes(spec: str, num_classes: int) -> list[int]:
@@ -38,10 +102,20 @@ def parse_classes(spec: str, num_classes: int) -> list[int]:
 
 
 def parse_seeds(spec: str) -> list[int]:
+    """'0', '0,1,2', '0-2' or a mix; seeds are integers in [0, 2**31)."""
+    seeds: list[int] = []
     try:
-        return sorted({int(p) for p in str(spec).split(",") if p.strip()})
+        for part in (p.strip() for p in str(spec).split(",") if p.strip()):
+            low, dash, high = part.partition("-")
+            seeds.extend(range(int(low), int(high) + 1) if dash else [int(part)])
     except ValueError:
-        raise ValueError(f"cannot read seeds {spec!r}: use forms like 0 or 0,1,2") from None
+        raise ValueError(f"cannot read seeds {spec!r}: use forms like 0, 0,1,2 or 0-2") from None
+    if not seeds:
+        raise ValueError(f"no seed in {spec!r}: use forms like 0, 0,1,2 or 0-2")
+    bad = [s for s in seeds if not 0 <= s < 2**31]
+    if bad:
+        raise ValueError(f"seed(s) {bad[:3]} out of range: seeds are integers in [0, 2147483647]")
+    return sorted(set(seeds))
 
 
 def _convert(text: str, kind: type, key: str):

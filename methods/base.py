@@ -1,56 +1,51 @@
-"""The method interface, the context a method runs in, and the loss terms several methods share.
+"""The method interface, the context a method runs in, and the registry.
 
-A method is a loss plus optional preparation (Fisher, saliency mask, replay samples). It never owns a loop,
-a device choice or file I/O beyond its cached artifacts: the runner trains, the experiment evaluates.
+A method is a loss, plus optional preparation. What a method file defines:
+
+- `name`, `Config` (a `TrainConfig` subclass of its hyperparameters, paper-scale defaults), `description`;
+- `batches()`: endless training batches as CPU tensors (default: real forget-class and retained-class images);
+- `loss(model, batch) -> {"loss": ..., other terms}`;
+- optionally `grad_mask()` (gradients are multiplied by it), `prepare() -> dict[str, Tensor]` with `cache_key()`
+  (pure computation from the context; the harness caches it per base model and key, times it, and hands it back
+  as `self.prepared` before training), `update(step, trainer, batch)` when one iteration is more than one
+  optimizer step of `loss` (SFR-on's two steps, EraseDiff's inner unroll), `state_dict()` / `load_state_dict()`
+  for state kept between iterations (so that a resumed run equals an uninterrupted one), and `report()` for
+  facts the record should hold (`method_report`).
+
+Every random draw of the data (order, flips, extra batches) happens inside `batches()` from `ctx.data_generator`:
+a resumed run replays the stream to its step. Noise, timesteps and label dropout come from `ctx.noise_generator`,
+dropout from torch's global generator; the runner saves and restores both.
+
+A method never owns a loop, a device choice or a file: the runner trains, the harness caches and evaluates.
+`@register` adds a class to `METHODS`; methods from other packages register through the entry-point group
+`unlearning_bench.methods` (see `methods/__init__.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from bench.data import HFLIPS, ClassDataset, training_batches
+from bench.config import Preset, TrainConfig
+from bench.data import ClassDataset, training_batches
+from bench.device import synchronize
 from bench.diffusion import NoiseSchedule
-from bench.unet import NULL_CLASS
-
-if TYPE_CHECKING:
-    from bench.artifacts import Cache
-    from bench.config import Preset
+from bench.runner import Trainer
+from bench.unet import ConditionalUNet
 
 Batch = dict[str, tuple[Tensor, Tensor]]
 
 
-@dataclass(frozen=True)
-class MethodConfig:
-    """Hyperparameters every fine-tuning method has; defaults are the paper-scale (SalUn) values."""
-
-    iterations: int = 1000
-    batch_size: int = 128
-    lr: float = 1e-4
-    grad_clip: float = 1.0
-    # Evaluate (and keep) an EMA of the weights; SA continues the base model's EMA, SalUn keeps none.
-    ema: bool = False
-    ema_decay: float = 0.9999
-    lr_warmdown: float = 0.0  # fraction of the final iterations with a linearly falling lr; 0 (constant) as published
-    # Horizontal flips of the training images: `once` per image when the lists are built (SalUn's loaders, which
-    # SAFEMax shares: "the same hyperparameters as SalUn"), `every_draw` (pretraining, SA's replay) or `none`.
-    hflip: str = "once"
-
-    def __post_init__(self):
-        if not 0 <= self.lr_warmdown <= 1:
-            raise ValueError(f"lr_warmdown must be in [0, 1], got {self.lr_warmdown}")
-        if self.hflip not in HFLIPS:
-            raise ValueError(f"hflip must be one of {', '.join(HFLIPS)}, got {self.hflip!r}")
-
-
 @dataclass
 class Context:
-    """Everything a method may read: the task, the data, the frozen base model and the cache."""
+    """Everything a method may read: the task, the data, the frozen base model and a sampler for it."""
 
     preset: Preset
     forget_class: int
@@ -62,28 +57,49 @@ class Context:
     data_generator: torch.Generator  # on the CPU: batch order, flips
     base_weights: dict[str, Tensor]  # pretrained (non-EMA) weights, theta*
     base_ema: dict[str, Tensor]  # the base model's EMA weights
-    base_id: str  # identifies the base checkpoint, for cache keys
-    cache: Cache
+    # generate(weights, label, count) -> uint8 images of `label` from a model with `weights`, drawn with the
+    # preset's evaluation sampler (as SA's priors are)
+    generate: Callable[[dict[str, Tensor], int, int], Tensor] | None = None
     progress: bool = True
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per preparation stage
+    work: dict[str, tuple[int, str]] = field(default_factory=dict)  # per stage: how many units of what
 
     @property
     def num_classes(self) -> int:
         return self.train_data.num_classes
 
+    def unet(self, weights: dict[str, Tensor]) -> ConditionalUNet:
+        """A UNet of the preset's configuration with `weights`, on the device (the base model, for preparation)."""
+        model = ConditionalUNet(self.preset.unet).to(self.device)
+        model.load_state_dict(weights)
+        return model
+
+    @contextlib.contextmanager
+    def stage(self, name: str, work: int = 0, unit: str = ""):
+        """Time one stage of a preparation (SA: priors, then Fisher); reported apart in the record.
+
+        `work` units of `unit` (e.g. 5,000 "image-timesteps") let `bench perf` project a shrunk run to paper counts.
+        """
+        synchronize(self.device)
+        started = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - started
+        if work:
+            self.work[name] = (work, unit)
+
 
 class UnlearningMethod:
     name: ClassVar[str]
-    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    Config: ClassVar[type[TrainConfig]] = TrainConfig
     description: ClassVar[str] = ""
-    # True for methods that start from fresh weights rather than from the pretrained model.
+    # True for methods that start from fresh weights rather than from the pretrained model (retrain).
     from_scratch: ClassVar[bool] = False
-    # True when `prepare` builds artifacts every forget class shares (SA's priors and Fisher): the orchestrator
-    # then builds them once, in the prerequisites step, before the runs that need them.
-    shares_preparation: ClassVar[bool] = False
 
-    def __init__(self, config: MethodConfig, ctx: Context):
+    def __init__(self, config: TrainConfig, ctx: Context):
         self.config = config
         self.ctx = ctx
+        self.prepared: dict[str, Tensor] = {}  # what `prepare` computed, set by the harness before training
 
     @classmethod
     def preset_defaults(cls, preset: Preset) -> dict:
@@ -97,26 +113,27 @@ class UnlearningMethod:
         if paper.ema and paper.iterations and scale != 1.0:
             # Keep the EMA's horizon the same fraction of the (shorter) run: decay ** iterations is preserved.
             defaults["ema_decay"] = round(paper.ema_decay ** (1.0 / scale), 6)
-        if not preset.pretrain.hflip:  # data whose mirror image is another thing (a flipped 3 is no 3)
+        if preset.pretrain.hflip == "none":  # data whose mirror image is another thing (a flipped 3 is no 3)
             defaults["hflip"] = "none"
         return {**defaults, **preset.method_defaults.get(cls.name, {})}
 
-    def prepare(self) -> dict[str, float]:
-        """Compute or load cached preparation (Fisher, mask, priors); returns seconds per named stage."""
+    def cache_key(self) -> str | None:
+        """What `prepare` depends on besides the base model, as a file name; None when there is nothing to prepare.
+
+        A key without the forget class is shared by every forget class, and the harness prepares it once."""
+        return None
+
+    def prepare(self) -> dict[str, Tensor]:
+        """Compute the preparation (Fisher, mask, priors) from `self.ctx`; pure computation, no files."""
         return {}
 
-    @classmethod
-    def preparation_ready(cls, cache: Cache, preset: Preset, base_id: str, config: MethodConfig) -> bool:
-        """Whether the shared preparation for this base model and configuration is already cached."""
-        return True
-
     def batches(self) -> Iterator[Batch]:
-        """Endless training batches; by default real forget-class and retained-class images."""
+        """Endless training batches on the CPU; by default real forget-class and retained-class images."""
         ctx, size, hflip = self.ctx, self.config.batch_size, self.config.hflip
         forget = training_batches(ctx.train_data.forget(ctx.forget_class), size, ctx.data_generator, hflip)
         retain = training_batches(ctx.train_data.retain(ctx.forget_class), size, ctx.data_generator, hflip)
         for pair in zip(forget, retain):
-            yield {name: (x.to(ctx.device), y.to(ctx.device)) for name, (x, y) in zip(("forget", "retain"), pair)}
+            yield dict(zip(("forget", "retain"), pair))
 
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -124,34 +141,36 @@ class UnlearningMethod:
     def grad_mask(self) -> dict[str, Tensor] | None:
         return None
 
+    def update(self, step: int, trainer: Trainer, batch: Batch) -> dict[str, Tensor]:
+        """One iteration: by default one optimizer step of `loss`, masked by `grad_mask()` after clipping."""
+        return trainer.update(lambda: self.loss(trainer.model, batch))
+
+    def report(self) -> dict:
+        """Facts about this run the record should hold beyond losses and timings (e.g. a mask's density)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """State kept between iterations (not weights, optimizer or generators, which the runner saves)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def hyperparameters(self) -> dict:
         return dataclasses.asdict(self.config)
 
 
-def drop_labels(labels: Tensor, probability: float, generator: torch.Generator | None) -> Tensor:
-    """Replace each label by the null class with `probability` (classifier-free guidance training)."""
-    if probability <= 0:
-        return labels
-    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < probability
-    return torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
+METHODS: dict[str, type[UnlearningMethod]] = {}
 
 
-def squared_error(target: Tensor, prediction: Tensor) -> Tensor:
-    """Per-sample squared error summed over pixels, in float32."""
-    return (target.float() - prediction.float()).square().flatten(1).sum(1)
-
-
-def noised(schedule: NoiseSchedule, x0: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """Antithetic timesteps t, fresh noise, and x_t for a batch of clean images."""
-    t = schedule.sample_timesteps(len(x0), generator, x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
-    return t, noise, schedule.add_noise(x0, noise, t)
-
-
-def noise_loss(
-    model: nn.Module, schedule: NoiseSchedule, x0: Tensor, labels: Tensor, generator: torch.Generator,
-    label_dropout: float = 0.0,
-) -> Tensor:
-    """The DDPM loss per sample: || noise - eps(x_t, label, t) ||^2 summed over pixels."""
-    t, noise, x_t = noised(schedule, x0, generator)
-    return squared_error(noise, model(x_t, t, drop_labels(labels, label_dropout, generator)))
+def register(cls: type[UnlearningMethod]) -> type[UnlearningMethod]:
+    """Class decorator: add a method to the registry under its `name` (a name taken twice is an error)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"method class {cls.__qualname__} needs a `name` made of letters, digits and _")
+    if name in METHODS and METHODS[name] is not cls:
+        raise ValueError(f"method name {name!r} is taken by {METHODS[name].__module__}.{METHODS[name].__qualname__}")
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, TrainConfig)):
+        raise ValueError(f"method {name!r}: Config must be a TrainConfig dataclass")
+    METHODS[name] = cls
+    return cls

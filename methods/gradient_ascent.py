@@ -12,13 +12,15 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from methods.base import Batch, MethodConfig, UnlearningMethod, noise_loss
+from bench.config import TrainConfig
+from bench.diffusion import noise_loss
+from methods.base import Batch, UnlearningMethod, register
 
 GA_VARIANTS = ("salun", "plain")
 
 
 @dataclass(frozen=True)
-class GradientAscentConfig(MethodConfig):
+class GradientAscentConfig(TrainConfig):
     variant: str = "salun"  # salun: SalUn's `ga` (forget ascent + alpha * retain); plain: forget ascent alone
     # Weight of the retained term. SalUn's `--alpha` defaults to 1.0 in its argument parser; its README runs the
     # same script with `--alpha 1e-3`, the value taken here (and by `salun`).
@@ -31,6 +33,7 @@ class GradientAscentConfig(MethodConfig):
             raise ValueError(f"unknown ga variant {self.variant!r}; choose from {', '.join(GA_VARIANTS)}")
 
 
+@register
 class GradientAscent(UnlearningMethod):
     """Maximize the forget class's noise loss (SalUn's `ga`: plus alpha times the retained classes' loss)."""
 
@@ -51,11 +54,12 @@ class GradientAscent(UnlearningMethod):
 
 
 @dataclass(frozen=True)
-class NegGradPlusConfig(MethodConfig):
+class NegGradPlusConfig(TrainConfig):
     gamma: float = 0.1  # weight of the (negated) forget loss
     label_dropout: float = 0.1  # on the retained term, as in pretraining
 
 
+@register
 class NegGradPlus(UnlearningMethod):
     """Retain loss minus gamma times forget loss (Kurmanji et al.)."""
 

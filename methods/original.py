@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.base import MethodConfig, UnlearningMethod
+from bench.config import TrainConfig
+from methods.base import UnlearningMethod, register
 
 
 @dataclass(frozen=True)
-class OriginalConfig(MethodConfig):
+class OriginalConfig(TrainConfig):
     iterations: int = 0
     ema: bool = True  # evaluated with the base model's EMA weights, as the reference evaluates its models
 
 
+@register
 class Original(UnlearningMethod):
     name = "original"
     Config = OriginalConfig

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from bench.config import TrainConfig
 from bench.data import training_batches
-from methods.base import Batch, MethodConfig, UnlearningMethod, noise_loss
+from bench.diffusion import noise_loss
+from methods.base import Batch, UnlearningMethod, register
 
 
 @dataclass(frozen=True)
-class RetrainConfig(MethodConfig):
+class RetrainConfig(TrainConfig):
     iterations: int = 800_000
     batch_size: int = 128
     lr: float = 2e-4
@@ -22,6 +25,7 @@ class RetrainConfig(MethodConfig):
     hflip: str = "every_draw"  # as pretraining: a RandomHorizontalFlip in the loader
 
 
+@register
 class Retrain(UnlearningMethod):
     name = "retrain"
     Config = RetrainConfig
@@ -30,17 +34,14 @@ class Retrain(UnlearningMethod):
 
     @classmethod
     def preset_defaults(cls, preset) -> dict:
-        recipe = preset.pretrain
-        return {"iterations": recipe.iterations, "batch_size": recipe.batch_size, "lr": recipe.lr,
-                "ema_decay": recipe.ema_decay, "hflip": "every_draw" if recipe.hflip else "none", "grad_clip": recipe.grad_clip,
-                "lr_warmdown": recipe.lr_warmdown,
-                **preset.method_defaults.get(cls.name, {})}
+        """The preset's pretraining recipe, field for field."""
+        return {**dataclasses.asdict(preset.pretrain), **preset.method_defaults.get(cls.name, {})}
 
     def batches(self) -> Iterator[Batch]:
         ctx = self.ctx
         retain = ctx.train_data.retain(ctx.forget_class)
-        for x, y in training_batches(retain, self.config.batch_size, ctx.data_generator, self.config.hflip):
-            yield {"retain": (x.to(ctx.device), y.to(ctx.device))}
+        for pair in training_batches(retain, self.config.batch_size, ctx.data_generator, self.config.hflip):
+            yield {"retain": pair}
 
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         x, y = batch["retain"]

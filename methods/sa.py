@@ -9,7 +9,6 @@ Loss: uniform-noise images labelled with the forget class + gamma * replay of re
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,17 +16,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from bench.data import ClassDataset, training_batches
-from bench.diffusion import NoiseSchedule
-from bench.runner import progress_bar, same_layout
+from bench.config import TrainConfig
+from bench.data import ClassDataset, from_uint8, training_batches
+from bench.device import progress_bar, same_layout
+from bench.diffusion import NoiseSchedule, drop_labels, squared_error
 from bench.unet import NULL_CLASS
-from methods.base import Batch, MethodConfig, UnlearningMethod, drop_labels, squared_error
+from methods.base import Batch, UnlearningMethod, register
 
 FIM_INPUTS = ("unit", "model")
 
 
 @dataclass(frozen=True)
-class SAConfig(MethodConfig):
+class SAConfig(TrainConfig):
     iterations: int = 20_000
     ema: bool = True  # continued from the base model's EMA
     lam: float = 10.0  # EWC weight
@@ -99,93 +99,57 @@ def diagonal_fisher(model: nn.Module, schedule: NoiseSchedule, images: Tensor, l
     return {name: value / len(images) for name, value in fisher.items()}
 
 
+@register
 class SelectiveAmnesia(UnlearningMethod):
     name = "sa"
     Config = SAConfig
     description = "Selective Amnesia: EWC with a diagonal Fisher + generative replay, forget class -> uniform noise"
-    shares_preparation = True
-    _layout_matched = False  # set by the first `ewc` call
 
-    @staticmethod
-    def artifact_paths(cache, preset, base_id: str, config: SAConfig):
-        """Where the priors and the Fisher of this base model and configuration are cached."""
-        folder = cache.path(preset, "sa", base_id)
-        n, conversion = config.prior_samples_per_class, preset.protocol(None).image_conversion
-        priors = folder / f"priors-n{n}-{conversion}.pt"
-        fisher = f"fisher-n{n}-{conversion}-t{config.fim_timesteps}-{config.fim_inputs}-drop{config.fim_label_dropout}.pt"
-        return priors, folder / fisher
+    def cache_key(self) -> str:
+        """Priors and Fisher depend on the base model, the prior count, the sampler and the Fisher's settings;
+        not on the forget class: one preparation serves every class."""
+        config, protocol = self.config, self.ctx.preset.protocol(None)
+        sampler = f"{protocol.sampler_steps}s-eta{protocol.eta}-w{protocol.guidance}-{protocol.image_conversion}"
+        return (f"priors{config.prior_samples_per_class}-{sampler}-fisher-t{config.fim_timesteps}-"
+                f"{config.fim_inputs}-drop{config.fim_label_dropout}")
 
-    @classmethod
-    def preparation_ready(cls, cache, preset, base_id: str, config: SAConfig) -> bool:
-        return all(path.exists() for path in cls.artifact_paths(cache, preset, base_id, config))
-
-    def prepare(self) -> dict[str, float]:
-        from bench.artifacts import file_lock
-
-        # Priors and Fisher are shared by every forget class: parallel runs wait for the first to build them.
-        with file_lock(self.ctx.cache.path(self.ctx.preset, "sa", self.ctx.base_id, "prepare.lock")):
-            return self._prepare()
-
-    def _prepare(self) -> dict[str, float]:
-        from bench.artifacts import atomic_save, load_unet
-        from bench.evaluate import Sampler, from_uint8
-
+    def prepare(self) -> dict[str, Tensor]:
+        """Priors from the base model's EMA weights (the evaluation sampler, as published), then the Fisher of the
+        non-EMA weights on them: {"priors.images" (uint8), "priors.labels", "fisher.<parameter>"}."""
         ctx, config = self.ctx, self.config
         n = config.prior_samples_per_class
-        priors_path, fisher_path = self.artifact_paths(ctx.cache, ctx.preset, ctx.base_id, config)
-        timings = {}
-        if priors_path.exists():
-            priors = torch.load(priors_path, weights_only=True)
-        else:
-            started = time.perf_counter()
-            ema_model = load_unet(ctx.base_ema, ctx.preset, ctx.device)
-            protocol = ctx.preset.protocol(None)
-            sampler = Sampler(ema_model, ctx.schedule, protocol, ctx.preset, ctx.device, seed=0, progress=ctx.progress)
-            images = torch.cat([sampler.class_samples(c, n) for c in range(ctx.num_classes)])
+        sampler_steps = len(ctx.schedule.sampler_steps(ctx.preset.protocol(None).sampler_steps))
+        with ctx.stage("priors", n * ctx.num_classes * sampler_steps, "image-steps"):
+            images = torch.cat([ctx.generate(ctx.base_ema, c, n) for c in range(ctx.num_classes)])
             labels = torch.arange(ctx.num_classes).repeat_interleave(n)
-            priors = {"images": images, "labels": labels, "seconds": time.perf_counter() - started,
-                      "sampler": protocol.describe()}
-            atomic_save(priors, priors_path)
-        timings["priors"] = float(priors["seconds"])
-        self.priors = ClassDataset(from_uint8(priors["images"]), priors["labels"], ctx.train_data.class_names,
-                                   "SA priors")
-
-        if fisher_path.exists():
-            stored = torch.load(fisher_path, map_location=ctx.device, weights_only=True)
-        else:
-            started = time.perf_counter()
-            model = load_unet(ctx.base_weights, ctx.preset, ctx.device)
-            images = self.priors.images.to(ctx.device)
+        steps, scale = fisher_timesteps(ctx.schedule, config.fim_timesteps, ctx.device)
+        with ctx.stage("fisher", len(images) * len(steps), "image-timesteps"):
+            model = ctx.unet(ctx.base_weights)
+            inputs = from_uint8(images).to(ctx.device)
             if config.fim_inputs == "unit":
-                images = (images + 1) / 2
-            steps, scale = fisher_timesteps(ctx.schedule, config.fim_timesteps, ctx.device)
+                inputs = (inputs + 1) / 2
             generator = torch.Generator(ctx.device).manual_seed(1234)
-            fisher = diagonal_fisher(model, ctx.schedule, images, self.priors.labels.to(ctx.device), steps, scale,
-                                     generator, config.fim_batch_size, config.fim_timestep_chunk, ctx.progress,
+            fisher = diagonal_fisher(model, ctx.schedule, inputs, labels.to(ctx.device), steps, scale, generator,
+                                     config.fim_batch_size, config.fim_timestep_chunk, ctx.progress,
                                      config.fim_label_dropout)
-            stored = {"fisher": fisher, "seconds": time.perf_counter() - started, "timesteps": len(steps)}
-            atomic_save({"fisher": {k: v.cpu() for k, v in fisher.items()}, "seconds": stored["seconds"],
-                         "timesteps": len(steps)}, fisher_path)
-        timings["fisher"] = float(stored["seconds"])
-        self.fisher = {name: value.to(ctx.device) for name, value in stored["fisher"].items()}
-        self.theta_star = {name: ctx.base_weights[name].to(ctx.device) for name in self.fisher}
-        return timings
+        return {"priors.images": images, "priors.labels": labels,
+                **{f"fisher.{name}": value.cpu() for name, value in fisher.items()}}
 
     def batches(self) -> Iterator[Batch]:
-        replay = self.priors.retain(self.ctx.forget_class)
-        for x, y in training_batches(replay, self.config.batch_size, self.ctx.data_generator, self.config.hflip):
-            yield {"retain": (x.to(self.ctx.device), y.to(self.ctx.device))}
+        priors = ClassDataset(from_uint8(self.prepared["priors.images"]), self.prepared["priors.labels"],
+                              self.ctx.train_data.class_names, "SA priors")
+        replay = priors.retain(self.ctx.forget_class)
+        for pair in training_batches(replay, self.config.batch_size, self.ctx.data_generator, self.config.hflip):
+            yield {"retain": pair}
 
     def ewc(self, model: nn.Module) -> Tensor:
         """sum_i F_i (theta_i - theta*_i)^2, with foreach ops over all parameters."""
         names, params = zip(*model.named_parameters())
-        if not self._layout_matched:  # once, at the first step: F and theta* in the weights' layout (channels_last)
-            for name, param in zip(names, params):
-                self.fisher[name] = same_layout(self.fisher[name], param)
-                self.theta_star[name] = same_layout(self.theta_star[name], param)
-            self._layout_matched = True
-        diffs = torch._foreach_sub(list(params), [self.theta_star[name] for name in names])
-        weighted = torch._foreach_mul(torch._foreach_mul(diffs, diffs), [self.fisher[name] for name in names])
+        if not hasattr(self, "_fisher"):  # once, at the first step: F and theta* in the weights' device and layout
+            self._fisher = [same_layout(self.prepared[f"fisher.{name}"], p) for name, p in zip(names, params)]
+            self._theta_star = [same_layout(self.ctx.base_weights[name], p) for name, p in zip(names, params)]
+        diffs = torch._foreach_sub(list(params), self._theta_star)
+        weighted = torch._foreach_mul(torch._foreach_mul(diffs, diffs), self._fisher)
         return torch.stack([w.sum() for w in weighted]).sum()
 
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from methods.base import Batch, MethodConfig, UnlearningMethod, drop_labels, noised, squared_error
+from bench.config import TrainConfig
+from bench.diffusion import drop_labels, noised, squared_error
+from methods.base import Batch, UnlearningMethod, register
 
 TARGETS = ("chain", "iid", "zero")
 
 
 @dataclass(frozen=True)
-class SafeMaxConfig(MethodConfig):
+class SafeMaxConfig(TrainConfig):
     lam: float = 1.0  # decay rate of psi(t); 0 weights every step equally
     target: str = "chain"  # chain: eps_T from continuing the forward chain to T; iid: fresh noise; zero
     label_dropout: float = 0.1  # on the retained term only: regular fine-tuning, as in pretraining
@@ -36,6 +38,7 @@ def psi(t: Tensor, lam: float, timesteps: int) -> Tensor:
     return torch.exp(-lam * t.float() / timesteps)
 
 
+@register
 class SafeMax(UnlearningMethod):
     name = "safemax"
     Config = SafeMaxConfig

@@ -8,20 +8,20 @@ noise loss; label dropout stays active in every prediction, as published.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from bench.diffusion import guided_eps
-from methods.base import Batch, MethodConfig, UnlearningMethod, drop_labels, noise_loss, noised, squared_error
+from bench.config import TrainConfig
+from bench.diffusion import drop_labels, guided_eps, noise_loss, noised, squared_error
+from methods.base import Batch, Context, UnlearningMethod, register
 
 PSEUDO = ("next", "random")
 
 
 @dataclass(frozen=True)
-class SalUnConfig(MethodConfig):
+class SalUnConfig(TrainConfig):
     sparsity: float = 0.5  # fraction of weights frozen by the mask (published: top 50% move)
     alpha: float = 1e-3  # weight of the retain noise loss
     pseudo: str = "next"  # next: (c + 1) mod K, the published mapping; random: the older random labels
@@ -46,13 +46,16 @@ def pseudo_labels(forget_class: int, count: int, num_classes: int, mode: str, ge
     return (forget_class + offsets) % num_classes
 
 
-def saliency_scores(model: nn.Module, ctx, batch_size: int, guidance: float) -> dict[str, Tensor]:
-    """|sum over batches of clip_1(grad of the guided noise loss)| on the real forget-class images."""
+def saliency_scores(model: nn.Module, ctx: Context, batch_size: int, guidance: float) -> dict[str, Tensor]:
+    """|sum over batches of clip_1(grad of the guided noise loss)| on the real forget-class images.
+
+    Its noise comes from a fixed seed: the mask belongs to (base model, forget class), not to a run's seed.
+    """
     model.eval()
     params = dict(model.named_parameters())
     total = {name: torch.zeros_like(p) for name, p in params.items()}
     forget = ctx.train_data.forget(ctx.forget_class)
-    generator = torch.Generator(ctx.device).manual_seed(ctx.seed + 4242)
+    generator = torch.Generator(ctx.device).manual_seed(4242)
     for start in range(0, len(forget), batch_size):
         x0 = forget.images[start : start + batch_size].to(ctx.device)
         labels = forget.labels[start : start + batch_size].to(ctx.device)
@@ -81,29 +84,28 @@ def top_fraction_mask(scores: dict[str, Tensor], keep: float) -> dict[str, Tenso
     return masks
 
 
+@register
 class SalUn(UnlearningMethod):
     name = "salun"
     Config = SalUnConfig
     description = "saliency-masked random labelling: forget class -> pseudo class, top-50% weights move"
 
-    def prepare(self) -> dict[str, float]:
-        ctx, config = self.ctx, self.config
-        path = ctx.cache.path(ctx.preset, "salun", ctx.base_id,
-                              f"mask-class{ctx.forget_class}-sparsity{config.sparsity}-w{config.mask_guidance}.pt")
-        started = time.perf_counter()
-        if path.exists():
-            self.mask = torch.load(path, map_location=ctx.device, weights_only=True)
-            return {"mask_load": time.perf_counter() - started}
-        from bench.artifacts import atomic_save, load_unet
+    def cache_key(self) -> str:
+        config = self.config
+        return f"mask-class{self.ctx.forget_class}-sparsity{config.sparsity}-w{config.mask_guidance}-b{config.mask_batch_size}"
 
-        model = load_unet(ctx.base_weights, ctx.preset, ctx.device)
-        scores = saliency_scores(model, ctx, config.mask_batch_size, config.mask_guidance)
-        self.mask = top_fraction_mask(scores, 1.0 - config.sparsity)
-        atomic_save({name: m.cpu() for name, m in self.mask.items()}, path)
-        return {"mask": time.perf_counter() - started}
+    def prepare(self) -> dict[str, Tensor]:
+        """{"mask.<parameter>": bool}: the top (1 - sparsity) of saliency scores, from the raw base weights."""
+        config = self.config
+        images = len(self.ctx.train_data.forget(self.ctx.forget_class))
+        with self.ctx.stage("mask", images, "forget-class images"):
+            scores = saliency_scores(self.ctx.unet(self.ctx.base_weights), self.ctx, config.mask_batch_size,
+                                     config.mask_guidance)
+            mask = top_fraction_mask(scores, 1.0 - config.sparsity)
+        return {f"mask.{name}": value.cpu() for name, value in mask.items()}
 
     def grad_mask(self) -> dict[str, Tensor]:
-        return self.mask
+        return {name.removeprefix("mask."): mask for name, mask in self.prepared.items()}
 
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         ctx, config = self.ctx, self.config

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.artifacts import default_cache_dir
+from bench.cache import default_cache_dir
 from bench.config import get_preset
 from bench.metrics import HIGHER_IS_BETTER
 from reports import summary

@@ -1,0 +1,137 @@
+"""The cache folder and every file in it: where things live, atomic writes, and one guarded loader.
+
+Layout under the cache root (`$BENCH_CACHE`, default ~/.cache/unlearning-bench), one folder per preset:
+  base.pt, base.partial.pt               the pretrained DDPM (and its resumable checkpoint while training)
+  classifier.pt                          the evaluation classifier
+  prepared/<method>/<base id>/<key>.pt   a method's preparation (SA's priors and Fisher, a saliency mask)
+  fid-reference/<key>.npz                real images' feature statistics
+  samples/<weights>/...                  the unchanged base model's samples, reused by every `original` run
+
+Every file is written to a temporary name and renamed, so a reader never sees half of one, and read with
+`torch.load(weights_only=True)` only: a file that needs more is refused, never unpickled. A file that does not
+load is an error naming the file and the command or step that rebuilds it; derived files (statistics, samples,
+preparations) are deleted and rebuilt instead, since nothing is lost by recomputing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import torch
+
+from bench.config import Preset
+from bench.data import ClassDataset, load_dataset
+
+log = logging.getLogger(__name__)
+
+FORMAT = "unlearning-bench/1"
+
+
+class CheckpointError(RuntimeError):
+    """A cached file is missing, unreadable or does not match the preset; the message says how to rebuild it."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "unlearning-bench"))
+
+
+class Cache:
+    """Paths of the cached files of each preset (and where the data set comes from)."""
+
+    def __init__(self, root: str | Path | None = None, data_root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.data_root = Path(data_root) if data_root is not None else None
+
+    def path(self, preset: Preset, *parts: str) -> Path:
+        return self.root.joinpath(preset.name, *parts)
+
+    def base_path(self, preset: Preset) -> Path:
+        return self.path(preset, "base.pt")
+
+    def classifier_path(self, preset: Preset) -> Path:
+        return self.path(preset, "classifier.pt")
+
+    def prepared_path(self, preset: Preset, method: str, base_id: str, key: str) -> Path:
+        return self.path(preset, "prepared", method, base_id, f"{key}.pt")
+
+    def dataset(self, preset: Preset, split: str) -> ClassDataset:
+        return load_dataset(preset.dataset, split, image_size=preset.unet.image_size, root=self.data_root)
+
+
+def temporary_name(path: Path) -> Path:
+    """A name beside `path` that no other process or thread writes to."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_save(payload, path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind when something above failed
+
+
+def _reason(exc: BaseException) -> str:
+    """One line naming what went wrong, without torch's advice to load untrusted files with weights_only=False."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if "weights_only" in text or "Weights only load failed" in text:
+        first = "it holds objects other than tensors, numbers, strings, lists and dicts"
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def load_file(path: Path, fix: str, map_location="cpu", mmap: bool = False):
+    """`torch.load(path, weights_only=True)`; a file that does not load raises CheckpointError naming it and `fix`.
+
+    FileNotFoundError passes through: a missing file is the caller's question. `mmap` maps the tensors instead of
+    reading them (for reading a checkpoint's metadata).
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # truncated, not a torch file, or it needs arbitrary unpickling
+        raise CheckpointError(f"cannot read {path} ({_reason(exc)}); {fix}") from exc
+
+
+def load_derived(path: Path, map_location="cpu"):
+    """A derived cache file, or None (the caller rebuilds it) when it is missing or does not load; a corrupt one
+    is removed with a warning naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        log.warning("cached file %s does not load (%s); rebuilding it", path, _reason(exc))
+        try:
+            path.unlink()
+        except OSError as unlink_error:  # a read-only cache: say so rather than rebuild into nowhere
+            raise CheckpointError(f"cannot read {path} ({_reason(exc)}) and cannot remove it ({unlink_error}); "
+                                  "delete it by hand") from exc
+        return None
+
+
+def load_checkpoint(path: Path, kind: str, preset: Preset, rebuild: str) -> dict:
+    """Load and check a checkpoint of `kind` ("diffusion" or "classifier") for `preset`; errors say how to
+    rebuild it with the command `rebuild`."""
+    payload = load_file(path, f"rebuild it with `{rebuild}`")
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or payload.get("kind") != kind:
+        raise CheckpointError(f"{path} is not a {kind} checkpoint of this tool; rebuild it with `{rebuild}`")
+    config = preset.unet if kind == "diffusion" else preset.classifier
+    expected = dataclasses.asdict(config)
+    # A field added to the configuration after the checkpoint was written counts with its default value.
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    saved = payload.get("config")
+    if not isinstance(saved, dict) or {**defaults, **saved} != expected:
+        raise CheckpointError(
+            f"{path} was built for another configuration ({payload.get('config')}) than preset "
+            f"{preset.name!r} ({expected}); rebuild it with `{rebuild}`"
+        )
+    return payload

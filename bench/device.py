@@ -1,0 +1,148 @@
+"""Everything about the device: which one, the speed switches, autocast, synchronisation, memory and progress bars.
+
+Training (`bench.runner`) and sampling (`bench.diffusion`) both take a `Speed`, so one switch applies to every
+method and to evaluation alike. Nothing here knows about models or methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import resource
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+
+def progress_bar(**kwargs) -> tqdm:
+    """A tqdm bar that redraws live on a terminal and every 30 s in a log file (SLURM, CI)."""
+    return tqdm(mininterval=0.1 if sys.stderr.isatty() else 30.0, **kwargs)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """`name` if given (checked: an unknown name or CUDA without a GPU is a ValueError), else CUDA when available,
+    else the CPU."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Switches that make a step faster without changing what it computes beyond bf16 rounding.
+
+    A switch that does not apply to the device is dropped there (`for_device`).
+    """
+
+    # bf16 autocast with fp32 master weights and optimizer state: None (the default) on CUDA only, True on any
+    # device (the CPU too), False nowhere (the published fp32 computation). docs/bf16.md measured the default.
+    amp: bool | None = None
+    # NHWC weights and activations for the convolutions. Off until a GPU table shows it pays: the H200 anchor
+    # (bf16 + channels_last + fused Adam, eager) was slower than plain fp32 for this UNet.
+    channels_last: bool = False
+    fused_adam: bool = True  # one fused Adam kernel (CUDA and CPU: 3x foreach's speed there); else foreach
+    compile: bool = False  # torch.compile the model; its compile time lands in the first step, reported apart
+    cuda_graphs: bool = True  # the sampler's guided forward captured once and replayed (CUDA only)
+
+    def for_device(self, device: torch.device) -> Speed:
+        """The switches that apply on `device`: CUDA graphs need CUDA, and autocast does unless asked for by True."""
+        cuda = device.type == "cuda"
+        return dataclasses.replace(self, amp=self.amp is True or (self.amp is None and cuda),
+                                   cuda_graphs=self.cuda_graphs and cuda)
+
+    def describe(self) -> str:
+        on = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
+        return ", ".join(on) or "none (plain fp32 eager)"
+
+
+# The plain fp32 eager path, the reference the switches are checked against.
+PLAIN = Speed(amp=False, channels_last=False, fused_adam=False, compile=False, cuda_graphs=False)
+
+
+def autocast(device: torch.device, enabled: bool, cache: bool = True):
+    """bf16 autocast on `device` when `enabled` (callers decide where it applies: `Speed.for_device`).
+
+    `cache=False` for CUDA-graph capture, whose replays must not read casts cached outside the graph.
+    """
+    if enabled:
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: nn.Module, speed: Speed) -> None:
+    """Apply the model-level switches in place: channels_last weights, then torch.compile of its forward.
+
+    `nn.Module.compile` keeps the module (and its parameter names): methods call the same object they hold.
+    """
+    if speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if speed.compile:
+        model.compile()
+
+
+def same_layout(tensor: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """`tensor` on `like`'s device with `like`'s strides (channels_last or not), copied only when they differ.
+
+    foreach kernels take their fast path (one launch for all tensors) only over tensors of equal strides.
+    """
+    dtype = dtype or tensor.dtype
+    if tensor.device == like.device and tensor.dtype == dtype and tensor.stride() == like.stride():
+        return tensor
+    return torch.empty_like(like, dtype=dtype).copy_(tensor)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_snapshot(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory (GiB) and the process's peak resident memory (MiB) since `reset_peak_memory`."""
+    stats = {"peak_process_mib": _peak_rss_mib()}
+    if device.type == "cuda":
+        stats["peak_gpu_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        stats["peak_gpu_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return stats
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: the GPU allocator's and, on Linux, the process's resident high-water mark.
+
+    Without the second, a worker that ran SA first would report SA's peak for every later run it does.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset VmHWM to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass  # elsewhere the peak counts from the process's start (ru_maxrss)
+
+
+def _peak_rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
