@@ -38,6 +38,8 @@ def read_published(src: Path) -> list:
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc) and "Unsupported global" not in str(exc):
+            raise CheckpointError(f"cannot read {src} as a PyTorch checkpoint: {str(exc).splitlines()[0]}") from exc
         raise CheckpointError(
             f"refusing {src}: loading it needs arbitrary unpickling, which can run code from the file "
             f"({_unpickler_reason(exc)}). A published checkpoint holds only tensors, dicts, lists and numbers; "
@@ -67,6 +69,12 @@ def _unpickler_reason(exc: Exception) -> str:
 
 def dataparallel_prefix(state: dict, what: str, src: Path) -> str:
     """`module.` if every key carries DataParallel's prefix, "" if none does; a mix is an error."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{src}: {what} should be a dict of tensors by parameter name, found a "
+                              f"{type(state).__name__}")
+    odd = [key for key in state if not isinstance(key, str)]
+    if odd:
+        raise CheckpointError(f"{src}: {what} has keys that are not parameter names, such as {odd[0]!r}")
     prefixed = [key.startswith(PREFIX) for key in state]
     if any(prefixed) and not all(prefixed):
         bare = next(key for key, has in zip(state, prefixed) if not has)
@@ -94,6 +102,9 @@ def map_strictly(state: dict, expected: dict[str, Tensor], what: str, src: Path)
             raise CheckpointError(
                 f"{src}: {what} key {prefix + key!r} has shape {shape}, the UNet needs {tuple(reference.shape)}"
             )
+        if not torch.isfinite(value).all():
+            raise CheckpointError(f"{src}: {what} key {prefix + key!r} holds NaN or infinite values; refusing a "
+                                  "base model whose numbers mean nothing")
         mapped[key] = value.detach().to(torch.float32).contiguous()
     return mapped
 

@@ -143,9 +143,15 @@ def try_claim(path: str | Path, job_id: str | None = None) -> Claim | None:
                 return None
             marker = path.with_name(f".{path.name}.takeover-{hashlib.sha256(text.encode()).hexdigest()[:16]}")
             try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                return None  # another claimant is taking this one over
+                marked = read_claim(marker)  # another claimant is taking it over, unless that one died doing so
+                if marked is not None and claim_is_stale(marker, marked[1], job_id):
+                    marker.unlink(missing_ok=True)
+                    continue
+                return None
+            with os.fdopen(fd, "w") as handle:
+                handle.write(json.dumps(holder))
             if read_claim(path) != current:
                 continue  # changed under us: judge the new one
             log.warning("taking over abandoned claim %s (%s)", path, describe_holder(held or {}))

@@ -11,7 +11,7 @@ import click
 from bench.cache import Cache, CheckpointError, default_cache_dir
 from bench.config import PRESETS, get_preset
 from bench.device import pick_device
-from methods import METHODS, load_plugins
+from methods import METHODS
 
 log = logging.getLogger("bench")
 
@@ -196,14 +196,14 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
 
     from bench.orchestrate import PrerequisitesFailed, check_writable, run_local
 
+    preset_obj, methods, specs = _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results,
+                                        cache_dir, data_root, device, speed_items, absolute=cluster is not None,
+                                        progress=not no_progress and cluster is None and workers == 1)
     try:
         config = _cluster_config(cluster, cluster_config, no_wait)
         check_writable(results)
     except (ValueError, PermissionError, FileNotFoundError) as exc:
         _fail(str(exc))
-    preset_obj, methods, specs = _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results,
-                                        cache_dir, data_root, device, speed_items, absolute=cluster is not None,
-                                        progress=not no_progress and cluster is None and workers == 1)
     if cluster is not None:
         results = str(Path(results).resolve())
     click.echo(f"{len(specs)} run(s): methods {', '.join(methods)} x classes {classes_spec} x seeds {seeds}; "
@@ -334,7 +334,10 @@ def report_cmd(results, out, data_root, no_figure1) -> None:
     from reports.build import build_report
 
     out = out or str(Path(results) / "report")
-    written = build_report(results, out, data_root=data_root, figure1=not no_figure1)
+    try:
+        written = build_report(results, out, data_root=data_root, figure1=not no_figure1)
+    except OSError as exc:
+        _fail(f"cannot write the report to {out}: {exc.strerror or exc}")
     click.echo(f"report: {Path(out) / 'report.html'} ({len(written)} files under {out}/)")
 
 

@@ -8,6 +8,7 @@ class folders follow CIFAR-10's label order, such as a JPEG copy.
 from __future__ import annotations
 
 import functools
+import gzip
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -134,9 +135,17 @@ def _load_cifar_image_folder(folder: Path) -> ClassDataset:
         raise ValueError(f"{folder} must hold one folder per CIFAR-10 class {CIFAR10_CLASSES}, found {found}")
     arrays, labels, suffixes = [], [], set()
     for label, name in enumerate(CIFAR10_CLASSES):
-        for path in sorted((folder / name).iterdir()):
-            with Image.open(path) as image:
-                arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        files = sorted(p for p in (folder / name).iterdir() if not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"{folder / name} holds no images: every CIFAR-10 class folder needs its images")
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+            except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+                raise ValueError(f"{path} is not a readable image ({exc}); remove it from {folder / name}") from None
+            if arrays[-1].shape != (32, 32, 3):
+                raise ValueError(f"{path} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]}, not a 32x32 CIFAR-10 image")
             labels.append(label)
             suffixes.add(path.suffix.lower())
     source = "CIFAR-10 (JPEG copy)" if suffixes & {".jpg", ".jpeg"} else "CIFAR-10 (image folder)"
@@ -154,17 +163,21 @@ _IDX_MAGIC = {"images": 2051, "labels": 2049}
 
 def _read_idx_gz(path: Path, kind: str) -> np.ndarray:
     """A gzipped IDX file of unsigned bytes: (N, rows, cols) images or (N,) labels."""
-    import gzip
-
-    with gzip.open(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as exc:  # not gzip, or cut short
+        raise ValueError(f"{path} is not a complete gzip file ({exc}); reinstall dataset-fashion-mnist or "
+                         "download the file again") from None
     magic, count = int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[4:8], "big")
     if magic != _IDX_MAGIC[kind]:
         raise ValueError(f"{path} is not an IDX {kind} file (magic {magic}, expected {_IDX_MAGIC[kind]})")
-    if kind == "labels":
-        return np.frombuffer(raw, dtype=np.uint8, count=count, offset=8)
-    rows, cols = int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")
-    return np.frombuffer(raw, dtype=np.uint8, count=count * rows * cols, offset=16).reshape(count, rows, cols)
+    header = 8 if kind == "labels" else 16
+    rows, cols = (1, 1) if kind == "labels" else (int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big"))
+    if len(raw) < header + count * rows * cols:
+        raise ValueError(f"{path} is truncated: its header promises {count} {kind}, the file holds fewer")
+    array = np.frombuffer(raw, dtype=np.uint8, count=count * rows * cols, offset=header)
+    return array if kind == "labels" else array.reshape(count, rows, cols)
 
 
 def load_fashion_mnist(split: str, image_size: int = 28, root: str | Path = FASHION_MNIST_ROOT) -> ClassDataset:

@@ -14,9 +14,7 @@ import logging
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from bench.config import DiffusionConfig
 from bench.device import PLAIN, Speed, autocast

@@ -81,8 +81,7 @@ def run_one(spec: RunSpec) -> dict:
         every = preset.checkpoint_every if config.iterations > preset.checkpoint_every else None
         resume = Resume(spec.directory / PARTIAL_NAME, every, {"noise": ctx.noise_generator}, method)
         result = train(model, method.batches(), method.update, config, device, speed=speed, ema=ema,
-                       grad_mask=method.grad_mask(), resume=resume, progress=spec.progress,
-                       desc=f"{spec.method} class {spec.forget_class}")
+                       grad_mask=method.grad_mask(), resume=resume, progress=spec.progress, desc=spec.describe())
     memory = result.memory if result else memory_snapshot(device)
     if ema is not None:
         ema.copy_to(model)
@@ -128,7 +127,9 @@ def run_one(spec: RunSpec) -> dict:
         classifier={"id": classifier_payload["id"], "arch": preset.classifier.arch,
                     "test_accuracy": classifier_payload["test_accuracy"], "source": classifier_payload.get("source"),
                     "fid_features": protocol.fid_features, "noise_check": classifier_payload.get("noise_check")},
-        fid=fid.description, speed={"switches": dict(spec.speed), "describe": speed.for_device(device).describe()},
+        fid=fid.description,
+        speed={"requested": dict(spec.speed), "switches": dataclasses.asdict(speed.for_device(device)),
+               "describe": speed.for_device(device).describe()},
         provenance={**provenance(), "device": device_name(device), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         artifacts=artifacts,
     )

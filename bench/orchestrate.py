@@ -78,7 +78,7 @@ def stale_reason(record: dict, spec: RunSpec, ids: tuple[str | None, str | None]
         return f"made with base model {record['base_model'].get('id')}, now {base_id}"
     if classifier_id is not None and record["classifier"].get("id", classifier_id) != classifier_id:
         return f"evaluated with classifier {record['classifier'].get('id')}, now {classifier_id}"
-    made = (record.get("speed") or {}).get("switches") or {}
+    made = (record.get("speed") or {}).get("requested") or {}
     if made != dict(spec.speed):
         return f"made with speed switches {made or 'default'}, asked for {dict(spec.speed) or 'default'}"
     return None

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from bench.cache import atomic_save, load_file
+from bench.cache import atomic_save, load_derived
 from bench.config import TrainConfig
 from bench.device import (
     Speed,
@@ -251,7 +251,7 @@ def train(
     config: TrainConfig,
     device: torch.device,
     *,
-    speed: Speed = Speed(),
+    speed: Speed | None = None,
     ema: EMA | None = None,
     grad_mask: dict[str, Tensor] | None = None,
     param_lrs: dict[str, float] | None = None,
@@ -263,12 +263,13 @@ def train(
 ) -> TrainResult:
     """Run `config.iterations` iterations of `update(step, trainer, next(batches))`; returns timing, losses, memory.
 
-    `batches` yields CPU tensors (moved to `device` here). With `resume`, a checkpoint at `resume.path` is loaded
-    first (the batch stream is replayed to its step) and saved every `resume.every` steps; the caller deletes it
-    once its final result is safe. `param_lrs` gives some parameters (by name) their own learning rate.
-    Raises NonFiniteLoss or NonFiniteWeights instead of returning a model that means nothing.
+    `batches` yields CPU tensors (moved to `device` here); `speed` defaults to `Speed()` (bf16 on CUDA only).
+    With `resume`, a checkpoint at `resume.path` is loaded first (the batch stream is replayed to its step) and
+    saved every `resume.every` steps; the caller deletes it once its final result is safe. `param_lrs` gives some
+    parameters (by name) their own learning rate. Raises NonFiniteLoss or NonFiniteWeights instead of returning a
+    model that means nothing.
     """
-    speed = speed.for_device(device)
+    speed = (speed or Speed()).for_device(device)
     prepare_model(model, speed)
     optimizer = make_optimizer(_param_groups(model, config.lr, param_lrs), config.lr, speed, device)
     nominal_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resumed state's decayed ones
@@ -276,6 +277,8 @@ def train(
         ema.match_layout(model)
     trainer = Trainer(model, optimizer, device, speed, config.grad_clip, grad_mask)
     start, seconds_before = _load_checkpoint(resume, model, ema, optimizer, device) if resume else (0, 0.0)
+    if start:
+        log.info("resuming %s from step %d of %d (%s)", desc, start, config.iterations, resume.path)
     for _ in range(start):  # replay the stream: the data generator ends where it was at the interruption
         next(batches)
     model.train()
@@ -381,11 +384,12 @@ def _save_checkpoint(resume: Resume, step: int, seconds: float, model: nn.Module
 def _load_checkpoint(resume: Resume, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer,
                      device: torch.device) -> tuple[int, float]:
     """Restore everything from `resume.path` if it exists; (step to go on from, seconds already trained)."""
-    if not resume.path.exists():
+    state = load_derived(resume.path, map_location=device)  # a corrupt one is removed: the run starts over
+    if state is None:
         return 0, 0.0
-    state = load_file(resume.path, fix="delete it to start this run over", map_location=device)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{resume.path} is not a resumable checkpoint of this version; delete it to start over")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        log.warning("%s is not a resumable checkpoint of this version; starting over", resume.path)
+        return 0, 0.0
     model.load_state_dict(state["model"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
@@ -397,5 +401,4 @@ def _load_checkpoint(resume: Resume, model: nn.Module, ema: EMA | None, optimize
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     if resume.extra is not None:
         resume.extra.load_state_dict(state["extra"])
-    log.info("resuming from step %d (%s)", state["step"], resume.path)
     return int(state["step"]), float(state["seconds"])

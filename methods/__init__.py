@@ -15,7 +15,7 @@ from methods.base import METHODS, Context, UnlearningMethod, register
 
 # isort: off
 # The built-in methods register themselves on import, in the order `--methods all` runs them.
-from methods import original, safemax, sa, salun, retrain, gradient_ascent  # noqa: E402, F401
+from methods import original, safemax, sa, salun, retrain, gradient_ascent, erasediff, sfron  # noqa: E402, F401
 # isort: on
 
 log = logging.getLogger(__name__)

@@ -92,7 +92,8 @@ class SalUn(UnlearningMethod):
 
     def cache_key(self) -> str:
         config = self.config
-        return f"mask-class{self.ctx.forget_class}-sparsity{config.sparsity}-w{config.mask_guidance}-b{config.mask_batch_size}"
+        return (f"mask-class{self.ctx.forget_class}-sparsity{config.sparsity}-w{config.mask_guidance}"
+                f"-b{config.mask_batch_size}")
 
     def prepare(self) -> dict[str, Tensor]:
         """{"mask.<parameter>": bool}: the top (1 - sparsity) of saliency scores, from the raw base weights."""

@@ -105,7 +105,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str
              for path, problem in corrupt]
     if not records:
         notes.append(f"No records under <code>{html.escape(results)}</code>; run for example "
-                     f"<code>bench run --preset digits --methods all --classes 0-9 --out {html.escape(results)}</code>.")
+                     f"<code>bench run --preset digits --methods all --classes 0-9 --results {html.escape(results)}</code>.")
     df = records_frame(records)
     sections, preset_figures = [], {}
     for (preset, protocol), runs in (df.groupby(["preset", "protocol"], sort=True) if len(df) else []):

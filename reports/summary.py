@@ -4,46 +4,20 @@ from __future__ import annotations
 
 import pandas as pd
 
+from reports.frame import runs_frame
+
 COLUMNS = {
     "ua": "UA %", "entropy": "H", "fid": "FID", "retain_accuracy": "RA %", "rte_s": "RTE s",
     "prepare_total_s": "prep s", "peak_mem": "peak mem",
 }
 
 
-def frame(records: list[dict]) -> pd.DataFrame:
-    """One row per record with the headline metrics."""
-    rows = []
-    for record in records:
-        memory = record.get("memory", {})
-        gpu = memory.get("peak_gpu_allocated_gib")
-        rows.append({
-            "preset": record["preset"],
-            "protocol": record.get("protocol", {}).get("name"),
-            "method": record["method"],
-            "variant": record.get("variant", "default"),
-            "class": record["forget_class"],
-            "seed": record["seed"],
-            "ua": record["metrics"].get("ua"),
-            "entropy": record["metrics"].get("entropy"),
-            "fid": record["metrics"].get("fid"),
-            "retain_accuracy": record["metrics"].get("retain_accuracy"),
-            "noise_top_class": record["metrics"].get("noise_prediction", {}).get("top_class"),
-            "rte_s": record["timings"].get("rte_s"),
-            "prepare_total_s": record["timings"].get("prepare_total_s"),
-            "peak_mem": f"{gpu:.2f} GiB" if gpu is not None else f"{memory.get('peak_process_mib', 0):.0f} MiB RSS",
-            "peak_gpu_gib": gpu,
-            "peak_rss_mib": memory.get("peak_process_mib"),
-        })
-    return pd.DataFrame(rows)
-
-
 def summary_text(records: list[dict]) -> str:
     """Per-run rows, then the mean of each (method, variant) over classes and seeds."""
     if not records:
         return "(no records)"
-    df = frame(records).sort_values(["preset", "protocol", "method", "variant", "class", "seed"])
-    runs = df.rename(columns=COLUMNS).drop(columns=["preset", "protocol", "noise_top_class", "peak_gpu_gib",
-                                                     "peak_rss_mib"])
+    df = runs_frame(records).sort_values(["preset", "protocol", "method", "variant", "class", "seed"])
+    runs = df[["method", "variant", "class", "seed", *COLUMNS]].rename(columns=COLUMNS)
     numeric = ["ua", "entropy", "fid", "retain_accuracy", "rte_s", "prepare_total_s"]
     means = df.groupby(["method", "variant"], sort=False)[numeric].mean().reset_index().rename(columns=COLUMNS)
     fid_label = "FID (classifier features)" if any(

@@ -17,8 +17,7 @@ import pandas as pd
 
 from bench.cache import default_cache_dir
 from bench.config import get_preset
-from bench.metrics import HIGHER_IS_BETTER
-from reports import summary
+from reports.frame import DIRECTIONS, runs_frame
 from reports.render import Cell, Table, mark_best
 
 # Methods the paper compares; they get a column (or a missing-cell command) even before anyone runs them.
@@ -28,12 +27,10 @@ DISPLAY = {"original": "Original", "retrain": "Retrain", "sa": "SA", "salun": "S
            "neggrad_plus": "NegGrad+", "safemax": "SAFEMax"}
 # References, not unlearning methods: shown, never ranked (never bold).
 REFERENCE_METHODS = {"original", "retrain"}
-# Directions of the derived columns; the records' own `higher_is_better` takes precedence over this map.
-DIRECTIONS = {**HIGHER_IS_BETTER, "rte_min": False, "memory_gib": False, "prepare_min": False, "std": False}
 
 # Reference data, not results: the published CIFAR-10 numbers of Spartalis et al., "Unleashing Uncertainty:
 # Efficient Machine Unlearning for Generative AI" (SAFEMax), Table 1 (H, UA %) and Table 2 (FID, RTE minutes,
-# GPU GB), classes 0-9 in order, and the mu / sigma rows as printed (../shared/paper/safemax-paper.md).
+# GPU GB), classes 0-9 in order, and the mu / sigma rows as printed (arXiv, Spartalis et al. 2025).
 # The printed SAFEMax FID sigma (0.32) does not follow from its per-class FIDs (sample std 1.48); kept as printed.
 PAPER_CIFAR10 = {
     "sa": {"entropy": [1.062, 0.987, 0.948, 1.006, 0.926, 0.908, 0.993, 1.007, 0.900, 0.998],
@@ -77,51 +74,12 @@ def fmt(metric: str, value: float | None) -> str:
 
 # --- records -> DataFrame -------------------------------------------------------------------------------------
 
-def _prepare_stages(timings: dict) -> dict[str, float]:
-    stages = timings.get("prepare_s")
-    if isinstance(stages, dict):
-        return {str(k): float(v) for k, v in stages.items() if v is not None}
-    return {"prepare": float(stages)} if stages else {}
-
-
-def _extra(record: dict) -> dict:
-    memory, metrics = record.get("memory", {}), record["metrics"]
-    gpu = memory.get("peak_gpu_allocated_gib")
-    stages = _prepare_stages(record["timings"])
-    run_dir = Path(record.get("path", ".")).parent
-    return {
-        "class_name": str(record.get("forget_class_name", record["forget_class"])),
-        "num_classes": len(metrics.get("forget_histogram") or []) or None,
-        "prepare_stages": stages,
-        "prepare_min": sum(stages.values()) / 60,
-        "rte_min": (record["timings"].get("rte_s") or 0.0) / 60,
-        "memory_gib": gpu if gpu is not None else memory.get("peak_process_mib", math.nan) / 1024,
-        "memory_kind": "GPU" if gpu is not None else "RSS",
-        "noise_histogram": (metrics.get("noise_prediction") or {}).get("histogram"),
-        "hyperparameters": record.get("hyperparameters", {}),
-        "protocol_overrides": (record.get("overrides") or {}).get("protocol", {}),
-        "samples": str(run_dir / (record.get("artifacts") or {}).get("samples", "samples.png")),
-        "device": (record.get("provenance") or {}).get("device"),
-        "fid_features": (record.get("protocol") or {}).get("fid_features"),
-        "base_model_path": (record.get("base_model") or {}).get("path"),
-        "higher_is_better": record.get("higher_is_better") or {},
-    }
-
-
 def records_frame(records: list[dict]) -> pd.DataFrame:
-    """summary.frame's headline columns plus what the report needs: stages, memory kind, histograms, paths."""
-    if not records:
-        return pd.DataFrame()
-    base = summary.frame(records).drop(columns=["peak_mem"])
-    extra = pd.DataFrame([_extra(record) for record in records], index=base.index)
-    return pd.concat([base, extra], axis=1)
+    return runs_frame(records) if records else pd.DataFrame()
 
 
 def directions(df: pd.DataFrame) -> dict[str, bool]:
-    merged = dict(DIRECTIONS)
-    for found in df.get("higher_is_better", []):
-        merged.update(found)
-    return merged
+    return dict(DIRECTIONS)
 
 
 def order_methods(methods) -> list[str]:
@@ -161,7 +119,7 @@ class Grid:
     def command(self, method: str, classes: list[int], seeds: list[int]) -> str:
         parts = ["bench run", f"--preset {self.preset}", f"--protocol {self.protocol}", f"--methods {method}",
                  f"--classes {class_spec(classes)}", f"--seeds {','.join(map(str, seeds))}",
-                 f"--out {self.results_dir}"]
+                 f"--results {self.results_dir}"]
         if self.cache:
             parts.append(f"--cache {self.cache}")
         if self.data_root or self.preset == "cifar10":

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.config import get_preset  # noqa: E402
+from bench.device import PLAIN, Speed, pick_device  # noqa: E402
 from bench.diffusion import guided_predictor  # noqa: E402
 from bench.perf import (  # noqa: E402
     DEFAULT_METHODS,
@@ -32,12 +33,11 @@ from bench.perf import (  # noqa: E402
     PerfOptions,
     first_step,
     markdown,
+    prepared_for,
     relative_error,
     run_perf,
-    stand_ins,
     write_outputs,
 )
-from bench.runner import PLAIN, Speed, pick_device  # noqa: E402
 
 log = logging.getLogger("gpu_check")
 
@@ -52,7 +52,7 @@ def check_steps(bench: Bench) -> list[dict]:
     """Loss and whole-gradient relative error of each optimized first step against the plain fp32 step."""
     checks = []
     for name in DEFAULT_METHODS:
-        prepared = stand_ins(bench, name)
+        prepared = prepared_for(bench, name)
         ref_loss, ref_grads = first_step(bench, name, PLAIN, prepared)
         for label, speed in STEP_SPEEDS.items():
             loss, grads = first_step(bench, name, speed, prepared)
@@ -98,7 +98,7 @@ def correctness(preset_name: str, device: torch.device, compile_sampler: bool) -
     """Every check on the preset's UNet with dropout off (its masks depend on memory layout and dtype)."""
     preset = get_preset(preset_name)
     preset = dataclasses.replace(preset, unet=dataclasses.replace(preset.unet, dropout=0.0))
-    bench = Bench(preset, PerfOptions.for_preset(preset_name, batch_size=32, mask_images=32), device)
+    bench = Bench(preset, PerfOptions.for_preset(preset_name, batch_size=32, images_per_class=32), device)
     return check_steps(bench) + check_sampler(bench, compile_sampler)
 
 

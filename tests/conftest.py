@@ -33,10 +33,10 @@ def _isolated_default_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory) -> str:
     """A cache folder holding the `tiny` preset's base model and classifier, built once per session."""
-    from bench.experiment import prepare_prerequisites
+    from bench.prerequisites import Prerequisites, build
 
     root = tmp_path_factory.mktemp("tiny-cache")
-    prepare_prerequisites("tiny", str(root), device="cpu", progress=False)
+    build(Prerequisites("tiny", str(root), device="cpu", progress=False))
     return str(root)
 
 

@@ -11,9 +11,10 @@ import pathlib
 import pytest
 import torch
 
-from bench.artifacts import Cache, CheckpointError, load_checkpoint, load_unet, pretrain
+from bench.cache import Cache, CheckpointError, load_checkpoint
 from bench.checkpoints import export_published_checkpoint, import_published_checkpoint
 from bench.config import get_preset
+from bench.prerequisites import pretrain
 from bench.unet import ConditionalUNet
 
 
@@ -56,7 +57,8 @@ def test_published_sa_checkpoint_imports_strictly_and_predicts_the_same(tmp_path
     payload = load_checkpoint(path, "diffusion", preset, rebuild="import it again")
     assert path == cache.base_path(preset)
     assert payload["step"] == 800_000 and payload["source"] == f"imported from {src.resolve()}"
-    imported = load_unet(payload["model"], preset, torch.device("cpu")).eval()  # load_state_dict is strict
+    imported = ConditionalUNet(preset.unet).eval()
+    imported.load_state_dict(payload["model"])  # strict
     assert torch.equal(predict(imported, 32, 3), predict(original, 32, 3))
     assert all(torch.equal(payload["ema"][name], value) for name, value in states[3].items())
 

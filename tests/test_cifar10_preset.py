@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.artifacts import Cache, ensure_classifier, load_classifier, train_classifier
-from bench.classifier import ResNetClassifier, build_classifier, initialize
+from bench.cache import Cache
+from bench.classifier import ResNetClassifier, build_classifier, initialize, load_classifier
 from bench.config import ClassifierConfig, get_preset
 from bench.evaluate import fid_scorer, reference_images
-from bench.experiment import RunSpec, resolve_protocol
+from bench.prerequisites import load_classifier_payload, train_classifier
+from bench.sweep import RunSpec, resolve_protocol
 from tests.conftest import run_bench
 
 # ../shared beside the repository, or $BENCH_SHARED (as in test_cifar_data.py).
@@ -26,11 +27,11 @@ JPEG_ROOT = SHARED / "datasets" / "cifar10-jpeg"
 
 def test_paper_and_fast_protocols_take_their_counts_from_the_preset():
     preset = get_preset("cifar10")
-    paper = resolve_protocol(preset, RunSpec(preset="cifar10", method="safemax", forget_class=0, seed=0, out="results"))
+    paper = resolve_protocol(preset, RunSpec(preset="cifar10", method="safemax", forget_class=0, seed=0, results="results"))
     assert (paper.name, paper.sampler_steps, paper.eta, paper.guidance) == ("paper", 1000, 1.0, 2.0)
     assert (paper.forget_samples, paper.retain_samples_per_class, paper.fid_reference_per_class) == (500, 5000, None)
     assert paper.fid_features == "inception"
-    fast = resolve_protocol(preset, RunSpec(preset="cifar10", method="safemax", forget_class=0, seed=0, out="results",
+    fast = resolve_protocol(preset, RunSpec(preset="cifar10", method="safemax", forget_class=0, seed=0, results="results",
                                             protocol="fast"))
     assert (fast.sampler_steps, fast.retain_samples_per_class, fast.fid_features) == (100, 1000, "inception")
     recipe = preset.pretrain
@@ -76,14 +77,14 @@ def test_a_resnet_classifier_records_its_origin_and_test_accuracy_and_loads_back
     payload = train_classifier(preset, cache, torch.device("cpu"), steps=3, test_images=40, progress=False)
     assert payload["source"].startswith("trained from scratch (seed 0); 3 steps of batch 16")
     assert payload["test_images"] == 40 and 0.0 <= payload["test_accuracy"] <= 1.0
-    loaded = load_classifier(ensure_classifier(preset, cache, torch.device("cpu")), preset, torch.device("cpu"))
+    loaded = load_classifier(load_classifier_payload(preset, cache), preset, torch.device("cpu"))
     assert isinstance(loaded, ResNetClassifier)
     assert torch.equal(loaded.head.weight, payload["model"]["head.weight"])
 
 
 def test_classifier_fid_is_lower_for_real_retained_images_than_for_the_forget_class(tiny_cache, tmp_path):
     preset, cache = get_preset("tiny"), Cache(tiny_cache)
-    classifier = load_classifier(ensure_classifier(preset, cache, torch.device("cpu")), preset, torch.device("cpu"))
+    classifier = load_classifier(load_classifier_payload(preset, cache), preset, torch.device("cpu"))
     train, test = cache.dataset(preset, "train"), cache.dataset(preset, "test")
     protocol = preset.protocol(None)
     scorer = fid_scorer(protocol, train, 3, classifier, tmp_path, torch.device("cpu"), progress=False)

@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from bench.artifacts import Cache, load_classifier, train_classifier
-from bench.classifier import CosineHead, build_classifier, predict
+from bench.cache import Cache
+from bench.classifier import CosineHead, build_classifier, load_classifier, predict
 from bench.config import ClassifierConfig, get_preset
+from bench.prerequisites import train_classifier
 
 
 def entropy(probs: torch.Tensor) -> float:
@@ -64,14 +65,15 @@ def test_digits_classifier_labels_saturated_noise_as_one_class_with_high_entropy
 
 def test_a_classifier_checkpoint_from_another_config_is_refused(tmp_path):
     """A cache classifier trained with the old head must not be silently reused by a preset that changed it."""
-    from bench.artifacts import CheckpointError, ensure_classifier
+    from bench.cache import CheckpointError
+    from bench.prerequisites import load_classifier_payload
 
     preset = get_preset("tiny")
     cache = Cache(tmp_path)
     train_classifier(preset, cache, torch.device("cpu"), progress=False, steps=1)
     changed = dataclasses.replace(preset, classifier=dataclasses.replace(preset.classifier, head="linear"))
     with pytest.raises(CheckpointError, match="bench classifier --preset tiny"):
-        ensure_classifier(changed, cache, torch.device("cpu"), progress=False)
+        load_classifier_payload(changed, cache)
 
 
 def test_noise_kinds():

@@ -12,7 +12,7 @@ import pytest
 
 from bench import records
 from bench.config import get_preset
-from bench.orchestrate import run_sequential
+from bench.orchestrate import run_local
 from bench.sweep import Sweep, build_specs
 from methods.safemax import SafeMax
 
@@ -21,7 +21,7 @@ METHODS = ["original", "safemax"]
 
 
 def _specs(out, cache: str, methods=METHODS):
-    return build_specs(get_preset("tiny"), list(methods), [0], [0], Sweep({}, {}), out=str(out), cache=cache,
+    return build_specs(get_preset("tiny"), list(methods), [0], [0], Sweep({}, {}), results=str(out), cache=cache,
                        device="cpu", progress=False)
 
 
@@ -46,7 +46,7 @@ def _leftovers(directory: Path) -> list[str]:
 def first_run(tmp_path_factory, tiny_cache):
     out = tmp_path_factory.mktemp("e2e-results")
     specs = _specs(out, tiny_cache)
-    return out, specs, run_sequential(specs)
+    return out, specs, run_local(specs)
 
 
 def test_runs_write_records_at_the_fixed_path_beside_samples(first_run):
@@ -102,7 +102,7 @@ def test_safemax_record_says_what_was_scaled_from_the_paper(first_run):
 def test_rerun_skips_finished_runs_without_rewriting_them(first_run):
     out, specs, _ = first_run
     before = {m: _stamp(_record_path(out, m)) for m in METHODS}
-    outcomes = run_sequential(specs)
+    outcomes = run_local(specs)
     assert [o.status for o in outcomes] == ["skipped", "skipped"]
     assert [o.record["method"] for o in outcomes] == METHODS
     assert {m: _stamp(_record_path(out, m)) for m in METHODS} == before
@@ -111,7 +111,7 @@ def test_rerun_skips_finished_runs_without_rewriting_them(first_run):
 def test_force_reruns_finished_runs(first_run):
     out, specs, _ = first_run
     before = {m: _stamp(_record_path(out, m)) for m in METHODS}
-    outcomes = run_sequential(specs, force=True)
+    outcomes = run_local(specs, force=True)
     assert [o.status for o in outcomes] == ["done", "done"]
     for method in METHODS:
         assert _stamp(_record_path(out, method)) != before[method]
@@ -123,7 +123,7 @@ def test_failed_run_leaves_no_record_and_the_others_finish(tmp_path, tiny_cache,
         raise RuntimeError("loss exploded on purpose")
 
     monkeypatch.setattr(SafeMax, "loss", broken_loss)
-    outcomes = run_sequential(_specs(tmp_path, tiny_cache, ["safemax", "original"]))
+    outcomes = run_local(_specs(tmp_path, tiny_cache, ["safemax", "original"]))
     assert [o.status for o in outcomes] == ["failed", "done"]
     assert "loss exploded on purpose" in outcomes[0].error
     assert _leftovers(_record_path(tmp_path, "safemax").parent) == []
@@ -136,7 +136,7 @@ def test_failure_while_writing_the_record_leaves_no_partial_or_temporary_file(tm
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(records.json, "dump", dump_half_then_fail)
-    outcomes = run_sequential(_specs(tmp_path, tiny_cache, ["original"]))
+    outcomes = run_local(_specs(tmp_path, tiny_cache, ["original"]))
     assert [o.status for o in outcomes] == ["failed"]
     assert "No space left" in outcomes[0].error
     directory = _record_path(tmp_path, "original").parent

@@ -12,9 +12,8 @@ from PIL import Image
 from torchvision.utils import save_image
 
 from bench.config import UNETS, DiffusionConfig, get_preset
-from bench.data import ClassDataset, training_batches
+from bench.data import ClassDataset, to_uint8, training_batches
 from bench.diffusion import NoiseSchedule, sample
-from bench.evaluate import to_uint8
 from bench.unet import NULL_CLASS, ConditionalUNet
 from methods import get_method
 from methods.gradient_ascent import GradientAscent
@@ -38,7 +37,7 @@ class Recording(torch.nn.Module):
 def tiny_context(num_images: int = 64, seed: int = 0):
     from bench.perf import Bench, PerfOptions
 
-    options = PerfOptions.for_preset("tiny", seed=seed, mask_images=num_images)
+    options = PerfOptions.for_preset("tiny", seed=seed, images_per_class=num_images)
     return Bench(get_preset("tiny"), options, torch.device("cpu"))
 
 
@@ -61,11 +60,12 @@ def test_sa_replay_term_never_uses_the_null_class():
     bench = tiny_context()
     config = dataclasses.replace(SelectiveAmnesia.Config(), batch_size=64)
     method = SelectiveAmnesia(config, bench.context())
-    method.priors, method.fisher = bench.data, {}
+    method.prepared = {"priors.images": to_uint8(bench.data.images), "priors.labels": bench.data.labels}
     model = Recording(bench.model())
     method.ewc = lambda _: torch.zeros(())
+    batches = method.batches()
     for _ in range(5):
-        method.loss(model, next(method.batches()))
+        method.loss(model, next(batches))
     assert not any((labels == NULL_CLASS).any() for labels in model.labels)
 
 
@@ -167,7 +167,7 @@ def test_ga_variants(variant, retained, dropped):
     config = dataclasses.replace(GradientAscent.Config(), batch_size=256, variant=variant)
     method = GradientAscent(config, bench.context())
     model = Recording(bench.model())
-    terms = method.loss(model, next(method.batches()))
+    terms = method.loss(model, next(method.batches()))  # CPU batches: the CPU is the device here
     assert ("retain" in terms) == retained
     forget_labels = model.labels[-1]
     assert bool((forget_labels == NULL_CLASS).any()) == dropped
@@ -176,10 +176,9 @@ def test_ga_variants(variant, retained, dropped):
 
 
 def test_digits_lists_every_behaviour_it_changes():
-    from bench.experiment import RunSpec, resolve_method_config
+    from bench.sweep import resolve_method_config
 
-    spec = RunSpec(preset="digits", method="sa", forget_class=0, seed=0, out="unused")
-    _, config, scaled = resolve_method_config(get_preset("digits"), spec)
+    _, config, scaled = resolve_method_config(get_preset("digits"), "sa")
     assert config.hflip == "none" and scaled["hflip"] == {"paper": "every_draw", "preset": "none"}
     assert scaled["lam"] == {"paper": 10.0, "preset": 0.001}
 
@@ -190,7 +189,8 @@ def test_cifar10_pretraining_backbone_and_protocol_are_the_published_values():
     preset = get_preset("cifar10")
     recipe, paper, unet = preset.pretrain, preset.protocol("paper"), preset.unet
     assert (recipe.iterations, recipe.batch_size, recipe.lr, recipe.ema_decay, recipe.grad_clip,
-            recipe.label_dropout, recipe.hflip, recipe.lr_warmdown) == (800_000, 128, 2e-4, 0.9999, 1.0, 0.1, True, 0.0)
+            recipe.label_dropout, recipe.hflip, recipe.lr_warmdown, recipe.ema) == \
+        (800_000, 128, 2e-4, 0.9999, 1.0, 0.1, "every_draw", 0.0, True)
     assert (preset.diffusion.timesteps, preset.diffusion.beta_start, preset.diffusion.beta_end) == (1000, 1e-4, 0.02)
     assert (unet.ch, unet.ch_mult, unet.num_res_blocks, unet.attn_resolutions, unet.dropout) == \
         (128, (1, 2, 2, 2), 2, (16,), 0.1)

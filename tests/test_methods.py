@@ -2,30 +2,46 @@
 
 from __future__ import annotations
 
-import copy
-import itertools
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from bench.experiment import RunSpec, setup_method
-from bench.runner import TrainSpec, train
-from bench.sweep import parse_sets
+from bench.cache import Cache
+from bench.config import TrainConfig, get_preset
+from bench.prerequisites import build_preparation, load_base, load_preparation, make_context
+from bench.runner import EMA, train
+from bench.sweep import parse_sets, resolve_method_config
 from bench.unet import ConditionalUNet
 from methods import METHODS
 from methods.sa import diagonal_fisher
 from methods.salun import pseudo_labels, top_fraction_mask
 
 
-def make_setup(tiny_cache, tmp_path, method, forget_class=3, **overrides):
-    spec = RunSpec(preset="tiny", method=method, forget_class=forget_class, seed=0, out=str(tmp_path),
-                   cache=tiny_cache, device="cpu", progress=False, method_overrides=tuple(overrides.items()))
-    return setup_method(spec)
+def make_setup(tiny_cache, tmp_path, method, forget_class=3, prepare=True, **overrides):
+    """A method on the tiny preset's base model (its preparation built in the cache and loaded), with the model
+    it trains and that model's EMA."""
+    preset, cache = get_preset("tiny"), Cache(tiny_cache)
+    cls, config, _ = resolve_method_config(preset, method, tuple(overrides.items()))
+    base = load_base(preset, cache)
+    ctx = make_context(preset, cache, base, forget_class, 0, torch.device("cpu"), False)
+    runner = cls(config, ctx)
+    timings = None
+    if prepare:
+        build_preparation(runner, cache, base["id"])
+        timings = load_preparation(runner, cache, base["id"])
+    torch.manual_seed(0)
+    model = ConditionalUNet(preset.unet)
+    if not cls.from_scratch:
+        model.load_state_dict(base["model"])
+    ema = EMA(model, config.ema_decay, shadow=None if cls.from_scratch else base["ema"]) if config.ema else None
+    return SimpleNamespace(method=runner, model=model, ema=ema, ctx=ctx, timings=timings, base=base)
 
 
 def cache_snapshot(root) -> dict:
-    from pathlib import Path
-
     return {p: p.stat().st_mtime_ns for p in Path(root).rglob("*.pt")}
 
 
@@ -33,13 +49,12 @@ def cache_snapshot(root) -> dict:
 def test_every_method_trains_two_finite_steps(name, tiny_cache, tmp_path):
     setup = make_setup(tiny_cache, tmp_path, name)
     method, model = setup.method, setup.model
-    method.prepare()
     base = {k: v.clone() for k, v in setup.ctx.base_weights.items()}
     cached = cache_snapshot(tiny_cache)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    batches = method.batches()
-    result = train(model, lambda step: method.loss(model, next(batches)), TrainSpec(2, 1e-3, 1.0), setup.ctx.device,
-                   ema=setup.ema, grad_mask=method.grad_mask(), progress=False)
+    config = dataclasses.replace(method.config, iterations=2, lr=1e-3)
+    result = train(model, method.batches(), method.update, config, setup.ctx.device, ema=setup.ema,
+                   grad_mask=method.grad_mask(), progress=False)
     assert all(torch.isfinite(torch.tensor(v)) for v in result.final_losses.values())
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before), "training changed no weight"
@@ -58,7 +73,6 @@ def test_original_does_not_train(tiny_cache, tmp_path):
 
 def test_sa_ewc_is_zero_at_the_first_step_and_grows(tiny_cache, tmp_path):
     setup = make_setup(tiny_cache, tmp_path, "sa")
-    setup.method.prepare()
     assert setup.method.ewc(setup.model).item() == 0.0
     with torch.no_grad():
         for p in setup.model.parameters():
@@ -68,18 +82,16 @@ def test_sa_ewc_is_zero_at_the_first_step_and_grows(tiny_cache, tmp_path):
 
 def test_sa_priors_and_fisher_are_cached_once(tiny_cache, tmp_path):
     first = make_setup(tiny_cache, tmp_path, "sa", forget_class=1)
-    timings = first.method.prepare()
-    assert set(timings) == {"priors", "fisher"}
+    assert set(first.timings) == {"priors", "fisher"}
     files = cache_snapshot(tiny_cache)
     second = make_setup(tiny_cache, tmp_path, "sa", forget_class=2)  # Fisher does not depend on the class
-    assert second.method.prepare() == timings
+    assert second.timings == first.timings
     assert cache_snapshot(tiny_cache) == files
 
 
 def test_batched_fisher_equals_per_sample_brute_force():
     from bench.config import UNETS, DiffusionConfig
-    from bench.diffusion import NoiseSchedule
-    from methods.base import squared_error
+    from bench.diffusion import NoiseSchedule, squared_error
 
     torch.manual_seed(0)
     model = ConditionalUNet(UNETS["tiny"]).eval()
@@ -113,9 +125,10 @@ def test_salun_mask_keeps_exactly_the_requested_fraction():
 
 def test_salun_mask_is_cached_per_class(tiny_cache, tmp_path):
     setup = make_setup(tiny_cache, tmp_path, "salun", forget_class=5, sparsity=0.5)
-    assert "mask" in setup.method.prepare()
+    assert "mask" in setup.timings
+    files = cache_snapshot(tiny_cache)
     again = make_setup(tiny_cache, tmp_path, "salun", forget_class=5, sparsity=0.5)
-    assert "mask_load" in again.method.prepare()
+    assert cache_snapshot(tiny_cache) == files, "the mask was computed again"
     for name, mask in setup.method.grad_mask().items():
         assert torch.equal(mask.cpu(), again.method.grad_mask()[name].cpu())
 
@@ -153,7 +166,7 @@ def test_sweep_values_give_distinct_record_paths(tmp_path):
     from bench.sweep import build_specs
 
     sweep = parse_sets(["safemax.lam=0,1,50"], ["safemax", "original"])
-    specs = build_specs(get_preset("tiny"), ["safemax", "original"], [0], [0], sweep, out=str(tmp_path))
+    specs = build_specs(get_preset("tiny"), ["safemax", "original"], [0], [0], sweep, results=str(tmp_path))
     paths = [s.directory for s in specs]
     assert len(specs) == 4 and len(set(paths)) == 4
     assert all(tmp_path in p.parents for p in paths)
@@ -161,25 +174,17 @@ def test_sweep_values_give_distinct_record_paths(tmp_path):
 
 
 def test_scaled_presets_record_what_they_scaled():
-    from bench.config import get_preset
-    from bench.experiment import resolve_method_config
-
-    spec = RunSpec(preset="digits", method="sa", forget_class=0, seed=0, out="x")
-    _, config, scaled = resolve_method_config(get_preset("digits"), spec)
+    _, config, scaled = resolve_method_config(get_preset("digits"), "sa")
     assert scaled["iterations"]["paper"] == 20_000 and config.iterations == scaled["iterations"]["preset"]
     assert config.ema_decay ** config.iterations == pytest.approx(0.9999 ** 20_000, rel=1e-2)
-    _, paper_config, paper_scaled = resolve_method_config(get_preset("cifar10"), dataclass_copy(spec, "cifar10"))
+    _, paper_config, paper_scaled = resolve_method_config(get_preset("cifar10"), "sa")
     assert paper_scaled == {} and paper_config.iterations == 20_000 and paper_config.lam == 10.0
 
 
-def dataclass_copy(spec, preset):
-    import dataclasses
-
-    return dataclasses.replace(copy.copy(spec), preset=preset)
-
-
-def test_registry_lists_every_method():
+def test_registry_lists_every_method_with_a_valid_serialisable_config():
     assert set(METHODS) >= {"original", "safemax", "sa", "salun", "retrain", "ga", "neggrad_plus"}
     for name, cls in METHODS.items():
         assert cls.name == name and cls.description
-        assert list(itertools.islice([cls.Config()], 1))
+        config = cls.Config()
+        assert isinstance(config, TrainConfig)
+        json.dumps(dataclasses.asdict(config))  # every hyperparameter goes into the JSON record

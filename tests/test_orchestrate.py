@@ -22,20 +22,21 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench import experiment, records
-from bench.artifacts import Cache
+from bench import claims, experiment, records, runner
+from bench.cache import Cache
 from bench.cli import main
 from bench.config import get_preset
-from bench.orchestrate import Job, Prerequisites, prepare_once, run_sequential
+from bench.orchestrate import Job, run_local
+from bench.prerequisites import Prerequisites, build, load_base, make_context, missing, preparation_path, prerequisites_for
 from bench.status import status
-from bench.sweep import Sweep, build_specs
+from bench.sweep import Sweep, build_specs, resolve_method_config
 
 WAIT_S = 180
 
 
 def _specs(out, cache: str, method: str = "original", classes=(0,), overrides=()):
     sweep = Sweep({method: {k: [v] for k, v in overrides}} if overrides else {}, {})
-    return build_specs(get_preset("tiny"), [method], list(classes), [0], sweep, out=str(out), cache=cache,
+    return build_specs(get_preset("tiny"), [method], list(classes), [0], sweep, results=str(out), cache=cache,
                        device="cpu", progress=False)
 
 
@@ -85,52 +86,52 @@ def test_job_checkpoint_resubmits_the_same_spec(tmp_path):
 
 # -- claims ---------------------------------------------------------------------------------------------------------
 def test_a_held_claim_is_refused_until_released(tmp_path):
-    path = tmp_path / "run" / records.CLAIM_NAME
-    claim = records.try_claim(path, job_id="7")
+    path = tmp_path / "run" / claims.CLAIM_NAME
+    claim = claims.try_claim(path, job_id="7")
     assert claim is not None and json.loads(path.read_text())["job_id"] == "7"
-    assert records.try_claim(path) is None
+    assert claims.try_claim(path) is None
     claim.release()
     assert not path.exists()
-    again = records.try_claim(path)
+    again = claims.try_claim(path)
     assert again is not None
     again.release()
 
 
 def test_claim_of_a_dead_process_is_taken_over(tmp_path):
-    path = tmp_path / "run" / records.CLAIM_NAME
+    path = tmp_path / "run" / claims.CLAIM_NAME
     _write_claim(path)
-    claim = records.try_claim(path)
+    claim = claims.try_claim(path)
     assert claim is not None and json.loads(path.read_text())["pid"] == os.getpid()
     claim.release()
 
 
 def test_claim_from_another_host_is_stale_only_when_its_heartbeat_stopped(tmp_path):
-    path = tmp_path / "run" / records.CLAIM_NAME
+    path = tmp_path / "run" / claims.CLAIM_NAME
     _write_claim(path, host="another-node", pid=1)
-    assert records.try_claim(path) is None
-    _write_claim(path, age_s=records.STALE_AFTER_S + 5, host="another-node", pid=1)
-    claim = records.try_claim(path)
+    assert claims.try_claim(path) is None
+    _write_claim(path, age_s=claims.STALE_AFTER_S + 5, host="another-node", pid=1)
+    claim = claims.try_claim(path)
     assert claim is not None
     claim.release()
 
 
 def test_requeued_job_takes_over_its_own_claim(tmp_path):
-    path = tmp_path / "run" / records.CLAIM_NAME
+    path = tmp_path / "run" / claims.CLAIM_NAME
     _write_claim(path, host="another-node", pid=1, job_id="42_3")
-    assert records.try_claim(path, job_id="42_4") is None
-    claim = records.try_claim(path, job_id="42_3")
+    assert claims.try_claim(path, job_id="42_4") is None
+    claim = claims.try_claim(path, job_id="42_3")
     assert claim is not None
     claim.release()
 
 
 def _race_for_claim(path: str, barrier, winners) -> None:
-    if records.try_claim(path) is not None:
+    if claims.try_claim(path) is not None:
         winners.put(os.getpid())
     barrier.wait(30)  # hold any claim until everyone has tried
 
 
 def test_an_abandoned_claim_is_taken_over_by_exactly_one_process(tmp_path):
-    path = tmp_path / "run" / records.CLAIM_NAME
+    path = tmp_path / "run" / claims.CLAIM_NAME
     _write_claim(path)
     context = multiprocessing.get_context("fork")
     barrier, winners = context.Barrier(4), context.Queue()
@@ -172,7 +173,7 @@ def test_corrupt_record_is_named_by_status_and_rerun(tmp_path, tiny_cache, caplo
     (path,) = out.rglob(records.RECORD_NAME)
     path.write_text('{"schema": 1, "metr')
     shown = _invoke("status", "--out", str(out))
-    assert shown.exit_code == 0 and f"failed   corrupt record {path}" in shown.output
+    assert shown.exit_code == 0 and f"failed   {path}: unreadable record" in shown.output
     assert "0 done, 0 running, 1 failed, 0 missing" in shown.output
     with caplog.at_level("WARNING", logger="bench.orchestrate"):
         rerun = _invoke(*common, "--cluster", "debug")
@@ -189,7 +190,7 @@ def test_no_wait_submits_and_status_follows_to_done_and_failed(tmp_path, tiny_ca
                        "safemax.lr=1e30", "--cache", tiny_cache, "--out", str(out), "--cluster", "local",
                        "--no-wait")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"check progress with: bench status --out {out}" in result.stdout
+    assert f"check progress with: bench status --results {out}" in result.stdout
     first = status(out, out / ".submitit")
     assert [(r.method, r.state in ("running", "done", "failed")) for r in first] == [("original", True),
                                                                                       ("safemax", True)]
@@ -235,14 +236,19 @@ def test_prerequisites_are_built_by_one_job_first_and_not_again(tmp_path):
 
 
 def test_prerequisites_wait_while_another_process_builds_them(tmp_path, tiny_cache):
+    cache = tmp_path / "cache"
+    (cache / "tiny").mkdir(parents=True)
+    for name in ("base.pt", "classifier.pt"):  # the FID statistics are missing: the step has work to do
+        shutil.copy(Path(tiny_cache) / "tiny" / name, cache / "tiny" / name)
+    task = Prerequisites("tiny", str(cache), device="cpu", progress=False,
+                         specs=tuple(_specs(tmp_path / "out", str(cache))))
     holder = subprocess.Popen(["sleep", "60"])
-    task = Prerequisites("tiny", tiny_cache, device="cpu", progress=False)
-    claim_path = Path(tiny_cache) / "tiny" / "prepare.claim.json"
+    claim_path = cache / "tiny" / "prepare.claim.json"
     try:
         claim_path.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
-                                          "pid_start": records.process_start(holder.pid), "token": "builder"}))
+                                          "pid_start": claims.process_start(holder.pid), "token": "builder"}))
         result = {}
-        waiter = threading.Thread(target=lambda: result.update(prepare_once(task, poll_s=0.1)))
+        waiter = threading.Thread(target=lambda: result.update(build(task)))
         waiter.start()
         time.sleep(1.5)
         assert waiter.is_alive() and not result  # waits while the builder lives
@@ -250,27 +256,44 @@ def test_prerequisites_wait_while_another_process_builds_them(tmp_path, tiny_cac
         holder.kill()
         holder.wait()
     waiter.join(60)
-    assert result["base"] == str(Path(tiny_cache) / "tiny" / "base.pt")
-    assert not claim_path.exists()
+    assert result["base"] == str(cache / "tiny" / "base.pt") and result["built"] == ["FID reference statistics"]
+    assert not claim_path.exists() and missing(task) == []
+
+
+def test_a_complete_read_only_cache_is_used_without_writing(tmp_path, tiny_cache):
+    cache = tmp_path / "cache"
+    shutil.copytree(Path(tiny_cache), cache)
+    specs = _specs(tmp_path / "out", str(cache))
+    (task,) = prerequisites_for(specs)
+    build(task)  # complete it: FID statistics of class 0
+    for path in [cache, *cache.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        assert build(task)["built"] == []  # no claim file written, nothing built
+        (outcome,) = run_local(specs)
+        assert outcome.status == "done"
+    finally:
+        for path in [cache, *cache.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def test_interrupted_run_resumes_to_the_requested_step_count(tmp_path, tiny_cache, monkeypatch):
     (spec,) = _specs(tmp_path, tiny_cache, "retrain", overrides=[("iterations", 30)])
     saves = []
-    real_save = experiment.atomic_save
+    real_save = runner.atomic_save
 
     def save_then_die(payload, path):
         real_save(payload, path)
         saves.append(payload["step"])
         raise KeyboardInterrupt("killed after the first checkpoint")
 
-    monkeypatch.setattr(experiment, "atomic_save", save_then_die)
+    monkeypatch.setattr(runner, "atomic_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         Job()(spec)
     assert saves == [10] and (spec.directory / experiment.PARTIAL_NAME).exists()
     assert not (spec.directory / records.RECORD_NAME).exists()
-    monkeypatch.setattr(experiment, "atomic_save", real_save)
-    (outcome,) = run_sequential([spec])
+    monkeypatch.setattr(runner, "atomic_save", real_save)
+    (outcome,) = run_local([spec])
     timings = outcome.record["timings"]
     assert (outcome.status, timings["iterations"], timings["resumed_from_step"]) == ("done", 30, 10)
     assert _leftovers(tmp_path) == []
@@ -279,34 +302,30 @@ def test_interrupted_run_resumes_to_the_requested_step_count(tmp_path, tiny_cach
 def test_shared_preparation_is_built_once_before_the_runs(tmp_path, tiny_cache):
     """SA's priors and Fisher are built by the prerequisites step, once for all forget classes and variants alike;
     the FID reference statistics once per forget class, for every method alike."""
-    from bench.experiment import resolve_method_config
-    from bench.orchestrate import prerequisites_for
     from bench.sweep import parse_sets
-    from methods.sa import SelectiveAmnesia
 
     cache = tmp_path / "cache"
     (cache / "tiny").mkdir(parents=True)
     for name in ("base.pt", "classifier.pt"):  # only these: other tests add preparations to the shared cache
         shutil.copy(Path(tiny_cache) / "tiny" / name, cache / "tiny" / name)
     sweep = parse_sets(["sa.lam=1,2"], ["sa", "safemax"])
-    specs = build_specs(get_preset("tiny"), ["sa", "safemax"], [0, 1, 2], [0], sweep, out=str(tmp_path / "out"),
+    specs = build_specs(get_preset("tiny"), ["sa", "safemax"], [0, 1, 2], [0], sweep, results=str(tmp_path / "out"),
                         cache=str(cache), device="cpu", progress=False)
     (task,) = prerequisites_for(specs)
-    assert [spec.method for spec in task.shared] == ["sa", "sa"]  # one per variant, not per class; none for safemax
-    assert sorted(spec.forget_class for spec in task.fid) == [0, 1, 2]
-    assert not task.cached()
-    prepare_once(task)
-    assert task.cached()
+    assert missing(task) == ["sa preparation"]  # one preparation whatever the class or the EWC weight
+    build(task)
+    assert missing(task) == []
     references = sorted((cache / "tiny" / "fid-reference").glob("*.npz"))
     assert [path.name.split("-retain")[1][0] for path in references] == ["0", "1", "2"]
     reference_stamps = [path.stat().st_mtime_ns for path in references]
-    base_id = torch.load(cache / "tiny" / "base.pt", weights_only=True)["id"]
-    _, config, _ = resolve_method_config(get_preset("tiny"), task.shared[0])
-    paths = SelectiveAmnesia.artifact_paths(Cache(str(cache)), get_preset("tiny"), base_id, config)
-    assert all(path.is_file() for path in paths)
-    stamps = [path.stat().st_mtime_ns for path in paths]
-    outcomes = run_sequential([s for s in specs if s.method == "sa"][:2])
+    (prepared,) = (cache / "tiny" / "prepared" / "sa").rglob("*.pt")
+    preset, base = get_preset("tiny"), load_base(get_preset("tiny"), Cache(str(cache)))
+    cls, config, _ = resolve_method_config(preset, "sa")
+    method = cls(config, make_context(preset, Cache(str(cache)), base, 2, 0, torch.device("cpu"), False))
+    assert preparation_path(Cache(str(cache)), method, base["id"]) == prepared
+    stamp = prepared.stat().st_mtime_ns
+    outcomes = run_local([s for s in specs if s.method == "sa"][:2])
     assert all(o.status == "done" for o in outcomes)
-    assert [path.stat().st_mtime_ns for path in paths] == stamps  # the runs reused them
+    assert prepared.stat().st_mtime_ns == stamp  # the runs reused it
     assert [path.stat().st_mtime_ns for path in references] == reference_stamps
     assert sorted((cache / "tiny" / "fid-reference").glob("*.npz")) == references  # and made none of their own

@@ -12,9 +12,10 @@ from click.testing import CliRunner
 
 from bench.cli import main
 from bench.config import UNETS, get_preset
+from bench.device import PLAIN, Speed
 from bench.diffusion import sample
-from bench.perf import DEFAULT_METHODS, Bench, PerfOptions, first_step, relative_error, stand_ins
-from bench.runner import EMA, PLAIN, Speed, TrainSpec, train
+from bench.perf import DEFAULT_METHODS, Bench, PerfOptions, first_step, prepared_for, relative_error
+from bench.runner import EMA, train
 
 CPU = torch.device("cpu")
 # Dropout off: its masks are drawn in memory order, so they differ between layouts (and dtypes) by design.
@@ -24,6 +25,12 @@ PRESET = dataclasses.replace(get_preset("tiny"), unet=dataclasses.replace(UNETS[
 @pytest.fixture(scope="module")
 def bench() -> Bench:
     return Bench(PRESET, PerfOptions.for_preset("tiny"), CPU)
+
+
+@pytest.fixture(scope="module")
+def prepared(bench) -> dict:
+    """Each method's real preparation (SA's priors and Fisher, SalUn's mask) on the random base model."""
+    return {name: prepared_for(bench, name) for name in DEFAULT_METHODS}
 
 
 def test_perf_at_tiny_size_writes_a_row_per_method_variant_and_the_sampler(tmp_path):
@@ -36,7 +43,7 @@ def test_perf_at_tiny_size_writes_a_row_per_method_variant_and_the_sampler(tmp_p
     expected = [(f"{m} step", v) for m in DEFAULT_METHODS for v in ("fp32", "default")]
     expected += [("sampler", "fp32"), ("sampler", "default")]
     assert set(expected) <= set(rows), sorted(rows)
-    assert {"sa fisher", "salun mask"} <= {workload for workload, _ in rows}
+    assert {"sa priors", "sa fisher", "salun mask"} <= {workload for workload, _ in rows}
     for key, row in rows.items():
         assert "error" not in row, (key, row)
         assert math.isfinite(row["value"]) and row["value"] > 0, (key, row)
@@ -64,35 +71,35 @@ def _assert_grads_close(grads, reference, rtol: float, floor: float) -> None:
 
 
 @pytest.mark.parametrize("name", DEFAULT_METHODS)
-def test_channels_last_step_matches_the_plain_fp32_step(bench, name):
-    ref_loss, ref_grads = first_step(bench, name, PLAIN, stand_ins(bench, name))
-    loss, grads = first_step(bench, name, Speed(amp=False, channels_last=True), stand_ins(bench, name))
+def test_channels_last_step_matches_the_plain_fp32_step(bench, prepared, name):
+    ref_loss, ref_grads = first_step(bench, name, PLAIN, prepared[name])
+    loss, grads = first_step(bench, name, Speed(amp=False, channels_last=True), prepared[name])
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     _assert_grads_close(grads, ref_grads, rtol=1e-4, floor=1e-5)
 
 
 @pytest.mark.parametrize("name", DEFAULT_METHODS)
-def test_bf16_channels_last_step_matches_the_plain_fp32_step_within_bf16_rounding(bench, name):
+def test_bf16_channels_last_step_matches_the_plain_fp32_step_within_bf16_rounding(bench, prepared, name):
     # Measured on the tiny UNet: loss within 4e-4, whole gradient within 1.2-5.9% (SalUn's forget loss is a
     # difference of two predictions, so it loses the most), each tensor within 14% + 1e-4 of the total.
-    ref_loss, ref_grads = first_step(bench, name, PLAIN, stand_ins(bench, name))
-    loss, grads = first_step(bench, name, Speed(amp=True, channels_last=True), stand_ins(bench, name))
+    ref_loss, ref_grads = first_step(bench, name, PLAIN, prepared[name])
+    loss, grads = first_step(bench, name, Speed(amp=True, channels_last=True), prepared[name])
     assert loss != ref_loss, "autocast did not apply: the bf16 step computed exactly the fp32 loss"
     assert loss == pytest.approx(ref_loss, rel=2e-3)
     assert relative_error(grads, ref_grads) <= 0.1
     _assert_grads_close(grads, ref_grads, rtol=0.25, floor=1e-3)
 
 
-def test_channels_last_training_keeps_masked_weights_and_a_foreach_ema(bench):
-    model, method = bench.model(), bench.method("salun", stand_ins(bench, "salun"))
+def test_channels_last_training_keeps_masked_weights_and_a_foreach_ema(bench, prepared):
+    model, method = bench.model(), bench.method("salun", prepared["salun"], iterations=2)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    ema, batches = EMA(model, 0.5), method.batches()
-    spec = TrainSpec(2, 1e-2, 1.0, speed=Speed(channels_last=True))
-    train(model, lambda step: method.loss(model, next(batches)), spec, CPU, ema=ema, grad_mask=method.mask,
-          progress=False)
+    ema, mask = EMA(model, 0.5), method.grad_mask()
+    config = dataclasses.replace(method.config, lr=1e-2)
+    train(model, method.batches(), method.update, config, CPU, speed=Speed(channels_last=True), ema=ema,
+          grad_mask=mask, progress=False)
     assert model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     for (name, param), shadow in zip(model.named_parameters(), ema.shadow):
-        frozen = ~method.mask[name]
+        frozen = ~mask[name]
         assert torch.equal(param[frozen], before[name][frozen]), f"masked weights of {name} moved"
         assert shadow.stride() == param.stride(), f"EMA shadow of {name} is not in the parameter's layout"
     assert any(not torch.equal(p, before[k]) for k, p in model.named_parameters())

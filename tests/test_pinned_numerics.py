@@ -50,12 +50,27 @@ LOSSES = {
         {"loss": 77.71688079833984, "grad_norm": 289.5930480957031},
         {"loss": 42.778438568115234, "grad_norm": 166.89517211914062},
     ],
+    # tiny: one outer step per round, so an unroll (2 passes x 2 batches) precedes both steps; f_hat is its last pass
+    "erasediff": [
+        {"loss": 1.1262420415878296, "retain": 1.1266556978225708, "forget": 0.039592988789081573,
+         "f_hat": 0.04373012110590935, "grad_norm": 4.932432651519775},
+        {"loss": 1.0859675407409668, "retain": 1.086012363433838, "forget": 0.04248662292957306,
+         "f_hat": 0.04293527081608772, "grad_norm": 4.607812404632568},
+    ],
+    # each step: the masked forget step (its grad_norm: of the masked gradient), then the retain step
+    "sfron": [
+        {"loss": -582.1180419921875, "alpha": 10.0, "forget": 66.6836929321289, "forget_adaptive": 65.2278060913086,
+         "retain": 70.16006469726562, "forget_grad_norm": 2009.5989990234375, "retain_grad_norm": 293.8141784667969},
+        {"loss": -279.55426025390625, "alpha": 5.0, "forget": 69.97625732421875, "forget_adaptive": 69.16436767578125,
+         "retain": 66.26756286621094, "forget_grad_norm": 1076.3070068359375, "retain_grad_norm": 295.5444030761719},
+    ],
 }
 
 # What the preparation computed: the sum over every tensor, the count of non-zero entries, and one tensor's sum.
 PREPARED = {
     "sa": {"total": 162418311731.61734, "nonzero": 775681, "fisher.null_classes_emb": 4666.237064361572},
     "salun": {"total": 387840.0, "nonzero": 387840, "mask.null_classes_emb": 10.0},
+    "sfron": {"total": 259457.0, "nonzero": 259457, "mask.classes_emb.weight": 32.0},  # the forget class's row
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from bench.config import get_preset
-from bench.orchestrate import run_sequential
+from bench.orchestrate import run_local
 from bench.sweep import Sweep, build_specs
 from reports import render, tables
 from reports.build import build_report
@@ -28,10 +28,10 @@ def report(tmp_path_factory):
     """Records of original and safemax on classes 0-1 (plus safemax lambda=0 on class 0), and their report."""
     root = tmp_path_factory.mktemp("reports")
     results, preset = root / "results", get_preset("tiny")
-    common = dict(out=str(results), cache=str(root / "cache"), device="cpu", progress=False)
+    common = dict(results=str(results), cache=str(root / "cache"), device="cpu", progress=False)
     specs = build_specs(preset, ["original", "safemax"], [0, 1], [0], Sweep({}, {}), **common)
     specs += build_specs(preset, ["safemax"], [0], [0], Sweep({"safemax": {"lam": [0.0]}}, {}), **common)
-    outcomes = run_sequential(specs)
+    outcomes = run_local(specs)
     assert [o.status for o in outcomes] == ["done"] * len(specs), [o.error for o in outcomes]
     written = build_report(results, root / "out", figure1_points=12)
     return {"results": results, "out": root / "out", "written": written,
@@ -64,7 +64,7 @@ def test_missing_cells_carry_the_command_that_fills_them(report):
     markdown = report["written"]["tiny/paper/tables/table1.md"].read_text()
     results = report["results"]
     command = (f"bench run --preset tiny --protocol paper --methods safemax --classes 2-9 --seeds 0 "
-               f"--out {results} --cache {results.parent / 'cache'}")
+               f"--results {results} --cache {results.parent / 'cache'}")
     number = re.search(rf"\[(\d+)\] missing runs: `{re.escape(command)}`", markdown).group(1)
     row5 = next(line for line in markdown.splitlines() if line.startswith("| 5 |"))
     assert f"missing [{number}]" in row5
@@ -118,7 +118,7 @@ def test_paper_comparison_table_for_cifar10(report):
     table = tables.paper_table(frame.assign(preset="cifar10"), grid)
     markdown = render.to_markdown(table)
     assert "| FID μ | 17.71 | missing [1] | 16.76 | missing [2] | 16.74 |" in markdown
-    assert "--methods sa --classes 0-9 --seeds 0 --out results --data-root DATA_ROOT" in markdown
+    assert "--methods sa --classes 0-9 --seeds 0 --results results --data-root DATA_ROOT" in markdown
 
 
 def test_empty_results_folder_gives_a_page_not_an_error(tmp_path):

@@ -27,8 +27,7 @@ def _context(seed: int = 0) -> Context:
     return Context(
         preset=get_preset("tiny"), forget_class=FORGET_CLASS, seed=seed, schedule=NoiseSchedule(DiffusionConfig()),
         train_data=data, device=torch.device("cpu"), noise_generator=torch.Generator().manual_seed(seed),
-        data_generator=torch.Generator().manual_seed(seed), base_weights={}, base_ema={}, base_id="test",
-        cache=None,
+        data_generator=torch.Generator().manual_seed(seed), base_weights={}, base_ema={},
     )
 
 

@@ -298,7 +298,7 @@ def test_preempted_long_run_is_requeued_and_resumes_from_its_checkpoint(slurm_cl
     out = tmp_path / "results"
     submitted = bench_cli("run", *RETRAIN, "--cache", tiny_cache, "--out", str(out), *SLURM, "--no-wait")
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    assert f"bench status --out {out}" in submitted.stdout
+    assert f"bench status --results {out}" in submitted.stdout
     (job_id,) = [run["job_id"] for run in manifests(out)[0]["runs"]]
     run_dir = out / "tiny" / "paper" / "retrain" / "iterations=120" / "class0" / "seed0"
     wait_for((run_dir / "partial.pt").exists, WAIT_S, "the run's first checkpoint")
