@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -44,9 +45,24 @@ def _preset(name: str):
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
-def main(verbose: bool) -> None:
+@click.option("--preset-file", "preset_files", multiple=True, type=click.Path(dir_okay=False),
+              help="register a preset from a YAML file (see bench/extensions.py); repeatable")
+@click.option("--method-module", "method_modules", multiple=True, metavar="PKG.MODULE:CLASS",
+              help="register a method class from an importable module; repeatable")
+@click.version_option(package_name="unlearning-bench", prog_name="bench")
+@click.pass_context
+def main(ctx, verbose: bool, preset_files, method_modules) -> None:
     """Benchmark machine unlearning methods on class-conditional diffusion models."""
+    from bench.extensions import load_extensions
+
     _setup_logging(verbose)
+    extensions = tuple(f"preset-file:{Path(p).resolve()}" for p in preset_files)
+    extensions += tuple(f"method-module:{m}" for m in method_modules)
+    try:
+        load_extensions(extensions)
+    except (ValueError, ImportError) as exc:
+        _fail(str(exc))
+    ctx.obj = {"extensions": extensions}
 
 
 @main.command("ls")
@@ -151,7 +167,7 @@ def grid_options(command):
 
 
 def _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root, device,
-           speed_items, absolute: bool, progress: bool):
+           speed_items, absolute: bool, progress: bool, save_model: bool = False):
     """Parse and check every grid option before any work; the RunSpecs they ask for."""
     from bench.sweep import build_specs, parse_classes, parse_seeds, parse_sets, parse_speed
     from methods import parse_methods
@@ -170,8 +186,10 @@ def _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, c
     if absolute:  # jobs may start elsewhere: give them absolute paths, and the default cache explicitly
         results, cache_dir = str(Path(results).resolve()), str(Path(cache_dir or default_cache_dir()).resolve())
         data_root = str(Path(data_root).resolve()) if data_root else None
+    extensions = (click.get_current_context().obj or {}).get("extensions", ())
     specs = build_specs(preset_obj, methods, classes, seed_list, sweep, results=results, cache=cache_dir,
-                        protocol=protocol, data_root=data_root, device=device, speed=speed, progress=progress)
+                        protocol=protocol, data_root=data_root, device=device, speed=speed, progress=progress,
+                        save_model=save_model, extensions=extensions)
     return preset_obj, methods, specs
 
 
@@ -189,8 +207,12 @@ def _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, c
 @click.option("--no-wait", is_flag=True, help="submit and exit; see `bench status --results RESULTS` for progress")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="without --cluster: runs at once in worker processes on this machine, CPU threads split between them")
+@click.option("--save-model", is_flag=True,
+              help="keep each run's unlearned weights as model.safetensors beside its record (path and hash recorded)")
+@click.option("--json", "as_json", is_flag=True, help="print the outcome of every run as JSON instead of tables")
 def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root, device,
-            speed_items, force, no_progress, cluster, cluster_config, jobs_folder, no_wait, workers) -> None:
+            speed_items, force, no_progress, cluster, cluster_config, jobs_folder, no_wait, workers, save_model,
+            as_json) -> None:
     """Unlearn each forget class with each method, evaluate, and write one record per run."""
     from submitit.core.utils import FailedSubmissionError
 
@@ -198,7 +220,8 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
 
     preset_obj, methods, specs = _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results,
                                         cache_dir, data_root, device, speed_items, absolute=cluster is not None,
-                                        progress=not no_progress and cluster is None and workers == 1)
+                                        progress=not no_progress and cluster is None and workers == 1 and not as_json,
+                                        save_model=save_model)
     try:
         config = _cluster_config(cluster, cluster_config, no_wait)
         check_writable(results)
@@ -217,7 +240,7 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
     except (CheckpointError, FileNotFoundError, ValueError, PrerequisitesFailed, FailedSubmissionError) as exc:
         _fail(str(exc))
     if outcomes is not None:
-        _report(outcomes, results)
+        _report(outcomes, results, as_json)
 
 
 @main.command("prepare")
@@ -276,17 +299,26 @@ def _run_on_cluster(specs, cluster: str, config: dict, jobs_folder: str, force: 
     return wait_runs(submission, progress=progress)
 
 
-def _report(outcomes, out: str) -> None:
-    """The summary table over every record of the sweep, then each failure with its log; exit 1 if any failed."""
+def _report(outcomes, out: str, as_json: bool = False) -> None:
+    """The summary table over every record of the sweep, then each failure with its log; exit 1 if any failed.
+    With `as_json`, one JSON object instead: every run's identity, status, record path, error and metrics."""
     from bench.orchestrate import finished_record
     from reports.summary import summary_text
 
-    # runs left to another process may have finished meanwhile: show them too
-    finished = [o.record or (finished_record(o.spec) if o.status == "busy" else None) for o in outcomes]
-    finished = [record for record in finished if record is not None]
-    click.echo("\n" + summary_text(finished))
     states = ("done", "skipped", "busy", "failed", "interrupted")
     count = {status: sum(o.status == status for o in outcomes) for status in states}
+    # runs left to another process may have finished meanwhile: show them too
+    records = [o.record or (finished_record(o.spec) if o.status == "busy" else None) for o in outcomes]
+    if as_json:
+        runs = [{"method": o.spec.method, "variant": o.spec.variant, "forget_class": o.spec.forget_class,
+                 "seed": o.spec.seed, "status": o.status, "directory": str(o.spec.directory), "error": o.error,
+                 "log": o.log_path, "metrics": record["metrics"] if record else None}
+                for o, record in zip(outcomes, records)]
+        click.echo(json.dumps({"results": out, "counts": count, "runs": runs}, indent=2, default=str))
+        if count["failed"] or count["interrupted"]:
+            sys.exit(130 if count["interrupted"] and not count["failed"] else 1)
+        return
+    click.echo("\n" + summary_text([record for record in records if record is not None]))
     busy = f", {count['busy']} left to another process running them" if count["busy"] else ""
     stopped = f", {count['interrupted']} not finished (stopped)" if count["interrupted"] else ""
     click.echo(f"\n{count['done']} run(s) done, {count['skipped']} skipped (already finished){busy}, "
@@ -306,13 +338,21 @@ def _report(outcomes, out: str) -> None:
 @click.option("--results", "--out", "out", default="results", show_default=True, help="results folder (the records)")
 @click.option("--jobs-folder", default=None,
               help="the submitit folder given to `bench run` [default: RESULTS/.submitit]")
-def status_cmd(out, jobs_folder) -> None:
+@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
+def status_cmd(out, jobs_folder, as_json) -> None:
     """Show done / running / failed / missing for every (method, class, seed) submitted or recorded."""
+    import dataclasses
+
     from bench.status import STATES, status
 
     if not Path(out).is_dir():
         _fail(f"results folder {out} does not exist")
     rows = status(out, jobs_folder or Path(out) / ".submitit")
+    if as_json:
+        counts = {state: sum(r.state == state for r in rows) for state in STATES}
+        click.echo(json.dumps({"results": out, "counts": counts, "runs": [dataclasses.asdict(r) for r in rows]},
+                              indent=2))
+        return
     if not rows:
         click.echo(f"nothing submitted or recorded under {out}")
         return

@@ -30,6 +30,7 @@ from bench.cache import Cache, load_file
 from bench.cluster import make_executor, submit_all, wait_all
 from bench.config import get_preset
 from bench.experiment import run_one
+from bench.extensions import load_extensions
 from bench.prerequisites import Prerequisites, build, missing, prerequisites_for
 from bench.sweep import RunSpec
 
@@ -162,6 +163,8 @@ class Job(submitit.helpers.Checkpointable):
 
     def __call__(self, task: RunSpec | Prerequisites):
         _job_setup()
+        load_extensions(task.extensions if isinstance(task, RunSpec) else task.specs[0].extensions
+                        if task.specs else ())
         if isinstance(task, Prerequisites):
             return build(task, _job_id())
         return run_claimed(task, self.force, _job_id())

@@ -226,7 +226,9 @@ def prepare(bench: Bench, name: str) -> tuple[dict, list[dict]]:
 def time_step(bench: Bench, name: str, variant: str, prepared: dict) -> dict:
     """Median seconds per training step of method `name` under `variant`, and the step's peak memory."""
     opts, device = bench.options, bench.device
-    method = bench.method(name, prepared)
+    period = bench.method(name, prepared).period()
+    timed_steps = -(-opts.iterations // period) * period  # whole periods: every kind of iteration in its share
+    method = bench.method(name, prepared, iterations=opts.warmup + timed_steps)
     config = method.config
     model = bench.model()
     ema = EMA(model, config.ema_decay, shadow=bench.base) if config.ema else None
@@ -234,12 +236,13 @@ def time_step(bench: Bench, name: str, variant: str, prepared: dict) -> dict:
     result = train(model, method.batches(), method.update, config, device, speed=VARIANTS[variant], ema=ema,
                    grad_mask=method.grad_mask(), time_steps=True, desc=f"perf {name}", progress=False)
     measured = result.step_seconds[opts.warmup:]
-    median = statistics.median(measured)
+    median, mean = statistics.median(measured), statistics.fmean(measured)
     return {"workload": f"{name} step", "method": name, "variant": variant, "unit": "s / iteration",
-            "value": median, "p10": _quantile(measured, 0.1), "p90": _quantile(measured, 0.9),
-            "iterations": len(measured), "first_step_s": result.first_step_seconds,
+            "value": median, "mean_s": mean, "p10": _quantile(measured, 0.1), "p90": _quantile(measured, 0.9),
+            "iterations": len(measured), "period": period, "first_step_s": result.first_step_seconds,
             "final_loss": result.final_losses.get("loss"), **result.memory,
-            "paper_scale_s": median * get_method(name).Config().iterations}
+            # the mean over whole periods: a run's time, unrolls and all (the median is a typical iteration)
+            "paper_scale_s": mean * get_method(name).Config().iterations}
 
 
 def time_sampler(bench: Bench, variant: str) -> dict:

@@ -44,6 +44,8 @@ class RunSpec:
     device: str | None = None
     progress: bool = True
     save_model: bool = False
+    # `bench.extensions` items (preset files, method modules) a job must register before it runs this spec
+    extensions: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
 
     @property

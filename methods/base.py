@@ -145,6 +145,11 @@ class UnlearningMethod:
         """One iteration: by default one optimizer step of `loss`, masked by `grad_mask()` after clipping."""
         return trainer.update(lambda: self.loss(trainer.model, batch))
 
+    def period(self) -> int:
+        """Iterations after which the pattern of `update` repeats (EraseDiff: a round with its unroll); 1 when every
+        iteration is alike. `bench perf` times whole periods."""
+        return 1
+
     def report(self) -> dict:
         """Facts about this run the record should hold beyond losses and timings (e.g. a mask's density)."""
         return {}

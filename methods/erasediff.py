@@ -164,6 +164,9 @@ class EraseDiff(UnlearningMethod):
             lam = config.lam
         return {"loss": retain + lam * (forget - self.f_hat), **terms}
 
+    def period(self) -> int:
+        return self.config.outer_steps
+
     def report(self) -> dict:
         relabel = self.config.forget_loss == "relabel"
         pseudo = "one per batch, uniform in {1..9} (the forget class not excluded)" if relabel else None

@@ -1,0 +1,101 @@
+"""The user's own work, without editing this package: presets from YAML files and methods from their packages.
+
+`bench --preset-file my.yaml --method-module mypkg.mymethod:MyMethod run ...` registers both before the command
+runs. Each becomes a string (`preset-file:<path>`, `method-module:<pkg.mod:Class>`) that every RunSpec carries, so
+that a worker process or a SLURM job registers the same extensions before it runs the spec. Installed packages can
+instead declare methods under the entry-point group `unlearning_bench.methods` (loaded everywhere automatically).
+
+A preset file holds the fields of `bench.config.Preset`, any of which may be left out to take them from `base`:
+
+    name: mydigits
+    base: digits                 # start from this built-in preset (default: digits)
+    description: digits with a wider UNet
+    unet: {ch: 32}               # fields replaced in the base preset's UNetConfig
+    pretrain: {iterations: 2000}
+    protocols: {paper: {sampler_steps: 50}}
+    iteration_scale: 0.2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from bench.config import PRESETS, ClassifierConfig, DiffusionConfig, Preset, Protocol, TrainConfig, UNetConfig
+from methods import load_method
+
+_FROM_FILES: dict[str, Preset] = {}  # presets registered from files in this process (re-registering replaces)
+NESTED = {"unet": UNetConfig, "pretrain": TrainConfig, "classifier": ClassifierConfig, "diffusion": DiffusionConfig}
+
+
+def _replace(kind: type, current, values, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a mapping of field: value, not {values!r}")
+    fields = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return dataclasses.replace(current, **values)  # each config checks its own values
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def load_preset_file(path: str | Path) -> Preset:
+    """Read a preset YAML file (checked like the built-in presets) and register it under its `name`."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"--preset-file {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--preset-file {path} is not valid YAML: {exc}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(f"--preset-file {path}: a mapping with at least `name` (and usually `base`)")
+    base_name = spec.pop("base", "digits")
+    if base_name not in PRESETS:
+        raise ValueError(f"--preset-file {path}: base {base_name!r} is not a preset; choose from {', '.join(PRESETS)}")
+    base = PRESETS[base_name]
+    preset_fields = {f.name for f in dataclasses.fields(Preset)}
+    unknown = sorted(set(spec) - preset_fields)
+    if unknown:
+        raise ValueError(f"--preset-file {path}: unknown field(s) {', '.join(unknown)}; "
+                         f"valid: base, {', '.join(sorted(preset_fields))}")
+    values = {}
+    for key, value in spec.items():
+        if key in NESTED:
+            values[key] = _replace(NESTED[key], getattr(base, key), value, f"{path}: {key}")
+        elif key == "protocols":
+            values[key] = _protocols(base, value, path)
+        else:
+            values[key] = value
+    preset = dataclasses.replace(base, **values)
+    if preset.name in PRESETS and preset.name not in _FROM_FILES:
+        raise ValueError(f"--preset-file {path}: {preset.name!r} is a built-in preset; give yours another name")
+    PRESETS[preset.name] = _FROM_FILES[preset.name] = preset
+    return preset
+
+
+def _protocols(base: Preset, value, path: Path) -> dict[str, Protocol]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: protocols must map names to protocol fields")
+    protocols = dict(base.protocols)
+    for name, fields in value.items():
+        current = protocols.get(name, Protocol(name))
+        protocols[name] = _replace(Protocol, current, {**(fields or {}), "name": name}, f"{path}: protocols.{name}")
+    return protocols
+
+
+def load_extensions(items: tuple[str, ...]) -> None:
+    """Register every `preset-file:<path>` and `method-module:<pkg.mod:Class>` in `items` (idempotent)."""
+    for item in items:
+        kind, _, value = item.partition(":")
+        if kind == "preset-file":
+            load_preset_file(value)
+        elif kind == "method-module":
+            load_method(value)
+        else:
+            raise ValueError(f"unknown extension {item!r}")
