@@ -6,16 +6,17 @@ STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-packages
 # torch 2.14.1 / torchvision 0.29.1 are what resolves on the development machines; any torch >= 2.4 works.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-# Debian packages: a real SLURM cluster with accounting for the tests, Chromium to render the report page,
-# and the full Fashion-MNIST for the `fashion` preset.
+# Debian packages the tests need (running needs none): a real SLURM cluster with accounting, Chromium to render
+# the report page, and the full Fashion-MNIST of the `fashion` preset (`make system-packages` for that preset).
 APT_PACKAGES := munge slurmctld slurmd slurm-client slurmdbd mariadb-server chromium dataset-fashion-mnist
 ARGS ?=
 # Test processes; each file's tests stay in one process (the SLURM cluster fixture starts one cluster).
 TEST_WORKERS ?= 2
 
-.PHONY: install system-packages run report test lint clean gpu-check
+.PHONY: install system-packages run run-quick report test lint clean gpu-check
 
-install: $(STAMP) system-packages
+# What running needs: a virtual environment with the package (pip only, no system packages).
+install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,13 +43,18 @@ $(SYSTEM_STAMP): Makefile | $(STAMP)
 	fi
 	touch $(SYSTEM_STAMP)
 
+# The whole digits benchmark: every method on every class (about 30 minutes on 2 CPU cores).
 run: install
 	$(BIN)/bench run --methods all --classes 0-9 --workers 2 $(ARGS)
+
+# The 3-minute variant: the base model and SAFEMax on every class.
+run-quick: install
+	$(BIN)/bench run --methods original,safemax --classes 0-9 --workers 2 $(ARGS)
 
 report: install
 	$(BIN)/bench report --results results --out results/report
 
-test: install
+test: install system-packages
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: install

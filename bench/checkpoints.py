@@ -16,14 +16,17 @@ import logging
 import math
 import pickle
 import re
+import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file as load_safetensors
 from torch import Tensor
 
 from bench.cache import FORMAT, Cache, CheckpointError, atomic_save
 from bench.config import Preset
+from bench.records import RECORD_NAME, read_record
 from bench.unet import ConditionalUNet
 
 log = logging.getLogger(__name__)
@@ -167,3 +170,25 @@ def export_published_checkpoint(payload: dict, dst: Path, lr: float | None = Non
     states = [model, optimizer, int(payload["step"]) - 1, dict(payload["ema"])]
     atomic_save(states, Path(dst))
     return Path(dst)
+
+
+def export_run(run: Path, fmt: str, dst: Path) -> Path:
+    """A run's saved weights (`model.safetensors`, checked against the hash in its record) written to `dst` as a
+    published `ckpt.pth` (the evaluated weights as model and EMA) or as a safetensors copy."""
+    folder = run.parent if run.name == RECORD_NAME else run
+    record = read_record(folder / RECORD_NAME)
+    saved = record.get("artifacts", {}).get("model")
+    if not saved:
+        raise CheckpointError(f"{folder} has no saved model; run it again with `bench run ... --save-model --force`")
+    source = folder / saved["path"]
+    if file_sha256(source) != saved["sha256"]:
+        raise CheckpointError(f"{source} does not match the hash in its record; run it again with --save-model --force")
+    if fmt == "safetensors":
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dst)
+        return dst
+    weights = load_safetensors(str(source))
+    payload = {"format": FORMAT, "kind": "diffusion", "model": weights, "ema": weights,
+               "step": int(record["timings"].get("iterations") or 0) + 1,
+               "recipe": {"lr": record["hyperparameters"].get("lr", 2e-4)}}
+    return export_published_checkpoint(payload, dst)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 import typing
 from pathlib import Path
@@ -48,11 +49,23 @@ class Finished(typing.NamedTuple):
         return isinstance(self.outcome, BaseException)
 
 
+def cluster_dirs() -> list[Path]:
+    """Where named cluster files are looked up, in order: $BENCH_CLUSTERS, ~/.config/unlearning-bench/clusters,
+    this checkout's slurm/clusters, and the copy an installed package ships in <prefix>/share."""
+    found = [Path(os.environ["BENCH_CLUSTERS"])] if os.environ.get("BENCH_CLUSTERS") else []
+    found += [Path.home() / ".config" / "unlearning-bench" / "clusters", CLUSTERS_DIR,
+              Path(sys.prefix) / "share" / "unlearning-bench" / "clusters"]
+    return found
+
+
 def cluster_config_path(name_or_path: str | Path) -> Path:
-    """A path to a YAML file as given, or a name looked up as `slurm/clusters/<name>.yaml`."""
+    """A path to a YAML file as given, or a name looked up as `<dir>/<name>.yaml` in `cluster_dirs()`."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
+    for folder in cluster_dirs():
+        if (folder / f"{name_or_path}.yaml").is_file():
+            return folder / f"{name_or_path}.yaml"
     return CLUSTERS_DIR / f"{name_or_path}.yaml"
 
 
@@ -60,21 +73,34 @@ def load_cluster_config(path: str | Path) -> dict:
     """Read and check a cluster file; returns {key: value} with only the keys in CONFIG_KEYS."""
     path = cluster_config_path(path)
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CLUSTERS_DIR.glob("*.yaml"))) or "none"
-        raise FileNotFoundError(f"cluster config {path} not found (files in {CLUSTERS_DIR}: {known})")
+        known = ", ".join(sorted({p.stem for folder in cluster_dirs() for p in folder.glob("*.yaml")})) or "none"
+        raise FileNotFoundError(f"cluster config {path} not found (known names: {known}; looked in "
+                                f"{', '.join(map(str, cluster_dirs()))})")
     try:
         config = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"cluster config {path} is not valid YAML: {exc}") from None
     if not isinstance(config, dict):
         raise ValueError(f"cluster config {path} must be a mapping of key: value, not {type(config).__name__}")
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    unknown = sorted(set(config) - set(CONFIG_KEYS) - set(_passthrough(config)))
     if unknown:
         raise ValueError(f"cluster config {path}: unknown key(s) {', '.join(map(str, unknown))}; "
-                         f"valid: {', '.join(CONFIG_KEYS)}")
+                         f"valid: {', '.join(CONFIG_KEYS)}, or any submitit `slurm_*` parameter (slurm_qos, "
+                         "slurm_constraint, slurm_additional_parameters, ...)")
     for key, value in config.items():
-        _check_value(path, key, value)
+        if key in CONFIG_KEYS:
+            _check_value(path, key, value)
+    valid = submitit.SlurmExecutor._valid_parameters()
+    wrong = [key for key in _passthrough(config) if key.removeprefix("slurm_") not in valid]
+    if wrong:
+        raise ValueError(f"cluster config {path}: submitit has no SLURM parameter {', '.join(wrong)}; valid: "
+                         f"{', '.join('slurm_' + name for name in sorted(valid))}")
     return {key: value for key, value in config.items() if value is not None}
+
+
+def _passthrough(config: dict) -> list[str]:
+    """Keys handed to submitit as they are: its own `slurm_*` parameters (checked by submitit)."""
+    return [key for key in config if isinstance(key, str) and key.startswith("slurm_")]
 
 
 def _check_value(path: Path, key: str, value) -> None:
@@ -95,7 +121,7 @@ def make_executor(kind: str, folder: str | Path, config: dict | None = None, job
     if kind not in KINDS:
         raise ValueError(f"unknown cluster kind {kind!r}; choose from {', '.join(KINDS)}")
     config = dict(config or {})
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    unknown = sorted(set(config) - set(CONFIG_KEYS) - set(_passthrough(config)))
     if unknown:
         raise ValueError(f"unknown cluster setting(s) {', '.join(unknown)}; valid: {', '.join(CONFIG_KEYS)}")
     executor = submitit.AutoExecutor(folder=Path(folder), cluster=kind)
@@ -110,6 +136,7 @@ def make_executor(kind: str, folder: str | Path, config: dict | None = None, job
         "slurm_array_parallelism": config.get("array_parallelism"),
         "slurm_setup": config.get("setup"),
     }
+    parameters.update({key: config[key] for key in _passthrough(config)} if kind == "slurm" else {})
     executor.update_parameters(**{key: value for key, value in parameters.items() if value is not None})
     return executor
 

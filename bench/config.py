@@ -49,6 +49,18 @@ class UNetConfig:
     dropout: float = 0.1
     norm_groups: int = 32  # GroupNorm groups (32 in the published model); small widths need fewer
 
+    def __post_init__(self):
+        for name in ("image_size", "in_channels", "num_classes", "ch", "num_res_blocks", "norm_groups"):
+            check_number(f"unet.{name}", getattr(self, name), low=1, integer=True)
+        check_number("unet.dropout", self.dropout, low=0, high=1)
+        widths = {self.ch * mult for mult in (1, *self.ch_mult)}
+        if any(width % self.norm_groups for width in widths):
+            raise ValueError(f"unet.norm_groups ({self.norm_groups}) must divide every channel width "
+                             f"{sorted(widths)} (ch x ch_mult)")
+        if self.image_size % 2 ** (len(self.ch_mult) - 1):
+            raise ValueError(f"unet.image_size ({self.image_size}) must be divisible by 2 ** (levels - 1) = "
+                             f"{2 ** (len(self.ch_mult) - 1)}")
+
 
 UNETS: dict[str, UNetConfig] = {
     # The published SA/SalUn backbone: 38,632,323 parameters.

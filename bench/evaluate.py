@@ -203,8 +203,15 @@ def evaluate(sampler: Sampler, classifier: nn.Module, forget_class: int, fid: Fi
         "retain_samples": len(retain_images),
         "noise_prediction": metrics.noise_prediction(noise_probs),
     }
-    grid = torch.cat([(forget_images if c == forget_class else per_class[c])[:GRID_COLUMNS] for c in range(num_classes)])
+    grid = torch.cat([_grid_row((forget_images if c == forget_class else per_class[c])[:GRID_COLUMNS])
+                      for c in range(num_classes)])
     return Evaluation(results, grid, time.perf_counter() - started)
+
+
+def _grid_row(images: Tensor) -> Tensor:
+    """GRID_COLUMNS images, white ones filling in for samples a small protocol did not draw."""
+    blank = torch.full((GRID_COLUMNS - len(images), *images.shape[1:]), 255, dtype=images.dtype)
+    return torch.cat([images, blank])
 
 
 def noise_probabilities(classifier: nn.Module, shape: tuple[int, ...], count: int, seed: int) -> Tensor:
@@ -212,3 +219,31 @@ def noise_probabilities(classifier: nn.Module, shape: tuple[int, ...], count: in
     generator = torch.Generator().manual_seed(seed + 99991)
     noise = torch.randn((count, *shape), generator=generator).clamp(-1, 1)
     return predict(classifier, noise)[0]
+
+
+def grid_image(grid: Tensor, class_names: tuple[str, ...], forget_class: int, cell: int = 48):
+    """The (classes x GRID_COLUMNS) uint8 sample grid as a PIL image: cells upscaled (nearest) to `cell` pixels, one
+    row per class labelled with its name, the forget class's row marked."""
+    from PIL import Image, ImageDraw
+
+    rows = len(class_names)
+    channels, size = grid.shape[1], grid.shape[-1]
+    scale = max(1, cell // size)
+    images = grid.reshape(rows, GRID_COLUMNS, channels, size, size).permute(0, 3, 1, 4, 2)  # rows, y, cols, x, c
+    pixels = images.reshape(rows * size, GRID_COLUMNS * size, channels).repeat_interleave(scale, 0)
+    pixels = pixels.repeat_interleave(scale, 1)
+    body = Image.fromarray(pixels.squeeze(-1).numpy() if channels == 1 else pixels.numpy()).convert("RGB")
+    label_width, gap = 110, 2
+    page = Image.new("RGB", (label_width + body.width, body.height), "white")
+    page.paste(body, (label_width, 0))
+    draw = ImageDraw.Draw(page)
+    row_height = size * scale
+    for row, name in enumerate(class_names):
+        y = row * row_height
+        forget = row == forget_class
+        if forget:
+            draw.rectangle([label_width - gap, y, page.width - 1, y + row_height - 1], outline="red", width=gap)
+        label = name[:12] if name == str(row) else f"{row} {name[:12]}"
+        draw.text((4, y + row_height // 2 - 6), label + (" (forget)" if forget else ""),
+                  fill="red" if forget else "black")
+    return page

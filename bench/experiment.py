@@ -18,16 +18,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torchvision.utils import save_image
 
 from bench import records
 from bench.cache import Cache
 from bench.checkpoints import file_sha256
 from bench.classifier import load_classifier
 from bench.config import get_preset
-from bench.data import from_uint8
 from bench.device import Speed, device_name, memory_snapshot, pick_device, reset_peak_memory
-from bench.evaluate import GRID_COLUMNS, Sampler, evaluate, fid_scorer, noise_probabilities
+from bench.evaluate import Sampler, evaluate, fid_scorer, grid_image, noise_probabilities
 from bench.prerequisites import load_base, load_classifier_payload, load_preparation, make_context
 from bench.runner import EMA, Resume, train
 from bench.sweep import RunSpec, resolve_method_config, resolve_protocol
@@ -100,7 +98,7 @@ def run_one(spec: RunSpec) -> dict:
     artifacts = {"samples": "samples.png"}
     directory = spec.directory
     directory.mkdir(parents=True, exist_ok=True)
-    save_image(from_uint8(evaluation.grid).add(1).div(2), directory / "samples.png", nrow=GRID_COLUMNS, padding=1)
+    grid_image(evaluation.grid, ctx.train_data.class_names, spec.forget_class).save(directory / "samples.png")
     if spec.save_model:
         artifacts["model"] = save_model(model, directory, preset, spec, base)
     timings = {

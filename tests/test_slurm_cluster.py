@@ -21,7 +21,7 @@ import pytest
 import submitit
 from click.testing import CliRunner
 
-from bench import records
+from bench import claims, records
 from bench.cli import main
 from bench.cluster import load_cluster_config, make_executor, submit_all, wait_all
 
@@ -273,7 +273,7 @@ def test_sigkilled_run_leaves_no_record_and_the_rerun_resumes_it(slurm_cluster, 
     (resumed,) = [run["job_id"] for run in manifests(out)[1]["runs"]]
     text = job_log(out, resumed).read_text()
     assert "taking over abandoned claim" in text and "resuming retrain [iterations=120] class 0 seed 0" in text
-    assert not (run_dir / "partial.pt").exists() and not (run_dir / records.CLAIM_NAME).exists()
+    assert not (run_dir / "partial.pt").exists() and not (run_dir / claims.CLAIM_NAME).exists()
 
 
 @pytest.mark.slow
