@@ -12,7 +12,7 @@ import click
 from bench.cache import Cache, CheckpointError, default_cache_dir
 from bench.config import PRESETS, get_preset
 from bench.device import pick_device
-from methods import METHODS
+from methods import METHODS, load_plugins
 
 log = logging.getLogger("bench")
 
@@ -34,6 +34,24 @@ cache_option = click.option(
 data_root_option = click.option(
     "--data-root", default=None, help="data set root (CIFAR-10: torchvision root or ImageFolder tree)")
 device_option = click.option("--device", default=None, help="torch device [default: cuda if available, else cpu]")
+download_option = click.option(
+    "--download", is_flag=True, expose_value=False, callback=lambda ctx, _, value: ctx.meta.update(download=value),
+    help="download CIFAR-10 into --data-root first (torchvision; needs network access)")
+
+
+def _download(preset, data_root: str | None) -> None:
+    """With --download, fetch the preset's data set into `data_root` before any work (CIFAR-10 only)."""
+    if not click.get_current_context().meta.get("download"):
+        return
+    if preset.dataset != "cifar10" or not data_root:
+        _fail("--download fetches CIFAR-10 into --data-root: use it with --preset cifar10 --data-root PATH")
+    from bench.data import load_cifar10
+
+    try:
+        for split in ("train", "test"):
+            load_cifar10(split, data_root, download=True)
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError
+        _fail(f"cannot download CIFAR-10 into {data_root} ({exc}); copy a CIFAR-10 root or ImageFolder tree there")
 
 
 def _preset(name: str):
@@ -56,6 +74,7 @@ def main(ctx, verbose: bool, preset_files, method_modules) -> None:
     from bench.extensions import load_extensions
 
     _setup_logging(verbose)
+    load_plugins()  # methods that installed packages declare under the entry-point group
     extensions = tuple(f"preset-file:{Path(p).resolve()}" for p in preset_files)
     extensions += tuple(f"method-module:{m}" for m in method_modules)
     try:
@@ -66,20 +85,51 @@ def main(ctx, verbose: bool, preset_files, method_modules) -> None:
 
 
 @main.command("ls")
-def list_cmd() -> None:
-    """List the registered methods and presets."""
+@click.argument("method", required=False)
+@click.option("--preset", default="digits", show_default=True, help="the preset whose values METHOD resolves to")
+def list_cmd(method, preset) -> None:
+    """List the registered methods and presets; with METHOD, its resolved configuration."""
+    if method:
+        _describe_method(method, _preset(preset))
+        return
     click.echo("methods:")
     for name, cls in METHODS.items():
         click.echo(f"  {name:14s} {cls.description}")
     click.echo("presets:")
-    for name, preset in PRESETS.items():
-        click.echo(f"  {name:14s} {preset.description}; protocols: {', '.join(preset.protocols)}")
+    for name, preset_obj in PRESETS.items():
+        click.echo(f"  {name:14s} {preset_obj.description}; protocols: {', '.join(preset_obj.protocols)}")
+
+
+def _describe_method(name: str, preset) -> None:
+    """Every field of METHOD's configuration: type, the paper's default, this preset's value, what --set takes."""
+    import dataclasses
+    import typing
+
+    from bench.sweep import resolve_method_config
+
+    try:
+        cls, config, scaled = resolve_method_config(preset, name)
+    except ValueError as exc:
+        _fail(str(exc))
+    hints, paper = typing.get_type_hints(cls.Config), cls.Config()
+    click.echo(f"{name}: {cls.description}")
+    click.echo(f"preset {preset.name}; set with --set {name}.FIELD=V1,V2 (a list sweeps)\n")
+    rows = [("field", "type", "paper", preset.name, "")]
+    for field in dataclasses.fields(config):
+        kind = getattr(hints[field.name], "__name__", str(hints[field.name]))
+        rows.append((field.name, kind, repr(getattr(paper, field.name)), repr(getattr(config, field.name)),
+                     "scaled" if field.name in scaled else ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    click.echo(f"\n`scaled`: the {preset.name} preset replaces the paper's value (recorded in scaled_from_paper).")
 
 
 @main.command("pretrain")
 @preset_option
 @cache_option
 @data_root_option
+@download_option
 @device_option
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="retrain even if a base model exists")
@@ -95,6 +145,7 @@ def pretrain_cmd(preset, cache_dir, data_root, device, seed, force, iterations, 
     from bench.sweep import parse_speed
 
     preset, cache = _preset(preset), Cache(cache_dir, data_root)
+    _download(preset, data_root)
     path = cache.base_path(preset)
     if path.exists() and not force:
         click.echo(f"base model already at {path} (use --force to retrain)")
@@ -115,6 +166,7 @@ def pretrain_cmd(preset, cache_dir, data_root, device, seed, force, iterations, 
 @preset_option
 @cache_option
 @data_root_option
+@download_option
 @device_option
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="retrain even if a classifier exists")
@@ -128,6 +180,7 @@ def classifier_cmd(preset, cache_dir, data_root, device, seed, force, steps, tes
     from bench.prerequisites import train_classifier
 
     preset, cache = _preset(preset), Cache(cache_dir, data_root)
+    _download(preset, data_root)
     path = cache.classifier_path(preset)
     if path.exists() and not force:
         click.echo(f"classifier already at {path} (use --force to retrain)")
@@ -157,7 +210,7 @@ def grid_options(command):
                      help="override (and sweep) a hyperparameter, or protocol.FIELD=V; repeatable"),
         click.option("--results", "--out", "results", default="results", show_default=True,
                      help="results folder (the records)"),
-        cache_option, data_root_option, device_option,
+        cache_option, data_root_option, download_option, device_option,
         click.option("--speed", "speed_items", multiple=True, metavar="SWITCH=V",
                      help="speed switch for training and sampling (amp, channels_last, fused_adam, compile, "
                           "cuda_graphs); repeatable; recorded, and a record made with others is run again"),
@@ -173,6 +226,7 @@ def _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, c
     from methods import parse_methods
 
     preset_obj = _preset(preset)
+    _download(preset_obj, data_root)
     try:
         methods = parse_methods(methods_spec)
         classes = parse_classes(classes_spec, preset_obj.num_classes)
@@ -209,19 +263,30 @@ def _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, c
               help="without --cluster: runs at once in worker processes on this machine, CPU threads split between them")
 @click.option("--save-model", is_flag=True,
               help="keep each run's unlearned weights as model.safetensors beside its record (path and hash recorded)")
+@click.option("--attacks", "attack_names", default="", metavar="relearn,embedding",
+              help="after each run, in its job, attack its saved model (implies --save-model) with `bench attack`'s "
+                   "default settings")
 @click.option("--json", "as_json", is_flag=True, help="print the outcome of every run as JSON instead of tables")
 def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root, device,
             speed_items, force, no_progress, cluster, cluster_config, jobs_folder, no_wait, workers, save_model,
-            as_json) -> None:
+            attack_names, as_json) -> None:
     """Unlearn each forget class with each method, evaluate, and write one record per run."""
+    import dataclasses
+
     from submitit.core.utils import FailedSubmissionError
 
+    from bench.attacks import parse_attacks
     from bench.orchestrate import PrerequisitesFailed, check_writable, run_local
 
+    try:
+        attack_names = parse_attacks(attack_names) if attack_names.strip() else ()
+    except ValueError as exc:
+        _fail(f"--attacks: {exc}")
     preset_obj, methods, specs = _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results,
                                         cache_dir, data_root, device, speed_items, absolute=cluster is not None,
                                         progress=not no_progress and cluster is None and workers == 1 and not as_json,
-                                        save_model=save_model)
+                                        save_model=save_model or bool(attack_names))
+    specs = [dataclasses.replace(spec, attacks=attack_names) for spec in specs]
     try:
         config = _cluster_config(cluster, cluster_config, no_wait)
         check_writable(results)
@@ -233,14 +298,19 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
                f"records under {results}/{preset_obj.name}/")
     try:
         if cluster is None:
-            outcomes = run_local(specs, force=force, workers=workers)
+            outcomes = run_local(specs, force=force, workers=workers, show_progress=not no_progress and not as_json)
         else:
             outcomes = _run_on_cluster(specs, cluster, config, jobs_folder or str(Path(results) / ".submitit"), force,
                                        no_wait, not no_progress, results)
     except (CheckpointError, FileNotFoundError, ValueError, PrerequisitesFailed, FailedSubmissionError) as exc:
         _fail(str(exc))
     if outcomes is not None:
-        _report(outcomes, results, as_json)
+        try:
+            _report(outcomes, results, as_json)
+        finally:  # the attacks' lines follow the runs' table, also when a run failed
+            attacks_failed = _report_attacks([a for o in outcomes for a in o.attacks], err=as_json)
+        if attacks_failed:
+            sys.exit(1)
 
 
 @main.command("prepare")
@@ -334,6 +404,147 @@ def _report(outcomes, out: str, as_json: bool = False) -> None:
         sys.exit(130 if count["interrupted"] and not count["failed"] else 1)
 
 
+def _report_attacks(outcomes, as_json: bool = False, err: bool = False) -> bool:
+    """One line per attack (or JSON), failures with their log; True if any failed. `err` writes to stderr."""
+    from bench.attacks import summary
+
+    if not outcomes:
+        return False
+    if as_json:
+        keys = ("auc", "steps_to_relearn", "curve", "success_rate", "success_rate_before", "budget")
+        rows = [{"attack": o.spec.attack, "variant": o.spec.variant, "method": o.spec.run.method,
+                 "run_variant": o.spec.run.variant, "forget_class": o.spec.run.forget_class, "seed": o.spec.run.seed,
+                 "status": o.status, "directory": str(o.spec.directory), "error": o.error, "log": o.log_path,
+                 "result": {k: o.record[k] for k in keys if k in o.record} if o.record else None} for o in outcomes]
+        click.echo(json.dumps({"attacks": rows}, indent=2, default=str), err=err)
+    for outcome in outcomes if not as_json else ():
+        line = summary(outcome.record) if outcome.record else f"{outcome.spec.describe()}: {outcome.error}"
+        where = f" (log: {outcome.log_path})" if outcome.status == "failed" and outcome.log_path else ""
+        click.echo(f"{outcome.status:8s} {line}{where}", err=err or outcome.status == "failed")
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "busy", "failed")}
+    if not as_json:
+        click.echo(f"attacks: {', '.join(f'{n} {s}' for s, n in counts.items())}; records in <run>/attacks/", err=err)
+    return counts["failed"] > 0
+
+
+def attack_run_options(command):
+    """Where and how attacks run: shared by `bench attack relearn` and `bench attack embedding`."""
+    for option in reversed([
+        click.option("--force", is_flag=True, help="redo attacks that already have a record"),
+        click.option("--no-progress", is_flag=True, help="no progress bars"),
+        click.option("--cluster", type=click.Choice(["local", "slurm", "debug"]), default=None,
+                     help="run each attack as a submitit job, as `bench run --cluster` runs runs [default: here]"),
+        click.option("--cluster-config", default=None, metavar="NAME|PATH",
+                     help="cluster parameters: slurm/clusters/NAME.yaml or a YAML path (needed with --cluster slurm)"),
+        click.option("--jobs-folder", default=None, help="submitit pickles and job logs [default: RESULTS/.submitit]"),
+        click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+                     help="without --cluster: attacks at once in worker processes on this machine"),
+        click.option("--json", "as_json", is_flag=True, help="print the outcome of every attack as JSON"),
+    ]):
+        command = option(command)
+    return command
+
+
+def _int_list(text: str | None, name: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        _fail(f"{name} {text!r}: give integers separated by commas, such as 5,30")
+
+
+@main.group("attack")
+def attack_group() -> None:
+    """Is it really forgotten? Attack the saved models of finished runs (`bench run --save-model` or `--attacks`).
+
+    Each attack writes <run dir>/attacks/<attack>/<variant>/attack.json; a rerun skips finished ones.
+    """
+
+
+@attack_group.command("relearn")
+@grid_options
+@click.option("--k", "k_values", default=None, metavar="K1,K2",
+              help="held-out (test split) forget-class images to fine-tune on; a list sweeps [default: 5,50; "
+                   "digits 5,30]")
+@click.option("--schedule", default=None, metavar="S0,S1,...",
+              help="fine-tuning step counts after which UA is measured [default: 0,10,50,100,200]")
+@click.option("--samples", type=int, default=None, help="guided forget-class samples per point [default: the "
+                                                          "protocol's forget_samples]")
+@click.option("--lr", type=float, default=None, help="fine-tuning rate [default: the preset's pretraining rate]")
+@click.option("--batch-size", type=int, default=None, help="[default: min(k, the pretraining batch)]")
+@click.option("--checkpoint-every", type=int, default=None, help="resumable checkpoint every N steps [default: 50]")
+@attack_run_options
+def attack_relearn_cmd(k_values, schedule, samples, lr, batch_size, checkpoint_every, **grid) -> None:
+    """Fine-tune each run's model on k real forget-class images (pretraining loss) and measure UA, H and the
+    forget-class probability of its guided samples after each step count of a schedule."""
+    schedule = _int_list(schedule, "--schedule")
+    _attack("relearn", {"k": _int_list(k_values, "--k"), "schedule": tuple(schedule) if schedule else None,
+                        "samples": samples, "lr": lr, "batch_size": batch_size, "checkpoint_every": checkpoint_every},
+            **grid)
+
+
+@attack_group.command("embedding")
+@grid_options
+@click.option("--targets", default=None, metavar="embedding,embedding+guidance",
+              help="what the search may change: the class embedding, or it and the guidance weight; a list sweeps "
+                   "[default: both]")
+@click.option("--steps", type=int, default=None, help="optimisation steps [default: 100]")
+@click.option("--batch-size", type=int, default=None, help="samples per optimisation step [default: 16]")
+@click.option("--sampler-steps", type=int, default=None,
+              help="DDIM (eta 0) steps of the differentiable sampler [default: 10]")
+@click.option("--lr", type=float, default=None, help="Adam rate of the search [default: 0.05]")
+@click.option("--max-guidance", type=float, default=None, help="largest guidance weight tried [default: 10]")
+@click.option("--samples", type=int, default=None, help="protocol samples the success rate is measured on "
+                                                          "[default: the protocol's forget_samples]")
+@click.option("--checkpoint-every", type=int, default=None, help="resumable checkpoint every N steps [default: 25]")
+@attack_run_options
+def attack_embedding_cmd(targets, steps, batch_size, sampler_steps, lr, max_guidance, samples, checkpoint_every,
+                         **grid) -> None:
+    """Freeze each run's model and search a forget-class embedding (and guidance weight) whose guided samples the
+    classifier labels as the forget class; report the success rate before and after."""
+    names = [name.strip() for name in targets.split(",") if name.strip()] if targets else None
+    _attack("embedding", {"target": names, "steps": steps, "batch_size": batch_size, "sampler_steps": sampler_steps,
+                          "lr": lr, "max_guidance": max_guidance, "samples": samples,
+                          "checkpoint_every": checkpoint_every}, **grid)
+
+
+def _attack(name: str, options: dict, methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir,
+            data_root, device, speed_items, force, no_progress, cluster, cluster_config, jobs_folder, workers,
+            as_json) -> None:
+    """Check everything before any work, then run (or submit) the attacks and report them."""
+    from submitit.core.utils import FailedSubmissionError
+
+    from bench.attacks import attack_specs, check_attacked, check_held_out, check_options
+    from bench.orchestrate import check_writable, run_attacks_local, submit_attacks, wait_runs
+
+    options = {key: value for key, value in options.items() if value is not None}
+    _, _, runs = _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root,
+                        device, speed_items, absolute=cluster is not None,
+                        progress=not no_progress and cluster is None and workers == 1 and not as_json)
+    try:
+        check_options(name, options)
+        specs = [spec for run in runs for spec in attack_specs(run, name, options)]
+        check_held_out(specs)
+        check_attacked(specs)
+        config = _cluster_config(cluster, cluster_config, False)
+        check_writable(results)
+    except (ValueError, PermissionError, FileNotFoundError, CheckpointError) as exc:
+        _fail(str(exc))
+    click.echo(f"{len(specs)} {name} attack(s) on {len(runs)} run(s); records in each run's attacks/{name}/",
+               err=as_json)
+    try:
+        if cluster is None:
+            outcomes = run_attacks_local(specs, force=force, workers=workers)
+        else:
+            folder = jobs_folder or str(Path(specs[0].run.results) / ".submitit")
+            outcomes = wait_runs(submit_attacks(specs, cluster, config, folder, force), progress=not no_progress)
+    except (CheckpointError, FileNotFoundError, ValueError, FailedSubmissionError) as exc:
+        _fail(str(exc))
+    if _report_attacks(outcomes, as_json):
+        sys.exit(1)
+
+
 @main.command("status")
 @click.option("--results", "--out", "out", default="results", show_default=True, help="results folder (the records)")
 @click.option("--jobs-folder", default=None,
@@ -369,16 +580,48 @@ def status_cmd(out, jobs_folder, as_json) -> None:
 @click.option("--out", default=None, help="where the report goes [default: RESULTS/report]")
 @data_root_option
 @click.option("--no-figure1", is_flag=True, help="skip Figure 1 (latent entropy against t), which reads the data set")
-def report_cmd(results, out, data_root, no_figure1) -> None:
-    """Tables (Markdown, CSV, LaTeX), figures and one self-contained report.html from the records."""
+@click.option("--methods", "methods_spec", default=None,
+              help="comma-separated methods to keep, in the tables' order (e.g. sa,salun,safemax) [default: all]")
+@click.option("--classes", "classes_spec", default=None, help="forget classes to keep, e.g. 0-4 or 0,3,7 [default: all]")
+def report_cmd(results, out, data_root, no_figure1, methods_spec, classes_spec) -> None:
+    """Tables (Markdown, CSV, LaTeX), figures, runs.csv/runs.jsonl and one self-contained report.html from the
+    records (and attack files); --methods/--classes keep a subset, for paper-sized tables."""
+    from bench.sweep import parse_classes
     from reports.build import build_report
 
     out = out or str(Path(results) / "report")
+    methods = [m.strip() for m in methods_spec.split(",") if m.strip()] if methods_spec else None
     try:
-        written = build_report(results, out, data_root=data_root, figure1=not no_figure1)
+        classes = parse_classes(classes_spec, 10**6) if classes_spec else None
+    except ValueError as exc:
+        _fail(f"--classes: {exc}")
+    try:
+        written = build_report(results, out, data_root=data_root, figure1=not no_figure1, methods=methods,
+                               classes=classes)
     except OSError as exc:
         _fail(f"cannot write the report to {out}: {exc.strerror or exc}")
-    click.echo(f"report: {Path(out) / 'report.html'} ({len(written)} files under {out}/)")
+    click.echo(f"report: {Path(out) / 'report.html'} ({len(written)} files under {out}/; runs: "
+               f"{Path(out) / 'runs.csv'}, {Path(out) / 'runs.jsonl'})")
+
+
+@main.command("compare")
+@click.argument("results_a", type=click.Path(exists=True, file_okay=False))
+@click.argument("results_b", type=click.Path(exists=True, file_okay=False))
+@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
+              help="also save every matched run (A, B and B - A per metric) as CSV")
+def compare_cmd(results_a, results_b, csv_path) -> None:
+    """Metric deltas B - A between two results folders (UA, H, FID/FD, retained accuracy, RTE), per method,
+    variant, class and shared seed, with a summary per method: Markdown on stdout."""
+    from reports.compare import compare_results
+
+    text, deltas = compare_results(results_a, results_b)
+    click.echo(text)
+    if deltas.empty:
+        _fail(f"no run of {results_b} matches one of {results_a} (preset, protocol, method, variant, class)")
+    if csv_path:
+        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+        deltas.to_csv(csv_path, index=False)
+        click.echo(f"deltas: {csv_path}")
 
 
 @main.command("import-checkpoint")
@@ -397,11 +640,30 @@ def import_checkpoint_cmd(checkpoint, preset, cache_dir, force) -> None:
     click.echo(f"base model: {path}")
 
 
+@main.command("export")
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--format", "fmt", type=click.Choice(["published", "safetensors"]), default="published",
+              show_default=True, help="published: the SA/SalUn code's ckpt.pth; safetensors: a plain copy")
+@click.option("--to", "dst", required=True, type=click.Path(dir_okay=False), help="the file to write")
+def export_cmd(run, fmt, dst) -> None:
+    """Write a run's unlearned weights (saved by `bench run --save-model`) as a published ckpt.pth or safetensors.
+
+    RUN is the run's folder or its record.json.
+    """
+    from bench.checkpoints import export_run
+
+    try:
+        path = export_run(Path(run), fmt, Path(dst))
+    except (CheckpointError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(f"{fmt} checkpoint: {path}")
+
+
 @main.command("perf")
-@click.option("--preset", default="cifar10", show_default=True,
-              help=f"backbone, batch and schedule of: {', '.join(PRESETS)} (tiny: the CPU smoke test)")
-@click.option("--methods", "methods_spec", default="safemax,sa,salun", show_default=True,
-              help="comma-separated methods whose training step is timed")
+@click.option("--preset", default="digits", show_default=True,
+              help=f"backbone, batch and schedule of: {', '.join(PRESETS)} (cifar10: the paper's, for a GPU)")
+@click.option("--methods", "methods_spec", default="all", show_default=True,
+              help="'all' (every method that trains) or a comma-separated list")
 @click.option("--variants", default="default", show_default=True,
               help="comma-separated speed-switch sets for the training steps (fp32, default, channels_last, "
                    "compile, compile_channels_last)")
@@ -423,8 +685,9 @@ def perf_cmd(preset, methods_spec, variants, sampler_variants, iterations, warmu
     def names(spec: str) -> tuple[str, ...]:
         return tuple(n.strip() for n in spec.split(",") if n.strip())
 
+    trainable = tuple(name for name, cls in METHODS.items() if cls.Config().iterations > 0)
     options = PerfOptions.for_preset(
-        preset, methods=names(methods_spec), variants=names(variants),
+        preset, methods=trainable if methods_spec.strip() == "all" else names(methods_spec), variants=names(variants),
         sampler_variants=names(sampler_variants or variants), iterations=iterations, warmup=warmup,
         sample_batch=sample_batch, sample_steps=sample_steps, device=device)
     try:

@@ -26,9 +26,11 @@ import submitit
 import torch
 
 from bench import claims, records
+from bench.attacks import AttackSpec, attack_one, attack_specs, finished_attack, pending_attacks
 from bench.cache import Cache, load_file
 from bench.cluster import make_executor, submit_all, wait_all
 from bench.config import get_preset
+from bench.device import progress_bar
 from bench.experiment import run_one
 from bench.extensions import load_extensions
 from bench.prerequisites import Prerequisites, build, missing, prerequisites_for
@@ -56,6 +58,7 @@ class Outcome:
     record: dict | None = None
     error: str | None = None
     log_path: str | None = None
+    attacks: list = dataclasses.field(default_factory=list)  # outcomes of the attacks run after this run (`--attacks`)
 
 
 # -- which records are finished, and still valid ----------------------------------------------------------------
@@ -82,6 +85,8 @@ def stale_reason(record: dict, spec: RunSpec, ids: tuple[str | None, str | None]
     made = (record.get("speed") or {}).get("requested") or {}
     if made != dict(spec.speed):
         return f"made with speed switches {made or 'default'}, asked for {dict(spec.speed) or 'default'}"
+    if spec.save_model and not (record.get("artifacts") or {}).get("model"):
+        return "made without saving its model, which this sweep keeps (--save-model, --attacks)"
     return None
 
 
@@ -120,7 +125,7 @@ def run_claimed(spec: RunSpec, force: bool = False, job_id: str | None = None) -
         if not force and (record := finished_record(spec)) is not None:  # finished before we got the claim
             return Outcome(spec, "skipped", record)
         return Outcome(spec, "done", run_one(spec))
-    except BaseException as exc:
+    except Exception as exc:  # not an interruption (Ctrl-C, a preemption's exit): that run resumes, it did not fail
         records.write_failure(spec.directory, f"{type(exc).__name__}: {exc}", _log_path())
         raise
     finally:
@@ -151,7 +156,8 @@ def _job_setup() -> None:
 
 
 class Job(submitit.helpers.Checkpointable):
-    """The one job callable of every executor: a RunSpec -> Outcome, or Prerequisites -> where they are.
+    """The one job callable of every executor: a RunSpec (then the attacks it names) or an AttackSpec -> Outcome,
+    or Prerequisites -> where they are.
 
     When SLURM preempts a job or its time runs out, submitit calls `checkpoint`, which resubmits the same
     argument: the requeued job resumes exactly from the run's `partial.pt` (pretraining from `base.partial.pt`).
@@ -163,11 +169,16 @@ class Job(submitit.helpers.Checkpointable):
 
     def __call__(self, task: RunSpec | Prerequisites):
         _job_setup()
-        load_extensions(task.extensions if isinstance(task, RunSpec) else task.specs[0].extensions
+        load_extensions(task.extensions if isinstance(task, (RunSpec, AttackSpec)) else task.specs[0].extensions
                         if task.specs else ())
         if isinstance(task, Prerequisites):
             return build(task, _job_id())
-        return run_claimed(task, self.force, _job_id())
+        if isinstance(task, AttackSpec):
+            return attack_claimed(task, self.force, _job_id())
+        outcome = run_claimed(task, self.force, _job_id())
+        if task.attacks and outcome.status in ("done", "skipped"):
+            outcome.attacks = run_attacks(task, self.force, _job_id())
+        return outcome
 
     def checkpoint(self, task: RunSpec | Prerequisites) -> submitit.helpers.DelayedSubmission:
         log.warning("checkpoint: requeueing %s; it resumes from its last partial checkpoint", task)
@@ -184,7 +195,7 @@ def split_finished(specs: list[RunSpec], force: bool = False) -> tuple[list[Outc
         record = None if force else finished_record(spec, ids[key])
         claim_path = spec.directory / claims.CLAIM_NAME
         held = claims.read_claim(claim_path)
-        if record is not None:
+        if record is not None and not pending_attacks(spec, record):  # else the job skips the run, attacks it
             known.append(Outcome(spec, "skipped", record))
         elif held is not None and not claims.claim_is_stale(claim_path, held[1]):
             holder = claims.describe_holder(held[1]) if held[1] else "another process"
@@ -206,18 +217,21 @@ def in_spec_order(outcomes: list[Outcome], specs: list[RunSpec]) -> list[Outcome
 
 
 # -- on this machine: in this process, or in worker processes -----------------------------------------------------
-def run_local(specs: list[RunSpec], force: bool = False, workers: int = 1, progress=None) -> list[Outcome]:
+def run_local(specs: list[RunSpec], force: bool = False, workers: int = 1, progress=None,
+              show_progress: bool = True) -> list[Outcome]:
     """Build the prerequisites, then run every unfinished spec here; failures do not stop the rest.
 
     With `workers` > 1 the runs go to that many worker processes, the CPU threads split between them (small models
-    use a multi-core CPU better as parallel runs than as threads of one run). A worker that dies fails its run
-    only; Ctrl-C stops the workers and returns what finished. `progress(outcome)` is called after each run.
+    use a multi-core CPU better as parallel runs than as threads of one run), under one sweep-level progress bar.
+    A worker that dies fails its run only; Ctrl-C stops the workers and returns what finished.
+    `progress(outcome)` is called after each run; `show_progress` draws the prerequisites' and the sweep's bars.
     """
     for task in prerequisites_for(specs):
-        build(task)
+        build(dataclasses.replace(task, progress=show_progress))
     outcomes, todo = split_finished(specs, force)
     if workers > 1 and len(todo) > 1:
-        return in_spec_order(outcomes + WorkerPool(workers, force).run(todo, progress), specs)
+        pool = WorkerPool(workers, force, show_progress)
+        return in_spec_order(outcomes + pool.run(todo, progress), specs)
     job = Job(force)
     try:
         for index, spec in enumerate(todo, 1):
@@ -271,8 +285,8 @@ class WorkerPool:
     """Worker processes fed from a queue, each reporting which run it started; a dead worker is replaced and only
     the run it held fails."""
 
-    def __init__(self, workers: int, force: bool):
-        self.workers, self.force = workers, force
+    def __init__(self, workers: int, force: bool, show_progress: bool = True):
+        self.workers, self.force, self.show_progress = workers, force, show_progress
         self.context = multiprocessing.get_context("spawn")  # no fork of a process that runs OpenMP threads
         self.threads = max(1, (os.cpu_count() or 1) // workers)
 
@@ -292,6 +306,14 @@ class WorkerPool:
         processes = [self._spawn(tasks, results) for _ in range(self.workers)]
         running: dict[int, int] = {}  # pid -> index of the run it started
         outcomes: dict[int, Outcome] = {}
+        bar = progress_bar(total=len(todo), desc="sweep", unit="run", disable=not self.show_progress)
+
+        def show() -> None:
+            failed = sum(o.status == "failed" for o in outcomes.values())
+            bar.set_postfix(running=len(running), failed=failed, refresh=False)
+            bar.n = len(outcomes)
+            bar.refresh()
+
         try:
             while len(outcomes) < len(todo):
                 try:
@@ -309,10 +331,12 @@ class WorkerPool:
                     log.info("[%d/%d] %s: %s", len(outcomes), len(todo), value.spec.describe(), value.status)
                     if progress:
                         progress(value)
+                show()
         except KeyboardInterrupt:
             log.warning("interrupted: stopping %d worker(s); %d of %d run(s) finished", len(processes),
                         len(outcomes), len(todo))
         finally:
+            bar.close()
             for process in processes:
                 if process.is_alive():
                     process.terminate()
@@ -435,3 +459,63 @@ def write_manifest(submission: Submission) -> Path:
     path = submission.folder / f"submission-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{os.urandom(3).hex()}.json"
     records.write_json_atomic(path, payload)
     return path
+
+
+# -- attacks on finished runs (bench.attacks): the same job path, claims and skipping as runs ------------------------
+def attack_claimed(spec: AttackSpec, force: bool = False, job_id: str | None = None) -> Outcome:
+    """Run one attack while holding its claim, as `run_claimed` runs a run; skipped when its record is current."""
+    if not force and (record := finished_attack(spec)) is not None:
+        return Outcome(spec, "skipped", record)
+    claim = claims.try_claim(spec.directory / claims.CLAIM_NAME, job_id)
+    if claim is None:
+        return Outcome(spec, "busy", error="claimed by another process")
+    try:
+        if not force and (record := finished_attack(spec)) is not None:
+            return Outcome(spec, "skipped", record)
+        return Outcome(spec, "done", attack_one(spec, fresh=force))
+    except Exception as exc:  # not an interruption (Ctrl-C, a preemption's exit): that run resumes, it did not fail
+        records.write_failure(spec.directory, f"{type(exc).__name__}: {exc}", _log_path())
+        raise
+    finally:
+        claim.release()
+
+
+def run_attacks(spec: RunSpec, force: bool = False, job_id: str | None = None) -> list[Outcome]:
+    """The attacks `spec.attacks` names (default settings) on the run's saved model; a failed one fails alone."""
+    outcomes = []
+    for attack in (a for name in spec.attacks for a in attack_specs(spec, name)):
+        try:
+            outcomes.append(attack_claimed(attack, force, job_id))
+        except Exception as exc:
+            log.error("attack failed: %s: %s\n%s", attack.describe(), exc, traceback.format_exc())
+            outcomes.append(Outcome(attack, "failed", error=f"{type(exc).__name__}: {exc}"))
+    return outcomes
+
+
+def split_attacks(specs: list[AttackSpec], force: bool = False) -> tuple[list[Outcome], list[AttackSpec]]:
+    """(outcomes of attacks with a current record, the attacks still to run)."""
+    known = [] if force else [Outcome(s, "skipped", r) for s in specs if (r := finished_attack(s)) is not None]
+    done = {o.spec for o in known}
+    if known:
+        log.info("skipping %d finished attack(s) (use --force to redo them)", len(known))
+    return known, [spec for spec in specs if spec not in done]
+
+
+def run_attacks_local(specs: list[AttackSpec], force: bool = False, workers: int = 1) -> list[Outcome]:
+    """Run every unfinished attack here, in this process or in `workers` worker processes."""
+    outcomes, todo = split_attacks(specs, force)
+    if workers > 1 and len(todo) > 1:
+        return in_spec_order(outcomes + WorkerPool(workers, force).run(todo), specs)
+    job = Job(force)
+    for index, spec in enumerate(todo, 1):
+        log.info("[%d/%d] %s", index, len(todo), spec.describe())
+        outcomes.append(_run_guarded(job, spec))
+    return in_spec_order(outcomes, specs)
+
+
+def submit_attacks(specs: list[AttackSpec], kind: str, config: dict, folder: str | Path,
+                   force: bool = False) -> Submission:
+    """Submit every unfinished attack as one job array (their runs must have finished); wait with `wait_runs`."""
+    known, todo = split_attacks(specs, force)
+    jobs = submit_all(make_executor(kind, Path(folder), config), Job(force), todo)
+    return Submission(kind, Path(folder), known, todo, jobs)

@@ -46,6 +46,8 @@ class RunSpec:
     save_model: bool = False
     # `bench.extensions` items (preset files, method modules) a job must register before it runs this spec
     extensions: tuple[str, ...] = ()
+    # `bench.attacks` names run on this run's saved model right after it, in its job; not part of its folder
+    attacks: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict, compare=False)
 
     @property

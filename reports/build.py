@@ -2,10 +2,14 @@
 
 Layout of the output:
   <out>/report.html                                  the page (self-contained)
-  <out>/<preset>/figure1_latents.{png,pdf,csv}       Figure 1 from the preset's training images
+  <out>/runs.csv, <out>/runs.jsonl                   one row per run: every metric, hp.<name>, timings, memory, ids
+  <out>/<preset>/figure1_latents.{png,pdf,csv,json}  Figure 1 from the preset's training images (csv + key: cache)
   <out>/<preset>/<protocol>/tables/<table>.{md,csv,tex}
   <out>/<preset>/<protocol>/figures/<figure>.{png,pdf}
   <out>/<preset>/<protocol>/missing_runs.sh          the `bench run` commands that fill the missing cells
+Tables: table1, table2, prepare, paired (differences to SAFEMax), paper (cifar10), robustness_relearn and
+robustness_embedding (when attack files exist). Figures: samples_class<k>, sweep_*, cost, tradeoff, per_class,
+noise_prediction, relearn_curves and attack_success (when attack files exist).
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import pandas as pd
 from bench.config import get_preset
 from bench.records import read_all
 from reports import figures as figs
-from reports.html import FigureEntry, Section, page
-from reports.render import write_table
-from reports.tables import Grid, build_tables, make_grid, records_frame
+from reports import robustness
+from reports.frame import write_tidy
+from reports.html import FigureEntry, Section, Subsection, page
+from reports.render import Table, write_table
+from reports.tables import Grid, build_tables, make_grid, method_label, records_frame
 
 log = logging.getLogger(__name__)
 
@@ -43,56 +49,95 @@ def _facts(runs: pd.DataFrame, records: list[dict]) -> list[str]:
 def _section_figures(runs: pd.DataFrame, grid: Grid) -> list[figs.Figure]:
     built = [figs.sample_grid(runs, grid, c) for c in grid.classes if c in set(runs["class"])]
     built += [figs.sweep_figure(m, c, p, group, grid) for m, c, p, group in figs.find_sweeps(runs)]
-    built.append(figs.cost_figure(runs, grid))
+    built += [figs.cost_figure(runs, grid), figs.tradeoff_figure(runs, grid), figs.per_class_figure(runs, grid)]
     if runs["noise_histogram"].notna().any():
         built.append(figs.noise_figure(runs, grid))
     return built
 
 
-def _section(runs: pd.DataFrame, records: list[dict], preset: str, protocol: str, results_dir: str,
-             data_root: str | None, out: Path, written: dict[str, Path]) -> Section:
-    folder = out / preset / protocol
-    grid = make_grid(runs, preset, protocol, results_dir, data_root)
-    tables = build_tables(runs, grid)
+def _write(tables: list[Table], figures: list[figs.Figure], folder: Path, label: str,
+           written: dict[str, Path]) -> list[FigureEntry]:
+    """Tables under folder/tables, figures under folder/figures; returns the page's figure entries."""
     for table in tables:
-        _add(written, write_table(table, folder / "tables"))
+        _add(written, write_table(table, folder / "tables", f"{label}-{table.name}"))
     entries = []
-    for figure in _section_figures(runs, grid):
-        entry = FigureEntry(figure.title, figure.caption, folder / "figures" / f"{figure.name}.png")
+    for figure in figures:
+        entries.append(FigureEntry(figure.title, figure.caption, folder / "figures" / f"{figure.name}.png"))
         _add(written, figs.save(figure, folder / "figures"))
-        entries.append(entry)
+    return entries
+
+
+def _robustness(attacks: pd.DataFrame, runs: pd.DataFrame, grid: Grid, folder: Path, label: str,
+                written: dict[str, Path]) -> Subsection:
+    tables = robustness.robustness_tables(attacks, grid)
+    entries = _write(tables, robustness.robustness_figures(attacks, grid, runs), folder, label, written)
+    counts = attacks.groupby("attack")["method"].agg(lambda m: ", ".join(method_label(x) for x in sorted(set(m))))
+    lines = [f"{len(attacks)} attack file(s) (<run folder>/attacks/<attack>/<variant>/attack.json): "
+             + "; ".join(f"{attack} on {methods}" for attack, methods in counts.items()) + "."]
+    return Subsection("robustness", "Robustness", lines, tables, entries)
+
+
+def _section(runs: pd.DataFrame, records: list[dict], attacks: pd.DataFrame, preset: str, protocol: str,
+             results_dir: str, data_root: str | None, out: Path, written: dict[str, Path],
+             methods: list[str] | None, classes: list[int] | None) -> Section:
+    folder = out / preset / protocol
+    grid = make_grid(runs, preset, protocol, results_dir, data_root, methods, classes)
+    tables = build_tables(runs, grid)
+    entries = _write(tables, _section_figures(runs, grid), folder, f"{preset}-{protocol}", written)
     commands = list(dict.fromkeys(c for table in tables for c in table.commands))
     if commands:
         script = folder / "missing_runs.sh"
         script.write_text("#!/bin/sh\n# Runs that the tables of this preset/protocol still miss.\n"
                           + "\n".join(commands) + "\n")
         _add(written, {"script": script})
-    return Section(preset, protocol, tables, entries, runs, commands, _facts(runs, records))
+    section = Section(preset, protocol, tables, entries, runs, commands, _facts(runs, records))
+    if len(attacks):
+        section.subsections.append(_robustness(attacks, runs, grid, folder, f"{preset}-{protocol}", written))
+    return section
 
 
 def _figure1(preset: str, out: Path, data_root: str | None, written: dict[str, Path], notes: list[str],
              points: int) -> list[FigureEntry]:
-    from reports.latents import build_figure1
+    from reports.latents import KEY_NAME, STATS_NAME, cached_figure1
 
+    folder = out / preset
     try:
-        figure, stats = build_figure1(get_preset(preset), data_root, points=points)
+        figure, _, _ = cached_figure1(get_preset(preset), data_root, folder, points=points)
     except (ValueError, OSError) as exc:  # an unknown preset, or CIFAR-10 without --data-root
         notes.append(f"Figure 1 for preset {html.escape(preset)} skipped: {html.escape(str(exc))}")
         log.warning("Figure 1 for %s skipped: %s", preset, exc)
         return []
-    folder = out / preset
     _add(written, figs.save(figure, folder))
-    stats.to_csv(folder / "figure1_latents.csv", index=False)
-    _add(written, {"csv": folder / "figure1_latents.csv"})
+    _add(written, {"csv": folder / STATS_NAME, "key": folder / KEY_NAME})
     return [FigureEntry(figure.title, figure.caption, folder / "figure1_latents.png")]
 
 
+def _keep(frame: pd.DataFrame, methods: list[str] | None, classes: list[int] | None) -> pd.DataFrame:
+    if len(frame) and methods:
+        frame = frame[frame["method"].isin(methods)]
+    if len(frame) and classes is not None:
+        frame = frame[frame["class"].isin(classes)]
+    return frame.reset_index(drop=True)
+
+
+def _read_attacks(results_dir: str | Path, notes: list[str], methods, classes) -> pd.DataFrame:
+    attacks, unreadable = robustness.read_attacks(results_dir) if Path(results_dir).is_dir() else ([], [])
+    notes += [f"Attack file skipped: <code>{html.escape(str(path))}</code>: {html.escape(problem)}"
+              for path, problem in unreadable]
+    for path, problem in unreadable:
+        log.warning("attack file skipped: %s: %s", path, problem)
+    return _keep(robustness.attacks_frame(attacks), methods, classes)
+
+
 def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str | Path | None = None,
-                 figure1: bool = True, figure1_points: int = 40) -> dict[str, Path]:
-    """Read every record under `results_dir`; write tables, figures and report.html under `out_dir`.
+                 figure1: bool = True, figure1_points: int = 40, methods: list[str] | None = None,
+                 classes: list[int] | None = None) -> dict[str, Path]:
+    """Read every record (and attack file) under `results_dir`; write tables, figures, runs.csv/.jsonl and
+    report.html under `out_dir`.
 
     Returns {path relative to out_dir: absolute path} of everything written; `report.html` is the page.
     `data_root` is the CIFAR-10 root that Figure 1 (and the fill-in commands) need for preset cifar10.
+    `methods` and `classes` keep only those runs (and only those columns and rows in the tables).
     Missing runs, corrupt records and an empty folder are reported on the page, never raised.
     """
     started = time.perf_counter()
@@ -100,23 +145,39 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str
     out.mkdir(parents=True, exist_ok=True)
     data_root = str(data_root) if data_root is not None else None
     records, corrupt = read_all(results_dir) if Path(results_dir).is_dir() else ([], [])
+    records = [r for r in records if (not methods or r["method"] in methods)
+               and (classes is None or r["forget_class"] in classes)]
     written: dict[str, Path] = {}
     notes = [f"Corrupt record skipped: <code>{html.escape(str(path))}</code>: {html.escape(problem)}"
              for path, problem in corrupt]
+    attacks = _read_attacks(results_dir, notes, methods, classes)
     if not records:
-        notes.append(f"No records under <code>{html.escape(results)}</code>; run for example "
-                     f"<code>bench run --preset digits --methods all --classes 0-9 --results {html.escape(results)}</code>.")
+        notes.append(f"No records under <code>{html.escape(results)}</code>"
+                     f"{' for the methods and classes asked for' if methods or classes is not None else ''}; run "
+                     f"for example <code>bench run --preset digits --methods all --classes 0-9 --results "
+                     f"{html.escape(results)}</code>.")
     df = records_frame(records)
+    _add(written, write_tidy(records, out))
     sections, preset_figures = [], {}
     for (preset, protocol), runs in (df.groupby(["preset", "protocol"], sort=True) if len(df) else []):
         chosen = [r for r in records if r["preset"] == preset and (r.get("protocol") or {}).get("name") == protocol]
-        sections.append(_section(runs.reset_index(drop=True), chosen, preset, protocol, results, data_root, out,
-                                 written))
+        attacked = attacks[(attacks["preset"] == preset) & (attacks["protocol"] == protocol)] if len(attacks) else attacks
+        sections.append(_section(runs.reset_index(drop=True), chosen, attacked, preset, protocol, results, data_root,
+                                 out, written, methods, classes))
         if figure1 and preset not in preset_figures:
             preset_figures[preset] = _figure1(preset, out, data_root, written, notes, figure1_points)
-    intro = [f"Built {time.strftime('%Y-%m-%d %H:%M')} from {len(records)} record(s) under {results}. Tables and "
-             "figures read the records only; tables average over seeds. Files: tables (Markdown, CSV, LaTeX) and "
-             "figures (PNG, PDF) sit beside this page, one folder per preset and protocol."]
+    shown = {(s.preset, s.protocol) for s in sections}
+    orphans = {key for key in zip(attacks.get("preset", []), attacks.get("protocol", [])) if key not in shown}
+    notes += [f"Attack files of {html.escape(p)}/{html.escape(str(q))} have no records beside them: not shown."
+              for p, q in sorted(orphans)]
+    intro = [f"Built {time.strftime('%Y-%m-%d %H:%M')} from {len(records)} record(s) and {len(attacks)} attack file(s) "
+             f"under {results}. Tables and figures read the records only. A per-class cell is the mean over seeds "
+             "± sd with a 95% bootstrap CI (n stated; n=1: none); aggregates over classes resample classes. Files: "
+             "runs.csv and runs.jsonl (one row per run), tables (Markdown, CSV, LaTeX) and figures (PNG, PDF) sit "
+             "beside this page, one folder per preset and protocol."]
+    if methods or classes is not None:
+        intro.append(f"Filtered: methods {', '.join(methods) if methods else 'all'}; classes "
+                     f"{', '.join(map(str, classes)) if classes is not None else 'all'}.")
     report = out / "report.html"
     report.write_text(page("Machine unlearning benchmark report", intro, preset_figures, sections, notes))
     _add(written, {"report": report})

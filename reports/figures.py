@@ -1,7 +1,8 @@
 """Records (and, for Figure 1, the preset's training images) -> the paper's figures, as PNG and PDF.
 
 Every builder returns a `Figure` (matplotlib figure + caption); `save` writes it. Sample grids are composed
-from the runs' own samples.png files; nothing here samples a model or recomputes a record's metric.
+from the runs' own samples.png files; nothing here samples a model or recomputes a record's metric. Error bars
+are 95% bootstrap CIs (`reports.stats`); a value from a single run has none, and the caption says so.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from reports.tables import Grid, method_label  # noqa: E402
+from reports import stats  # noqa: E402
+from reports.frame import fid_label  # noqa: E402
+from reports.tables import REFERENCE, REFERENCE_METHODS, Grid, default_runs, method_label  # noqa: E402
 
 log = logging.getLogger(__name__)
 sns.set_theme(style="whitegrid", context="paper")
@@ -77,7 +80,27 @@ def _show_samples(ax, run: pd.Series | None, forget_class: int, num_rows: int, m
 def _metrics_line(runs: pd.DataFrame) -> str:
     if runs.empty:
         return "missing"
-    return f"UA {runs['ua'].mean():.1f}  H {runs['entropy'].mean():.2f}\nFID {runs['fid'].mean():.2f}"
+    return (f"UA {runs['ua'].mean():.1f}  H {runs['entropy'].mean():.2f}\n"
+            f"{fid_label(runs['fid_features'])} {runs['fid'].mean():.2f}")
+
+
+def yerr(summaries: list) -> np.ndarray:
+    """(2, k) distances from each mean to its CI bounds for `errorbar`; 0 where there is no interval (n = 1)."""
+    below = [s.mean - s.low if s is not None and s.has_interval else 0.0 for s in summaries]
+    above = [s.high - s.mean if s is not None and s.has_interval else 0.0 for s in summaries]
+    return np.array([below, above])
+
+
+def limits(lows, highs, bounds: tuple[float, float] = (-math.inf, math.inf), min_span: float = 1.0):
+    """Axis limits around [min(lows), max(highs)] with 10% padding (at least `min_span` wide), inside `bounds`."""
+    low, high = np.nanmin(lows), np.nanmax(highs)
+    pad = max((high - low) * 0.1, (min_span - (high - low)) / 2, 0.0)
+    return max(bounds[0], low - pad), min(bounds[1], high + pad)
+
+
+def _single_note(summaries: list) -> str:
+    single = sum(1 for s in summaries if s is not None and s.n == 1)
+    return f" {single} value(s) come from a single run (n=1): no error bar." if single else ""
 
 
 def sample_grid(df: pd.DataFrame, grid: Grid, forget_class: int) -> Figure:
@@ -99,7 +122,7 @@ def sample_grid(df: pd.DataFrame, grid: Grid, forget_class: int) -> Figure:
     title = f"Unlearning class {forget_class}" + (f" ({name})" if name != str(forget_class) else "")
     fig.suptitle(f"{title} — {grid.preset}/{grid.protocol}", fontsize=9)
     caption = ("Samples of the first seed, one row per class (8 per row), the forget class framed in red. "
-               "Titles: UA %, entropy H and FID on retained classes, mean over seeds.")
+               f"Titles: UA %, entropy H and {fid_label(df['fid_features'])} on retained classes, mean over seeds.")
     return Figure(f"samples_class{forget_class}", title, caption, fig)
 
 
@@ -116,6 +139,7 @@ def find_sweeps(df: pd.DataFrame) -> list[tuple[str, int, str, pd.DataFrame]]:
         for param in params:
             values = runs["hyperparameters"].map(lambda hp, p=param: hp.get(p))
             keyed = runs.assign(_value=values, _key=runs.apply(_sweep_key, axis=1, param=param))
+            keyed = keyed[values.notna()]  # a run without the parameter is not on its axis
             best = None
             for _, group in keyed.groupby("_key"):
                 if group["_value"].nunique() >= 2 and (best is None or group["_value"].nunique() > best["_value"].nunique()):
@@ -133,83 +157,197 @@ def _xscale(ax, values) -> None:
 
 
 def sweep_figure(method: str, forget_class: int, param: str, runs: pd.DataFrame, grid: Grid) -> Figure:
-    """Figure 3: UA and FID against one hyperparameter (SAFEMax's lambda in the paper), with the grids."""
+    """Figure 3: UA and FID (FD) against one hyperparameter (SAFEMax's lambda in the paper), with the grids."""
     values = sorted(runs["_value"].unique(), key=lambda v: (isinstance(v, str), v))
-    per_value = runs.groupby("_value")[["ua", "fid", "entropy"]].agg(["mean", "std"]).reindex(values)
+    summaries = {m: [stats.summarize(runs.loc[runs["_value"] == v, m]) for v in values] for m in ("ua", "fid")}
     fig = plt.figure(layout="constrained", figsize=(max(6.0, 1.9 * len(values)), 6.4))
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.0, 1.5])
     label = "λ in ψ(t) = exp(-λ t / T)" if (method, param) == ("safemax", "lam") else param
-    for ax, metric, name in zip(top.subplots(1, 2), ("ua", "fid"), ("UA (%) ↑", "FID (retained) ↓")):
-        ax.errorbar(values, per_value[(metric, "mean")], yerr=per_value[(metric, "std")].fillna(0), marker="o",
-                    capsize=3, color=sns.color_palette()[0])
+    fid_name = fid_label(runs["fid_features"])
+    numeric = all(isinstance(v, (int, float)) for v in values)
+    positions = values if numeric else list(range(len(values)))
+    for ax, metric, name in zip(top.subplots(1, 2), ("ua", "fid"), ("UA (%) ↑", f"{fid_name}, retained ↓")):
+        found = summaries[metric]
+        means = [s.mean for s in found]
+        ax.errorbar(positions, means, yerr=yerr(found), marker="o", capsize=3, color=sns.color_palette()[0])
         ax.set_xlabel(label)
-        ax.set_ylabel(name)
-        _xscale(ax, values)
-        if all(isinstance(v, (int, float)) for v in values):
-            ax.set_xticks(values, [f"{v:g}" for v in values])
-        if metric == "ua":
-            ax.set_ylim(-5, 105)
+        ax.set_ylabel(name, fontsize=8)
+        if numeric:
+            _xscale(ax, values)
+        ax.set_xticks(positions, [f"{v:g}" if numeric else str(v) for v in values])
+        lows = [s.low if s.has_interval else s.mean for s in found]
+        highs = [s.high if s.has_interval else s.mean for s in found]
+        # UA lives in [0, 100]; a FID/FD is >= 0. The axis spans the data (with its CIs), not the metric's range.
+        ax.set_ylim(*limits(lows, highs, (0.0, 100.0) if metric == "ua" else (0.0, math.inf),
+                            min_span=5.0 if metric == "ua" else 0.1 * max(np.nanmax(highs), 1e-9)))
     panels = bottom.subplots(1, len(values), squeeze=False)[0]
-    for ax, value in zip(panels, values):
+    for ax, value, ua, fid in zip(panels, values, summaries["ua"], summaries["fid"]):
         _show_samples(ax, _first_run(runs[runs["_value"] == value]), forget_class, len(grid.classes), "")
-        ax.set_title(f"{param} = {value}\nUA {per_value.loc[value, ('ua', 'mean')]:.1f}  "
-                     f"FID {per_value.loc[value, ('fid', 'mean')]:.2f}", fontsize=7)
+        ax.set_title(f"{param} = {value}\nUA {ua.mean:.1f}\n{fid_name} {fid.mean:.2f}", fontsize=7)
     paper = (method, param) == ("safemax", "lam")
     title = f"{'Figure 3. Ablation' if paper else 'Sweep'}: {method_label(method)} {param}, forget class {forget_class}"
     fig.suptitle(f"{title} — {grid.preset}/{grid.protocol}", fontsize=9)
-    caption = (f"Runs whose hyperparameters and protocol differ only in {param} (mean ± sd over seeds and repeats: "
-               f"{len(runs)} runs), with the samples of each value (first seed; forget class framed in red).")
+    caption = (f"Runs whose hyperparameters and protocol differ only in {param}: mean and 95% bootstrap CI over seeds "
+               f"and repeats ({len(runs)} runs; n per value: {', '.join(str(s.n) for s in summaries['ua'])}), with "
+               "the samples of each value (first seed; forget class framed in red). The y-axes span the data, not "
+               f"the metrics' full range.{_single_note(summaries['ua'])}")
     return Figure(f"sweep_{method}_{param}_class{forget_class}", title, caption, fig)
 
 
+def _hbars(ax, summaries: list, colors, labels: list[str]) -> None:
+    """Horizontal bars of means with CI error bars, first method on top, on a linear axis from 0."""
+    means = [s.mean if s is not None else 0.0 for s in summaries]
+    ax.barh(range(len(means)), means, color=colors, xerr=yerr(summaries), capsize=2, error_kw={"linewidth": 0.8})
+    ax.set_xlim(left=0)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+
+
 def cost_figure(df: pd.DataFrame, grid: Grid) -> Figure:
-    """RTE with the preparation stages stacked under it, and peak memory, per method (log scales)."""
-    default = df[df["variant"] == "default"]
+    """Per method: RTE with its ratio to SAFEMax's, the preparation stages, and peak memory (linear axes from 0)."""
+    default = default_runs(df)
     methods = [m for m in grid.methods if m in set(default["method"])]
+    runs = {m: default[default["method"] == m] for m in methods}
     stages = sorted({s for found in default["prepare_stages"] for s in found})
-    fig, (ax_time, ax_mem) = plt.subplots(1, 2, layout="constrained", figsize=(max(6.0, 1.4 * len(methods) + 3), 3.2))
-    palette = sns.color_palette("deep", len(stages) + 1)
-    bottoms, smallest = np.zeros(len(methods)), math.inf
-    for index, part in enumerate(stages + ["unlearning run (RTE)"]):
-        heights = []
-        for method in methods:
-            runs = default[default["method"] == method]
-            seconds = (runs["rte_s"] if part == "unlearning run (RTE)" else
-                       runs["prepare_stages"].map(lambda found, s=part: found.get(s, 0.0)))
-            heights.append(float(seconds.fillna(0).mean()) / 60)
-        heights = np.array(heights)
-        if heights.any():
-            smallest = min(smallest, heights[heights > 0].min())
-            ax_time.bar(range(len(methods)), heights, bottom=bottoms, color=palette[index],
-                        label=part if part.startswith("unlearning") else f"preparation: {part}")
-        bottoms += heights
-    for position, total in enumerate(bottoms):
-        if total == 0:
-            ax_time.annotate("no training", (position, 0.02), xycoords=("data", "axes fraction"), ha="center",
-                             va="bottom", fontsize=6)
-    ax_time.set_yscale("log")
-    if math.isfinite(smallest):
-        ax_time.set_ylim(bottom=smallest / 3)
-    ax_time.set_ylabel("minutes (log), mean over runs")
-    ax_time.legend(fontsize=6)
-    memory = default[default["method"].isin(methods)].groupby("method")[["memory_gib"]].mean().reindex(methods)
-    kinds = default.groupby("method")["memory_kind"].agg(lambda k: "/".join(sorted(set(k)))).reindex(methods)
-    colors = [palette[-1] if kind == "GPU" else "0.55" for kind in kinds]
-    ax_mem.bar(range(len(methods)), memory["memory_gib"], color=colors)
-    for position, (value, kind) in enumerate(zip(memory["memory_gib"], kinds)):
-        ax_mem.annotate(f"{kind} {value:.2f}", (position, value), ha="center", va="bottom", fontsize=6)
-    ax_mem.set_yscale("log")
-    ax_mem.set_ylabel("peak memory, GiB (log)")
-    ax_mem.set_title("GPU: CUDA allocated; RSS: process (CPU runs)", fontsize=7)
-    ax_time.set_title("preparation stacked under the unlearning run", fontsize=7)
-    for ax in (ax_time, ax_mem):
-        ax.set_xticks(range(len(methods)), [method_label(m) for m in methods], rotation=30, fontsize=7)
+    fig, (ax_time, ax_prep, ax_mem) = plt.subplots(1, 3, layout="constrained", sharey=True,
+                                                   figsize=(10.0, 0.32 * len(methods) + 1.3))
+    palette = sns.color_palette("deep", len(stages) + 2)
+    labels = [method_label(m) for m in methods]
+    rte = [stats.summarize(runs[m]["rte_min"]) for m in methods]
+    _hbars(ax_time, rte, palette[0], labels)
+    reference = rte[methods.index(REFERENCE)].mean if REFERENCE in methods else math.nan
+    for position, found in enumerate(rte):
+        if found.mean == 0:
+            text = "no training"
+        elif reference > 0:
+            text = f"{found.mean / reference:.2g}×"
+        else:
+            text = f"{found.mean:.2g} min"
+        end = found.high if found.has_interval else found.mean
+        ax_time.annotate(text, (end, position), xytext=(3, 0), textcoords="offset points", ha="left", va="center",
+                         fontsize=6)
+    ax_time.margins(x=0.18)
+    ax_time.set_xlabel("RTE, minutes")
+    ratio = f"; × = RTE / {method_label(REFERENCE)}'s" if reference > 0 else ""
+    ax_time.set_title(f"(a) unlearning run{ratio}", fontsize=8)
+    lefts = np.zeros(len(methods))
+    for index, stage in enumerate(stages):
+        widths = np.array([runs[m]["prepare_stages"].map(lambda found, s=stage: found.get(s, 0.0)).mean() / 60
+                           for m in methods])
+        ax_prep.barh(range(len(methods)), widths, left=lefts, color=palette[index + 1], label=stage)
+        lefts += widths
+    ax_prep.set_xlim(left=0)
+    if stages:
+        ax_prep.legend(fontsize=6, title="stage", title_fontsize=6, loc="lower right")
+    else:
+        ax_prep.text(0.5, 0.5, "no preparation stages", transform=ax_prep.transAxes, ha="center", fontsize=7)
+    ax_prep.set_xlabel("preparation, minutes")
+    ax_prep.set_title("(b) preparation (once per base model)", fontsize=8)
+    memory = [stats.summarize(runs[m]["memory_gib"]) for m in methods]
+    kinds = ["/".join(sorted(set(runs[m]["memory_kind"]))) for m in methods]
+    colors = [palette[-1] if kind == "GPU" else "0.6" for kind in kinds]
+    ax_mem.barh(range(len(methods)), [s.mean for s in memory], color=colors, xerr=yerr(memory), capsize=2,
+                error_kw={"linewidth": 0.8})
+    ax_mem.set_xlim(left=0)
+    for position, (found, kind) in enumerate(zip(memory, kinds)):
+        ax_mem.annotate(kind, (found.mean, position), xytext=(3, 0), textcoords="offset points", va="center", fontsize=6)
+    ax_mem.margins(x=0.15)
+    ax_mem.set_xlabel("peak memory, GiB")
+    ax_mem.set_title("(c) GPU: CUDA allocated; RSS: process", fontsize=8)
     title = "Runtime and memory"
     fig.suptitle(f"{title} — {grid.preset}/{grid.protocol}", fontsize=9)
-    caption = ("Left: unlearning runtime (RTE) with each preparation stage stacked beneath it (log scale, so the "
-               "lower segments look larger than they are). Right: peak memory; GPU = peak allocated CUDA memory, "
-               "RSS = peak resident memory of the process (CPU runs). Mean over forget classes and seeds.")
+    runs_n = sorted({s.n for s in rte})
+    caption = ("(a) Unlearning runtime (RTE, preparation excluded): mean over forget classes and seeds with its 95% "
+               f"bootstrap CI over runs (n = {', '.join(map(str, runs_n))} runs per method), annotated with its ratio "
+               f"to {method_label(REFERENCE)}'s mean RTE. (b) Preparation stages (priors, Fisher information, saliency "
+               "masks), stacked: computed once per base model and reused by every run. (c) Peak memory: GPU = peak "
+               "allocated CUDA memory, RSS = peak resident memory of the whole process (CPU runs). Linear axes from "
+               "0." + _single_note(rte))
     return Figure("cost", title, caption, fig)
+
+
+def _original_line(ax, found: dict, methods: list[str], fid_name: str) -> str:
+    """Original (no unlearning) as a vertical line at its FID/FD: the retention it starts from."""
+    if "original" not in methods:
+        return ""
+    level = found[("original", "fid")].mean
+    ax.axvline(level, color="0.3", linestyle=":", linewidth=1)
+    ax.annotate("Original", (level, 1), xycoords=("data", "axes fraction"), xytext=(2, -8),
+                textcoords="offset points", fontsize=6, color="0.3")
+    return f" Dotted line: Original's {fid_name} (it forgets nothing, so it is drawn as a line, not a point)."
+
+
+def tradeoff_figure(df: pd.DataFrame, grid: Grid) -> Figure:
+    """Forgetting (UA, H) against retention (FID/FD on retained classes): one point per method, CI bars both ways,
+    marker area proportional to RTE."""
+    default = default_runs(df[df["class"].isin(grid.classes)])
+    found = stats.by_key(stats.over_classes(default, ["ua", "entropy", "fid", "rte_min"]), ("method",))
+    methods = [m for m in grid.methods if all((m, k) in found for k in ("ua", "entropy", "fid", "rte_min"))]
+    points = [m for m in methods if m != "original"]
+    fid_name = fid_label(df["fid_features"])
+    largest = max([found[(m, "rte_min")].mean for m in points] + [1e-12])
+    fig, axes = plt.subplots(1, 2, layout="constrained", figsize=(9.0, 3.8))
+    palette = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    note = ""
+    for ax, metric, name in zip(axes, ("ua", "entropy"), ("UA (%) ↑", "H (entropy) ↑")):
+        for method in points:
+            x, y, rte = found[(method, "fid")], found[(method, metric)], found[(method, "rte_min")]
+            color = palette[method]
+            ax.errorbar([x.mean], [y.mean], xerr=yerr([x]), yerr=yerr([y]), fmt="none", ecolor=color, elinewidth=0.8,
+                        capsize=2)
+            ax.scatter([x.mean], [y.mean], s=25 + 350 * rte.mean / largest,
+                       color="none" if method in REFERENCE_METHODS else color, edgecolors=color, linewidths=1.2,
+                       zorder=3, alpha=0.8, label=method_label(method))
+        note = _original_line(ax, found, methods, fid_name)
+        ax.set_xlabel(f"{fid_name} on retained classes ↓")
+        ax.set_ylabel(name)
+        ax.set_xlim(left=0, right=max([found[(m, "fid")].high for m in methods if found[(m, "fid")].has_interval]
+                                      + [found[(m, "fid")].mean for m in methods]) * 1.1)
+        ax.margins(y=0.1)
+    # Legend markers of one size (the axes' markers scale with RTE).
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=palette[m], markersize=6,
+                          markerfacecolor="none" if m in REFERENCE_METHODS else palette[m]) for m in points]
+    fig.legend(handles, [method_label(m) for m in points], loc="outside right center", fontsize=7, frameon=False)
+    n_classes = sorted({found[(m, "ua")].n for m in methods})
+    title = "Forgetting vs retention"
+    fig.suptitle(f"{title} — {grid.preset}/{grid.protocol}", fontsize=9)
+    caption = (f"One point per method: mean over forget classes (each the mean of its seeds) of UA (left) or H "
+               f"(right) against {fid_name} on retained classes; bars: 95% bootstrap CI over classes (n = "
+               f"{', '.join(map(str, n_classes))}). Marker area grows with the mean RTE (largest: {largest:.2g} min). "
+               f"Hollow marker: Retrain, the reference to match.{note} Best is the upper left.")
+    return Figure("tradeoff", title, caption, fig)
+
+
+def per_class_figure(df: pd.DataFrame, grid: Grid) -> Figure:
+    """UA and FID/FD per forget class and method: mean over seeds with 95% CI error bars."""
+    default = default_runs(df[df["class"].isin(grid.classes)])
+    methods = [m for m in grid.methods if m in set(default["method"])]
+    classes = [c for c in grid.classes if c in set(default["class"])]
+    found = stats.by_key(stats.over_seeds(default, ["ua", "fid"]), ("method", "class"))
+    fid_name = fid_label(df["fid_features"])
+    fig, axes = plt.subplots(2, 1, layout="constrained", sharex=True,
+                             figsize=(min(12.0, 0.09 * len(classes) * len(methods) + 3), 4.6))
+    width = 0.8 / max(len(methods), 1)
+    palette = sns.color_palette("tab10", len(methods))
+    every = []
+    for ax, metric, name in zip(axes, ("ua", "fid"), ("UA (%) ↑", f"{fid_name} ↓")):
+        for index, (color, method) in enumerate(zip(palette, methods)):
+            summaries = [found.get((method, c, metric)) for c in classes]
+            every += summaries
+            positions = np.arange(len(classes)) + (index - (len(methods) - 1) / 2) * width
+            ax.bar(positions, [s.mean if s else 0.0 for s in summaries], width, color=color,
+                   yerr=yerr(summaries), capsize=1, error_kw={"linewidth": 0.6}, label=method_label(method))
+        ax.set_ylabel(name, fontsize=8)
+        ax.set_ylim(bottom=0)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(methods), 9), fontsize=7, frameon=False)
+    axes[1].set_xticks(range(len(classes)), [grid.class_names.get(c, str(c)) for c in classes], fontsize=7)
+    axes[1].set_xlabel("forget class")
+    title = "Per forget class"
+    fig.suptitle(f"{title} — {grid.preset}/{grid.protocol}", fontsize=9)
+    caption = (f"UA (top) and {fid_name} on retained classes (bottom) per forget class and method: mean over seeds "
+               f"with its 95% bootstrap CI.{_single_note(every)}")
+    return Figure("per_class", title, caption, fig)
 
 
 def noise_figure(df: pd.DataFrame, grid: Grid) -> Figure:

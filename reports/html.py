@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from reports.render import Table
+from reports.frame import fid_label
+from reports.render import Cell, Table, typical_n
 
 STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1400px;
@@ -33,6 +34,11 @@ figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee
 figcaption { font-size: 13px; color: #444; max-width: 1100px; }
 .note { background: #fff8e5; border-left: 4px solid #e0b000; padding: .4em .8em; font-size: 13px; }
 details { margin: 1em 0; } summary { cursor: pointer; font-weight: 600; }
+div.scroll { overflow: auto; max-width: 100%; max-height: 80vh; border: 1px solid #e4e4e4; margin: .5em 0; }
+div.scroll table.results { margin: 0; }
+div.scroll thead th { position: sticky; top: 0; background: #fff; }
+div.scroll td.stub, div.scroll th.stub { position: sticky; left: 0; background: #fff; }
+span.ci { display: block; font-size: 10px; color: #666; }
 """
 
 
@@ -41,6 +47,17 @@ class FigureEntry:
     title: str
     caption: str
     png: Path
+
+
+@dataclass
+class Subsection:
+    """A titled part of a section (the robustness results): its lines, tables and figures."""
+
+    name: str
+    title: str
+    lines: list[str]
+    tables: list[Table]
+    figures: list[FigureEntry]
 
 
 @dataclass
@@ -54,6 +71,7 @@ class Section:
     runs: pd.DataFrame
     commands: list[str] = field(default_factory=list)
     facts: list[str] = field(default_factory=list)
+    subsections: list[Subsection] = field(default_factory=list)
 
     @property
     def anchor(self) -> str:
@@ -64,9 +82,21 @@ def esc(text) -> str:
     return html.escape(str(text))
 
 
+def cell_html(cell: Cell, typical: int | None) -> str:
+    """Mean (bold when best) ± sd, the CI on a small line under it ('n=1' where there is none)."""
+    mean = f"<strong>{esc(cell.text)}</strong>" if cell.bold else esc(cell.text)
+    if not cell.stats:
+        return f"<td>{mean}</td>"
+    sd, extra = cell.sd_text(), cell.extra_n(typical)
+    under = cell.ci_text() + (f" {extra}" if extra else "")
+    return f"<td>{mean}{' ± ' + esc(sd) if sd else ''}<span class='ci'>{esc(under)}</span></td>"
+
+
 def table_html(table: Table, anchor: str) -> str:
-    """A paper-style table; a missing cell links to the command (listed under the table) that fills it."""
+    """A paper-style table in its own scrolling box; a missing cell links to the command (listed under the table)
+    that fills it."""
     commands = table.commands
+    typical = typical_n(table)
     number = {command: i for i, command in enumerate(commands, 1)}
     prefix = f"{anchor}-{table.name}-cmd"
     head = []
@@ -84,13 +114,12 @@ def table_html(table: Table, anchor: str) -> str:
                 tds.append(f"<td class='missing' data-command='{esc(cell.command)}'><a href='#{prefix}{n}' "
                            f"title='{esc(cell.command)}'>missing [{n}]</a></td>")
             else:
-                text = esc(cell.text)
-                tds.append(f"<td><strong>{text}</strong></td>" if cell.bold else f"<td>{text}</td>")
+                tds.append(cell_html(cell, typical))
         row_class = " class='rule'" if index in table.rules else ""
         body.append(f"<tr{row_class}><td class='stub'>{esc(label)}</td>{''.join(tds)}</tr>")
     parts = [f"<h3 id='{anchor}-{table.name}'>{esc(table.title)}</h3>", f"<p class='caption'>{esc(table.caption)}</p>",
-             f"<table class='results' data-table='{table.name}'><thead>{''.join(head)}</thead>"
-             f"<tbody>{''.join(body)}</tbody></table>"]
+             f"<div class='scroll'><table class='results' data-table='{table.name}'><thead>{''.join(head)}</thead>"
+             f"<tbody>{''.join(body)}</tbody></table></div>"]
     parts += [f"<p class='caption'>{esc(note)}</p>" for note in table.notes]
     if commands:
         items = "".join(f"<li id='{prefix}{i}'><code>{esc(c)}</code></li>" for c, i in number.items())
@@ -109,8 +138,18 @@ def runs_html(runs: pd.DataFrame) -> str:
     columns = ["method", "variant", "class", "seed", "ua", "entropy", "fid", "retain_accuracy", "rte_s",
                "prepare_total_s", "memory_gib", "memory_kind", "noise_top_class", "device"]
     shown = runs[[c for c in columns if c in runs]].sort_values(["method", "variant", "class", "seed"])
+    shown = shown.rename(columns={"fid": fid_label(runs["fid_features"])})
     table = shown.to_html(index=False, classes="results", float_format=lambda v: f"{v:.3f}", border=0)
-    return f"<details><summary>All {len(shown)} runs (every variant and seed)</summary>{table}</details>"
+    return (f"<details><summary>All {len(shown)} runs (every variant and seed; runs.csv holds every column)"
+            f"</summary><div class='scroll'>{table}</div></details>")
+
+
+def subsection_html(sub: Subsection, anchor: str) -> str:
+    parts = [f"<h3 id='{anchor}-{sub.name}'>{esc(sub.title)}</h3>"]
+    parts += [f"<p class='caption'>{esc(line)}</p>" for line in sub.lines]
+    parts += [table_html(table, anchor) for table in sub.tables]
+    parts += [figure_html(entry) for entry in sub.figures]
+    return "\n".join(parts)
 
 
 def section_html(section: Section) -> str:
@@ -118,6 +157,7 @@ def section_html(section: Section) -> str:
     parts += [f"<p class='caption'>{esc(fact)}</p>" for fact in section.facts]
     parts += [table_html(table, section.anchor) for table in section.tables]
     parts += [figure_html(entry) for entry in section.figures]
+    parts += [subsection_html(sub, section.anchor) for sub in section.subsections]
     parts.append(runs_html(section.runs))
     return "\n".join(parts)
 

@@ -13,12 +13,19 @@ Both are the maximum entropy for the given (co)variance, so upper bounds; they m
   avoids the large small-sample bias of a Frechet distance between two sets of noised samples;
 - class separability: accuracy of assigning noised images (Monte Carlo, add_noise) to the nearest class mean, the
   means fitted on the other half of the images (chance = 1 / classes).
+The numbers depend only on the data, the schedule and the estimator settings: `cached_figure1` keeps them beside
+the figure, keyed by a hash of the training images, so a second report reads them instead of recomputing them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
+import json
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -29,7 +36,9 @@ from bench.data import ClassDataset, load_dataset
 from bench.diffusion import NoiseSchedule
 from reports.figures import Figure, plt, sns
 
+log = logging.getLogger(__name__)
 GAUSSIAN_ENTROPY = 0.5 * math.log(2 * math.pi * math.e)
+STATS_NAME, KEY_NAME = "figure1_latents.csv", "figure1_latents.json"
 
 
 def balanced_subset(data: ClassDataset, per_class: int, generator: torch.Generator) -> ClassDataset:
@@ -137,3 +146,34 @@ def build_figure1(preset: Preset, data_root: str | None = None, per_class: int =
     stats = latent_statistics(data, NoiseSchedule(preset.diffusion), points=points, per_class=per_class,
                               components=components)
     return figure1(stats, preset, data.source, per_class, components), stats
+
+
+def data_fingerprint(data: ClassDataset) -> str:
+    """SHA-256 of the images and labels (a different copy or subset of the data set gets another key)."""
+    digest = hashlib.sha256(data.images.contiguous().numpy().tobytes())
+    digest.update(data.labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_figure1(preset: Preset, data_root: str | None, folder: Path, per_class: int = 500, components: int = 64,
+                   points: int = 40) -> tuple[Figure, pd.DataFrame, bool]:
+    """Figure 1, its numbers, and whether they came from `folder` (figure1_latents.csv with its key in
+    figure1_latents.json) rather than being computed; computed numbers are saved there for the next report."""
+    data = load_training_images(preset, data_root)
+    key = {"data": data_fingerprint(data), "source": data.source, "diffusion": dataclasses.asdict(preset.diffusion),
+           "per_class": per_class, "components": components, "points": points, "seed": 0}
+    stats_path, key_path = Path(folder) / STATS_NAME, Path(folder) / KEY_NAME
+    try:
+        hit = json.loads(key_path.read_text()) == key and stats_path.exists()
+    except (OSError, ValueError):
+        hit = False
+    if hit:
+        stats = pd.read_csv(stats_path)
+        log.info("Figure 1 for %s: latent statistics read from %s", preset.name, stats_path)
+    else:
+        stats = latent_statistics(data, NoiseSchedule(preset.diffusion), points=points, per_class=per_class,
+                                  components=components)
+        stats_path.parent.mkdir(parents=True, exist_ok=True)
+        stats.to_csv(stats_path, index=False)
+        key_path.write_text(json.dumps(key, indent=2))
+    return figure1(stats, preset, data.source, per_class, components), stats, hit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from reports.frame import runs_frame
+from reports.frame import fid_label, runs_frame
 
 COLUMNS = {
     "ua": "UA %", "entropy": "H", "fid": "FID", "retain_accuracy": "RA %", "rte_s": "RTE s",
@@ -17,13 +17,13 @@ def summary_text(records: list[dict]) -> str:
     if not records:
         return "(no records)"
     df = runs_frame(records).sort_values(["preset", "protocol", "method", "variant", "class", "seed"])
-    runs = df[["method", "variant", "class", "seed", *COLUMNS]].rename(columns=COLUMNS)
+    # The small presets' Fréchet distance uses classifier features: never shown as a bare "FID".
+    columns = {**COLUMNS, "fid": fid_label(df["fid_features"])}
+    runs = df[["method", "variant", "class", "seed", *columns]].rename(columns=columns)
     numeric = ["ua", "entropy", "fid", "retain_accuracy", "rte_s", "prepare_total_s"]
-    means = df.groupby(["method", "variant"], sort=False)[numeric].mean().reset_index().rename(columns=COLUMNS)
-    fid_label = "FID (classifier features)" if any(
-        r.get("protocol", {}).get("fid_features") == "classifier" for r in records) else "FID (Inception)"
+    means = df.groupby(["method", "variant"], sort=False)[numeric].mean().reset_index().rename(columns=columns)
     with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:.3f}".format):
-        return (f"{runs.to_string(index=False)}\n\nMean over classes and seeds ({fid_label}):\n"
+        return (f"{runs.to_string(index=False)}\n\nMean over classes and seeds:\n"
                 f"{means.to_string(index=False)}\n\n{efficiency_text(df)}")
 
 

@@ -1,9 +1,11 @@
-"""Records -> the paper's tables: Table 1 (H, UA per forget class), Table 2 (FID, RTE, memory with mean and
-standard deviation rows), preparation time, and for CIFAR-10 the paper's numbers beside this run's.
+"""Records -> the paper's tables: Table 1 (H, UA per forget class), Table 2 (FID or FD, RTE, memory with mean and
+standard deviation rows), preparation time, differences to SAFEMax paired by class and seed, and for CIFAR-10
+the paper's numbers beside this run's.
 
-One table per (preset, protocol); seeds are averaged. Tables hold `Cell`s so that one structure renders as
-Markdown, CSV, LaTeX (booktabs) and HTML. A (method, class) without a record is a missing cell that carries
-the `bench run` command that fills it.
+One table per (preset, protocol). A per-class cell is the mean over seeds with its sd and bootstrap 95% CI
+(`reports.stats`); Table 2's μ row is over classes. Tables hold `Cell`s so that one structure renders as Markdown,
+CSV, LaTeX (booktabs) and HTML. A (method, class) without a record is a missing cell that carries the `bench run`
+command that fills it.
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import pandas as pd
 
 from bench.cache import default_cache_dir
 from bench.config import get_preset
-from reports.frame import DIRECTIONS, runs_frame
-from reports.render import Cell, Table, mark_best
+from reports import stats
+from reports.frame import DIRECTIONS, fid_label, runs_frame
+from reports.render import Cell, Table, add_stats_note, mark_best, stat_cell
 
 # Methods the paper compares; they get a column (or a missing-cell command) even before anyone runs them.
 PAPER_METHODS = ("sa", "salun", "safemax")
-METHOD_ORDER = ("original", "retrain", "sa", "salun", "ga", "neggrad_plus", "safemax")
-DISPLAY = {"original": "Original", "retrain": "Retrain", "sa": "SA", "salun": "SalUn", "ga": "GA",
-           "neggrad_plus": "NegGrad+", "safemax": "SAFEMax"}
+METHOD_ORDER = ("original", "retrain", "sa", "salun", "erasediff", "sfron", "ga", "neggrad_plus", "safemax")
+DISPLAY = {"original": "Original", "retrain": "Retrain", "sa": "SA", "salun": "SalUn", "erasediff": "EraseDiff",
+           "sfron": "SFR-on", "ga": "GA", "neggrad_plus": "NegGrad+", "safemax": "SAFEMax"}
+REFERENCE = "safemax"  # the method paired comparisons subtract
 # References, not unlearning methods: shown, never ranked (never bold).
 REFERENCE_METHODS = {"original", "retrain"}
 
@@ -57,19 +61,36 @@ PAPER_CIFAR10 = {
                 "sigma": {"fid": 0.32, "rte_min": 0.04, "memory_gib": 0.00}},
 }
 
-METRIC_FORMAT = {"entropy": "{:.3f}", "ua": "{:.2f}", "fid": "{:.2f}", "memory_gib": "{:.2f}"}
+METRIC_FORMAT = {"entropy": "{:.3f}", "ua": "{:.2f}", "fid": "{:.2f}", "memory_gib": "{:.2f}", "auc": "{:.2f}",
+                 "steps_to_relearn": "{:.0f}", "budget": "{:.0f}"}
+PAIRED_METRICS = ["ua", "entropy", "fid", "retain_accuracy", "rte_min"]
 
 
 def method_label(method: str) -> str:
     return DISPLAY.get(method, method)
 
 
-def fmt(metric: str, value: float | None) -> str:
+def fmt(metric: str, value: float | None, sign: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if metric in ("rte_min", "prepare_min") and 0 < abs(value) < 0.1:
-        return f"{value:.2g}"  # tiny presets train for seconds: keep two significant digits
-    return METRIC_FORMAT.get(metric, "{:.2f}").format(value)
+        return f"{value:+.2g}" if sign else f"{value:.2g}"  # tiny presets train for seconds: two significant digits
+    spec = METRIC_FORMAT.get(metric, "{:.2f}")
+    return (spec.replace("{:", "{:+") if sign else spec).format(value)
+
+
+def spec_of(metric: str, mean: float) -> str:
+    """The format of a statistic's sd and CI bounds: the mean's (two significant digits for sub-0.1 times)."""
+    if metric in ("rte_min", "prepare_min") and 0 < abs(mean) < 0.1:
+        return "{:.2g}"
+    return METRIC_FORMAT.get(metric, "{:.2f}")
+
+
+def summary_cell(metric: str, summary, sign: bool = False) -> Cell:
+    """A statistic as a Cell: the mean formatted as the metric is, sd and CI alike."""
+    if summary is None:
+        return Cell(None, "–")
+    return stat_cell(summary, lambda v: fmt(metric, v, sign), spec_of(metric, summary.mean))
 
 
 # --- records -> DataFrame -------------------------------------------------------------------------------------
@@ -153,8 +174,10 @@ def _cache_dir(df: pd.DataFrame, preset: str) -> str | None:
     return None if Path(root) == default_cache_dir() else root
 
 
-def make_grid(df: pd.DataFrame, preset: str, protocol: str, results_dir: str, data_root: str | None = None) -> Grid:
-    """Expected methods (found + the paper's), classes (all of the preset's) and seeds (all found)."""
+def make_grid(df: pd.DataFrame, preset: str, protocol: str, results_dir: str, data_root: str | None = None,
+              methods: list[str] | None = None, classes: list[int] | None = None) -> Grid:
+    """Expected methods (found + the paper's, or `methods`), classes (all of the preset's, or `classes`) and seeds
+    (all found)."""
     try:
         num_classes = get_preset(preset).num_classes
     except ValueError:  # a preset this checkout does not know: trust the records
@@ -162,25 +185,23 @@ def make_grid(df: pd.DataFrame, preset: str, protocol: str, results_dir: str, da
     names = dict(zip(df["class"], df["class_name"]))
     default = df[df["variant"] == "default"]
     seeds = sorted(set((default if len(default) else df)["seed"])) or [0]
-    grid = Grid(preset, protocol, order_methods(set(df["method"]) | set(PAPER_METHODS)), list(range(num_classes)),
-                {c: names.get(c, str(c)) for c in range(num_classes)}, seeds, results_dir, _cache_dir(df, preset),
-                data_root)
+    expected = order_methods(methods if methods else set(df["method"]) | set(PAPER_METHODS))
+    shown = [c for c in range(num_classes) if classes is None or c in classes]
+    grid = Grid(preset, protocol, expected, shown, {c: names.get(c, str(c)) for c in range(num_classes)}, seeds,
+                results_dir, _cache_dir(df, preset), data_root)
     grid.fill_missing(set(zip(default["method"], default["class"], default["seed"])))
     return grid
 
 
-def _seed_means(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    default = df[df["variant"] == "default"]
-    return default.groupby(["method", "class"])[columns].mean()
+def default_runs(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["variant"] == "default"]
 
 
-def _cell(means: pd.DataFrame, grid: Grid, method: str, forget_class: int, metric: str) -> Cell:
-    if (method, forget_class) in means.index:
-        value = float(means.loc[(method, forget_class), metric])
-        if not math.isnan(value):
-            return Cell(value, fmt(metric, value))
-        return Cell(None, "n/a")
-    return Cell(None, "missing", command=grid.commands.get((method, forget_class), "bench run"))
+def _cell(found: dict, grid: Grid, method: str, forget_class: int, metric: str, ran: set) -> Cell:
+    if (method, forget_class) not in ran:
+        return Cell(None, "missing", command=grid.commands.get((method, forget_class), "bench run"))
+    summary = found.get((method, forget_class, metric))
+    return summary_cell(metric, summary) if summary else Cell(None, "n/a")
 
 
 def _class_label(grid: Grid, forget_class: int) -> str:
@@ -188,19 +209,31 @@ def _class_label(grid: Grid, forget_class: int) -> str:
     return str(forget_class) if name == str(forget_class) else f"{forget_class} {name}"
 
 
+def _per_class_rows(table: Table, df: pd.DataFrame, grid: Grid, metrics: list[str]) -> None:
+    """One row per forget class: each method's mean ± sd [CI] over seeds for each metric."""
+    default = default_runs(df)
+    found = stats.by_key(stats.over_seeds(default, metrics), ("method", "class"))
+    ran = set(zip(default["method"], default["class"]))
+    for forget_class in grid.classes:
+        cells = [_cell(found, grid, m, forget_class, metric, ran) for m in grid.methods for metric in metrics]
+        table.rows.append((_class_label(grid, forget_class), cells))
+
+
+def _seeds_text(grid: Grid) -> str:
+    return f"seed {grid.seeds[0]}" if len(grid.seeds) == 1 else f"seeds {class_spec(grid.seeds)}"
+
+
 def table1(df: pd.DataFrame, grid: Grid) -> Table:
-    means = _seed_means(df, ["entropy", "ua"])
     table = Table(
         "table1", "Table 1. Evaluation of unlearning",
         f"H (mean entropy of the classifier on forget-class samples) and UA (100 - % classified as the forget class) "
-        f"per forget class; preset {grid.preset}, protocol {grid.protocol}, mean over seeds {grid.seeds}. "
-        "Bold: best per row among unlearning methods (Original and Retrain are references).",
+        f"per forget class; preset {grid.preset}, protocol {grid.protocol}, over {_seeds_text(grid)}. "
+        "Bold: best mean per row among unlearning methods (Original and Retrain are references).",
         "Class", [(method_label(m), [("H ↑", "entropy"), ("UA (%) ↑", "ua")]) for m in grid.methods],
         rank_groups=[m not in REFERENCE_METHODS for m in grid.methods])
-    for forget_class in grid.classes:
-        cells = [_cell(means, grid, m, forget_class, metric) for m in grid.methods for metric in ("entropy", "ua")]
-        table.rows.append((_class_label(grid, forget_class), cells))
+    _per_class_rows(table, df, grid, ["entropy", "ua"])
     mark_best(table, directions(df))
+    add_stats_note(table, "seeds")
     return table
 
 
@@ -211,42 +244,57 @@ def _memory_label(df: pd.DataFrame, method: str) -> str:
     return "GPU GiB ↓" if kinds == {"GPU"} else "GPU/RSS GiB ↓"
 
 
+def fid_note(df: pd.DataFrame) -> str:
+    features = set(df["fid_features"].dropna())
+    if features == {"classifier"}:
+        return ("FD (classifier features): the Fréchet distance between the evaluation classifier's features of "
+                "generated and real retained-class images; not an FID (no Inception features), not comparable to one.")
+    return "FID: Fréchet distance of Inception pool3 features." if features == {"inception"} else ""
+
+
+def _class_stat_rows(table: Table, df: pd.DataFrame, grid: Grid, metrics: list[str]) -> None:
+    """Table 2's μ row (over classes, CI over classes) and σ row (sd over classes of the per-class means)."""
+    default = default_runs(df[df["class"].isin(grid.classes)])
+    found = stats.by_key(stats.over_classes(default, metrics), ("method",))
+    per_class = default.groupby(["method", "class"])[metrics].mean()
+    mu, sigma, partial_any = [], [], False
+    for method in grid.methods:
+        classes = per_class.loc[method] if method in per_class.index.get_level_values(0) else None
+        partial = classes is not None and 0 < len(classes) < len(grid.classes)
+        partial_any = partial_any or partial
+        for metric in metrics:
+            cell = summary_cell(metric, found.get((method, metric)))
+            if partial and cell.value is not None:
+                cell.text += "*"
+            mu.append(cell)
+            value = classes[metric].std() if classes is not None else math.nan
+            sigma.append(Cell(value, fmt(metric, value) + ("*" if partial else "")) if text_ok(value) else Cell(None, "–"))
+    table.rules.add(len(table.rows))
+    table.rows += [("μ", mu), ("σ", sigma)]
+    if partial_any:
+        table.notes.append("* over fewer classes than the table has (some runs missing).")
+    table.notes.append("μ: mean over classes of the per-class means, its CI by bootstrap over classes (n = classes; "
+                       "with one class, over its seeds). σ: sample sd over classes of the per-class means.")
+
+
 def table2(df: pd.DataFrame, grid: Grid) -> Table:
     metrics = ["fid", "rte_min", "memory_gib"]
-    means = _seed_means(df, metrics)
-    features = set(df["fid_features"].dropna())
-    fid_kind = {"classifier": "FID uses the evaluation classifier's features (not Inception).",
-                "inception": "FID uses Inception pool3 features."}.get(features.pop() if len(features) == 1 else "", "")
+    label = fid_label(df["fid_features"])
     table = Table(
         "table2", "Table 2. Evaluation of retention and efficiency",
-        f"FID on retained-class samples, RTE (unlearning run, minutes, preparation excluded) and peak memory; "
-        f"μ and σ (sample standard deviation) over the forget classes that have records; preset {grid.preset}, "
-        f"protocol {grid.protocol}, mean over seeds {grid.seeds}. GPU GiB: peak allocated GPU memory; RSS GiB "
+        f"{label} on retained-class samples, RTE (unlearning run, minutes, preparation excluded) and peak memory; "
+        f"per forget class over {_seeds_text(grid)}, then μ and σ over the forget classes that have records; preset "
+        f"{grid.preset}, protocol {grid.protocol}. GPU GiB: peak allocated GPU memory; RSS GiB "
         "(CPU runs, no GPU figure): peak resident memory of the whole process during the run, the Python "
-        f"and torch runtime included (the original model's row shows that floor). {fid_kind} Bold: best per "
-        "row among unlearning methods.",
-        "Class", [(method_label(m), [("FID ↓", "fid"), ("RTE (min) ↓", "rte_min"), (_memory_label(df, m), "memory_gib")])
-                  for m in grid.methods],
+        f"and torch runtime included (the original model's row shows that floor). {fid_note(df)} Bold: best mean "
+        "per row among unlearning methods.",
+        "Class", [(method_label(m), [(f"{label} ↓", "fid"), ("RTE (min) ↓", "rte_min"),
+                                     (_memory_label(df, m), "memory_gib")]) for m in grid.methods],
         rank_groups=[m not in REFERENCE_METHODS for m in grid.methods])
-    for forget_class in grid.classes:
-        cells = [_cell(means, grid, m, forget_class, metric) for m in grid.methods for metric in metrics]
-        table.rows.append((_class_label(grid, forget_class), cells))
-    table.rules.add(len(table.rows))
-    any_partial = False
-    for label, reduce in (("μ", "mean"), ("σ", "std")):
-        cells = []
-        for method in grid.methods:
-            values = means.loc[method] if method in means.index.get_level_values(0) else pd.DataFrame(columns=metrics)
-            for metric in metrics:
-                value = getattr(values[metric].dropna(), reduce)() if len(values) else math.nan
-                partial = 0 < len(values) < len(grid.classes)
-                any_partial = any_partial or partial
-                text = fmt(metric, value) + ("*" if partial and text_ok(value) else "")
-                cells.append(Cell(value, text) if text_ok(value) else Cell(None, "–"))
-        table.rows.append((label, cells))
-    if any_partial:
-        table.notes.append("* over fewer classes than the preset has (some runs missing).")
+    _per_class_rows(table, df, grid, metrics)
+    _class_stat_rows(table, df, grid, metrics)
     mark_best(table, directions(df))
+    add_stats_note(table, "seeds")
     return table
 
 
@@ -256,13 +304,14 @@ def text_ok(value) -> bool:
 
 def prepare_table(df: pd.DataFrame, grid: Grid) -> Table:
     """Per method: each preparation stage, their total and the unlearning run (minutes, mean over runs)."""
-    default = df[df["variant"] == "default"]
+    default = default_runs(df)
     stages = sorted({stage for found in default["prepare_stages"] for stage in found})
     columns = [(f"{stage} (min)", "prepare_min") for stage in stages] + [
         ("preparation (min)", "prepare_min"), ("RTE (min)", "rte_min"), ("total (min)", "rte_min"), ("runs", "n")]
     table = Table("prepare", "Preparation time", "Preparation stages (priors, Fisher information, saliency "
                   "masks...) are timed apart from the unlearning run (RTE), as the paper reports SA's FIM apart; "
-                  f"mean over forget classes and seeds; preset {grid.preset}, protocol {grid.protocol}.",
+                  "a stage is computed once per base model and reused, so its time repeats across runs. Mean over "
+                  f"forget classes and seeds; preset {grid.preset}, protocol {grid.protocol}.",
                   "Method", [("", columns)])
     for method in grid.methods:
         runs = default[default["method"] == method]
@@ -274,23 +323,66 @@ def prepare_table(df: pd.DataFrame, grid: Grid) -> Table:
         for stage in stages:
             value = runs["prepare_stages"].map(lambda found, s=stage: found.get(s, math.nan)).mean() / 60
             cells.append(Cell(value, fmt("prepare_min", value)) if text_ok(value) else Cell(None, "–"))
-        prep, rte = runs["prepare_min"].mean(), runs["rte_min"].mean()
-        cells += [Cell(prep, fmt("prepare_min", prep)), Cell(rte, fmt("rte_min", rte)),
-                  Cell(prep + rte, fmt("rte_min", prep + rte)), Cell(float(len(runs)), str(len(runs)))]
+        cells += [summary_cell("prepare_min", stats.summarize(runs["prepare_min"])),
+                  summary_cell("rte_min", stats.summarize(runs["rte_min"])),
+                  summary_cell("rte_min", stats.summarize(runs["prepare_min"] + runs["rte_min"])),
+                  Cell(float(len(runs)), str(len(runs)))]
         table.rows.append((method_label(method), cells))
+    add_stats_note(table, "runs (classes × seeds)")
+    return table
+
+
+def paired_table(df: pd.DataFrame, grid: Grid, reference: str = REFERENCE) -> Table | None:
+    """Per method: the difference method - reference of each metric, paired by class and seed; a row over all
+    classes (CI over classes of the per-class mean differences), then a row per class (CI over seeds)."""
+    default = default_runs(df[df["class"].isin(grid.classes)])
+    if reference not in set(default["method"]):
+        return None
+    diffs = stats.paired_differences(default, PAIRED_METRICS, reference)
+    if diffs.empty:
+        return None
+    found = stats.by_key(diffs.assign(**{"class": diffs["class"].astype(str)}), ("method", "class"))
+    label = fid_label(df["fid_features"])
+    names = {"ua": "Δ UA (%)", "entropy": "Δ H", "fid": f"Δ {label}", "retain_accuracy": "Δ retained acc. (%)",
+             "rte_min": "Δ RTE (min)"}
+    ref = method_label(reference)
+    table = Table("paired", f"Differences to {ref}",
+                  f"Each method minus {ref} on runs that share forget class and seed (preset {grid.preset}, protocol "
+                  f"{grid.protocol}). 'all classes': mean over classes of the per-class mean differences, CI by "
+                  "bootstrap over classes (n = classes); per class: CI by bootstrap over the paired seeds (n = "
+                  f"pairs). A CI that excludes 0 marks a difference larger than the seed-to-seed spread. {label}: "
+                  "lower is better; UA, H, retained accuracy: higher is better; RTE: lower is better.",
+                  "Method / class", [("", [(names[m], m) for m in PAIRED_METRICS])])
+    for method in [m for m in grid.methods if m != reference and m in set(diffs["method"])]:
+        table.rules.add(len(table.rows))
+        keys = ["all"] + [str(c) for c in grid.classes]
+        for key in keys:
+            if (method, key, "ua") not in found:
+                continue
+            label_row = f"{method_label(method)}: all classes" if key == "all" else f"{method_label(method)}: class {key}"
+            table.rows.append((label_row, [summary_cell(m, found.get((method, key, m)), sign=True)
+                                           for m in PAIRED_METRICS]))
+    table.rules.discard(0)
+    add_stats_note(table, "pairs or classes")
     return table
 
 
 def paper_table(df: pd.DataFrame, grid: Grid) -> Table:
     """The paper's CIFAR-10 numbers beside this run's, method by method (means over the classes run)."""
-    means = _seed_means(df, ["entropy", "ua", "fid", "rte_min", "memory_gib"])
-    quantities = [("H (mean over classes)", "entropy"), ("UA % (mean over classes)", "ua"), ("FID μ", "fid"),
-                  ("FID σ", "fid_sigma"), ("RTE min μ", "rte_min"), ("peak memory GiB μ (paper: GPU GB)", "memory_gib")]
+    metrics = ["entropy", "ua", "fid", "rte_min", "memory_gib"]
+    default = default_runs(df)
+    found = stats.by_key(stats.over_classes(default, metrics), ("method",))
+    per_class = default.groupby(["method", "class"])[metrics].mean()
+    label = fid_label(df["fid_features"])
+    paper_name = "" if label == "FID" else " (paper: FID)"
+    quantities = [("H (mean over classes)", "entropy"), ("UA % (mean over classes)", "ua"),
+                  (f"{label} μ{paper_name}", "fid"), (f"{label} σ{paper_name}", "fid_sigma"), ("RTE min μ", "rte_min"),
+                  ("peak memory GiB μ (paper: GPU GB)", "memory_gib")]
     table = Table("paper", "Paper vs this run (CIFAR-10)",
-                  "Paper: Spartalis et al., Tables 1-2 (all 10 classes). This run: mean over the classes that have "
-                  f"records (protocol {grid.protocol}); n = classes run.", "Quantity",
-                  [(method_label(m), [("paper", "value"), ("this run", "value")]) for m in PAPER_METHODS])
-    for label, key in quantities:
+                  "Paper: Spartalis et al., Tables 1-2 (all 10 classes). This run: mean ± sd [95% CI] over the "
+                  f"classes that have records (protocol {grid.protocol}), CI by bootstrap over classes; n = classes.",
+                  "Quantity", [(method_label(m), [("paper", "value"), ("this run", "value")]) for m in PAPER_METHODS])
+    for row_label, key in quantities:
         cells = []
         for method in PAPER_METHODS:
             paper = PAPER_CIFAR10[method]
@@ -299,18 +391,24 @@ def paper_table(df: pd.DataFrame, grid: Grid) -> Table:
             else:
                 published = paper["mu"][key] if key in paper["mu"] else sum(paper[key]) / len(paper[key])
             cells.append(Cell(published, fmt(key, published)))
-            ours = means.loc[method] if method in means.index.get_level_values(0) else None
-            if ours is None or ours.empty:
+            if method not in per_class.index.get_level_values(0):
                 cells.append(Cell(None, "missing", command=grid.command(method, grid.classes, grid.seeds)))
-                continue
-            value = ours["fid"].std() if key == "fid_sigma" else ours[key].mean()
-            cells.append(Cell(value, f"{fmt(key, value)} (n={len(ours)})") if text_ok(value) else Cell(None, "n/a"))
-        table.rows.append((label, cells))
+            elif key == "fid_sigma":
+                ours = per_class.loc[method]["fid"]
+                value = ours.std()
+                cells.append(Cell(value, f"{fmt('fid', value)} (n={len(ours)})") if text_ok(value) else Cell(None, "n/a"))
+            else:
+                cells.append(summary_cell(key, found.get((method, key))))
+        table.rows.append((row_label, cells))
+    add_stats_note(table, "classes")
     return table
 
 
 def build_tables(df: pd.DataFrame, grid: Grid) -> list[Table]:
     tables = [table1(df, grid), table2(df, grid), prepare_table(df, grid)]
+    paired = paired_table(df, grid)
+    if paired is not None:
+        tables.append(paired)
     if grid.preset == "cifar10":
         tables.append(paper_table(df, grid))
     return tables

@@ -89,3 +89,13 @@ def debug_sweep(tmp_path_factory, tiny_cache) -> Path:
                                        "--cluster", "debug"])
     assert result.exit_code == 0, result.output
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: they run on a GPU machine and are skipped (with the reason) elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none here); `make gpu-check` and these run on one")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

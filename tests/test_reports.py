@@ -40,13 +40,15 @@ def report(tmp_path_factory):
 
 def test_report_writes_tables_figures_and_page(report):
     written = report["written"]
-    for name in ("table1", "table2", "prepare"):
+    for name in ("table1", "table2", "prepare", "paired"):
         for suffix in ("md", "csv", "tex"):
             assert f"tiny/paper/tables/{name}.{suffix}" in written
-    for name in ("samples_class0", "samples_class1", "sweep_safemax_lam_class0", "cost", "noise_prediction"):
+    for name in ("samples_class0", "samples_class1", "sweep_safemax_lam_class0", "cost", "tradeoff", "per_class",
+                 "noise_prediction"):
         for suffix in ("png", "pdf"):
             assert written[f"tiny/paper/figures/{name}.{suffix}"].stat().st_size > 0
     assert written["tiny/figure1_latents.png"].stat().st_size > 0
+    assert len(pd.read_csv(written["runs.csv"])) == len(report["records"])
     assert written["report.html"] == (report["out"] / "report.html").resolve()
 
 
@@ -70,7 +72,7 @@ def test_missing_cells_carry_the_command_that_fills_them(report):
     assert f"missing [{number}]" in row5
     # Means over 2 of the 10 classes are starred, and the note says why (it is left out when none is partial).
     table2 = report["written"]["tiny/paper/tables/table2.md"].read_text()
-    assert "over fewer classes than the preset has" in table2 and re.search(r"\| μ \|[^\n]*\*", table2)
+    assert "over fewer classes than the table has" in table2 and re.search(r"\| μ \|[^\n]*\*", table2)
     # SA is one of the paper's methods: it gets a column, and a command, before anyone runs it.
     assert "--methods sa --classes 0-9" in markdown
     page = report["written"]["report.html"].read_text()
@@ -102,8 +104,9 @@ def test_latex_tables_are_booktabs_tabulars(report):
         if not key.endswith(".tex"):
             continue
         text = path.read_text()
-        body = text[text.index(r"\begin{tabular}"):]
-        assert body.rstrip().endswith(r"\end{tabular}"), key
+        assert text.index(r"\begin{table}") < text.index(r"\caption{") < text.index(r"\begin{tabular}"), key
+        assert text.rstrip().endswith(r"\end{table}"), key
+        body = text[text.index(r"\begin{tabular}"):text.rindex(r"\end{tabular}") + len(r"\end{tabular}")]
         spec = re.match(r"\\begin\{tabular\}\{([lrc]+)\}", body).group(1)
         assert body.index(r"\toprule") < body.index(r"\midrule") < body.index(r"\bottomrule"), key
         rows = [line for line in body.splitlines() if line.rstrip().endswith(r"\\")]
@@ -117,7 +120,8 @@ def test_paper_comparison_table_for_cifar10(report):
     grid = tables.make_grid(frame, "cifar10", "paper", "results")
     table = tables.paper_table(frame.assign(preset="cifar10"), grid)
     markdown = render.to_markdown(table)
-    assert "| FID μ | 17.71 | missing [1] | 16.76 | missing [2] | 16.74 |" in markdown
+    # The tiny preset's records measure a classifier-feature FD: named so beside the paper's FID.
+    assert "| FD (classifier features) μ (paper: FID) | 17.71 | missing [1] | 16.76 | missing [2] | 16.74 |" in markdown
     assert "--methods sa --classes 0-9 --seeds 0 --results results --data-root DATA_ROOT" in markdown
 
 
@@ -131,6 +135,8 @@ PROBE = ("<script>window.addEventListener('load', function () {"
          "  document.querySelectorAll('img').forEach(function (i) { out.push(i.naturalWidth + 'x' + i.naturalHeight); });"
          "  document.querySelectorAll('table').forEach(function (t) {"
          "    out.push('table:' + t.offsetWidth + 'x' + t.offsetHeight); });"
+         "  document.querySelectorAll('div.scroll').forEach(function (d) {"
+         "    out.push('box:' + d.offsetWidth + 'x' + document.body.clientWidth); });"
          "  var p = document.createElement('pre'); p.id = 'probe'; p.textContent = out.join(' ');"
          "  document.body.appendChild(p); });</script>")
 
@@ -155,10 +161,13 @@ def test_page_renders_offline_in_chromium(report, tmp_path):
     probe.write_text(html.replace("</body>", PROBE + "</body>"))
     dom = _chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
     found = re.search(r'<pre id="probe">([^<]*)</pre>', dom).group(1).split()
-    sizes = [tuple(map(int, s.split("x"))) for s in found if not s.startswith("table:")]
+    sizes = [tuple(map(int, s.split("x"))) for s in found if ":" not in s]
     boxes = [tuple(map(int, s[6:].split("x"))) for s in found if s.startswith("table:")]
     assert len(sizes) == len(images) and all(w > 0 and h > 0 for w, h in sizes), sizes
     assert len(boxes) == html.count("<table") and all(w > 0 and h > 0 for w, h in boxes), boxes
+    # Every table sits in its own scrolling box that never overflows the page, however wide the table is.
+    scrolls = [tuple(map(int, s[4:].split("x"))) for s in found if s.startswith("box:")]
+    assert len(scrolls) == html.count("<table") and all(0 < width <= page for width, page in scrolls), scrolls
 
     shot = tmp_path / "page.png"
     _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,2400", page.as_uri())
