@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -78,12 +79,30 @@ def atomic_save(payload, path: Path) -> None:
         tmp.unlink(missing_ok=True)  # only left behind when something above failed
 
 
-def _reason(exc: BaseException) -> str:
+def refusal(exc: BaseException) -> tuple[str, bool] | None:
+    """torch's weights-only refusal in one line (`Unsupported global: GLOBAL os.system`, `Unsupported operand 15`)
+    and whether the file asks for a global (code to call); None if `exc` is no such refusal."""
+    text = str(exc)
+    if "Weights only load failed" not in text and "WeightsUnpickler" not in text:
+        return None
+    for line in text.splitlines():
+        line = line.split("WeightsUnpickler error:")[-1].strip()
+        if re.match(r"(?i)(unsupported|trying to load)", line):
+            line = re.split(r" was not an allowed global| whose module|\. ", line)[0].rstrip(".")
+            return line, "global" in line.lower()
+    return type(exc).__name__, False
+
+
+def load_error(exc: BaseException) -> str:
     """One line naming what went wrong, without torch's advice to load untrusted files with weights_only=False."""
+    refused = refusal(exc)
+    if refused is not None:
+        what, needs_code = refused
+        if needs_code:
+            return f"it holds objects other than tensors, numbers, strings, lists and dicts: {what}"
+        return f"it is damaged or not a torch file: {what}"
     text = str(exc).strip()
-    first = text.splitlines()[0] if text else ""
-    if "weights_only" in text or "Weights only load failed" in text:
-        first = "it holds objects other than tensors, numbers, strings, lists and dicts"
+    first = text.splitlines()[0].split(". ")[0] if text else ""  # torch goes on with advice after the first
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
@@ -98,7 +117,7 @@ def load_file(path: Path, fix: str, map_location="cpu", mmap: bool = False):
     except FileNotFoundError:
         raise
     except Exception as exc:  # truncated, not a torch file, or it needs arbitrary unpickling
-        raise CheckpointError(f"cannot read {path} ({_reason(exc)}); {fix}") from exc
+        raise CheckpointError(f"cannot read {path} ({load_error(exc)}); {fix}") from exc
 
 
 def load_derived(path: Path, map_location="cpu"):
@@ -109,11 +128,11 @@ def load_derived(path: Path, map_location="cpu"):
     except FileNotFoundError:
         return None
     except Exception as exc:
-        log.warning("cached file %s does not load (%s); rebuilding it", path, _reason(exc))
+        log.warning("cached file %s does not load (%s); rebuilding it", path, load_error(exc))
         try:
             path.unlink()
         except OSError as unlink_error:  # a read-only cache: say so rather than rebuild into nowhere
-            raise CheckpointError(f"cannot read {path} ({_reason(exc)}) and cannot remove it ({unlink_error}); "
+            raise CheckpointError(f"cannot read {path} ({load_error(exc)}) and cannot remove it ({unlink_error}); "
                                   "delete it by hand") from exc
         return None
 

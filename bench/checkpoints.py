@@ -14,8 +14,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import pickle
-import re
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor
 
-from bench.cache import FORMAT, Cache, CheckpointError, atomic_save
+from bench.cache import FORMAT, Cache, CheckpointError, atomic_save, load_error, refusal
 from bench.config import Preset
 from bench.records import RECORD_NAME, read_record
 from bench.unet import ConditionalUNet
@@ -40,16 +38,15 @@ def read_published(src: Path) -> list:
         states = torch.load(src, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except pickle.UnpicklingError as exc:
-        if "Weights only load failed" not in str(exc) and "Unsupported global" not in str(exc):
-            raise CheckpointError(f"cannot read {src} as a PyTorch checkpoint: {str(exc).splitlines()[0]}") from exc
-        raise CheckpointError(
-            f"refusing {src}: loading it needs arbitrary unpickling, which can run code from the file "
-            f"({_unpickler_reason(exc)}). A published checkpoint holds only tensors, dicts, lists and numbers; "
-            "re-save just those from a copy you trust"
-        ) from exc
-    except Exception as exc:  # truncated or not a torch file at all
-        raise CheckpointError(f"cannot read {src} as a PyTorch checkpoint: {exc}") from exc
+    except Exception as exc:  # truncated, not a torch file, or it asks for code to run
+        refused = refusal(exc)
+        if refused is not None and refused[1]:  # a global: a class or function that unpickling would call
+            raise CheckpointError(
+                f"refusing {src}: loading it needs arbitrary unpickling, which can run code from the file "
+                f"({refused[0]}). A published checkpoint holds only tensors, dicts, lists and numbers; "
+                "re-save just those from a copy you trust"
+            ) from exc
+        raise CheckpointError(f"cannot read {src} as a PyTorch checkpoint ({load_error(exc)})") from exc
     if not isinstance(states, (list, tuple)) or len(states) not in (3, 4) or not isinstance(states[0], dict):
         found = f"a {type(states).__name__}" + (f" of {len(states)} items" if isinstance(states, (list, tuple)) else "")
         raise CheckpointError(f"{src} is not in the published layout [model, optimizer, step(, ema)]: found {found}")
@@ -62,12 +59,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _unpickler_reason(exc: Exception) -> str:
-    """The one informative line of torch's weights-only refusal, such as `Unsupported global: GLOBAL os.system`."""
-    match = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global|\.\s|$)", str(exc))
-    return match.group(1).strip() if match else type(exc).__name__
 
 
 def dataparallel_prefix(state: dict, what: str, src: Path) -> str:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from bench import metrics
-from bench.cache import atomic_save, load_derived
+from bench.cache import CheckpointError, atomic_save, load_derived
 from bench.classifier import predict
 from bench.config import Preset, Protocol
 from bench.data import ClassDataset, from_uint8, to_uint8
@@ -160,7 +161,8 @@ def fid_scorer(protocol: Protocol, data: ClassDataset, forget_class: int, classi
     real = reference_images(data, forget_class, protocol.fid_reference_per_class)
     classifier_key = classifier_key or classifier_id(protocol, classifier)
     key = fid_reference_key(protocol, data.source, forget_class, len(real), classifier_key)
-    if not build and not _reference_cached(cache_dir / f"{key}.npz", real.images):
+    cached = _reference_cached(cache_dir / f"{key}.npz", real.images)  # a damaged file is removed: rebuilt below
+    if not build and not cached:
         return None
     if protocol.fid_features == "inception":
         model = inception_model(device, protocol.inception_weights)
@@ -177,10 +179,22 @@ def fid_scorer(protocol: Protocol, data: ClassDataset, forget_class: int, classi
 
 
 def _reference_cached(path: Path, images: Tensor) -> bool:
+    """Whether `path` holds the statistics of `images`. A file that does not load (cut short, not an .npz) is removed
+    with a warning naming it, as every derived cache file is (`bench.cache.load_derived`)."""
     try:
         with np.load(path) as cached:
             return str(cached["fingerprint"]) == images_fingerprint(images)
-    except (OSError, ValueError, KeyError):
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        # numpy's own message may advise allow_pickle=True: never for a cache file
+        reason = f"it is damaged or not an .npz of statistics: {type(exc).__name__}"
+        log.warning("cached statistics %s do not load (%s); recomputing them", path, reason)
+        try:
+            path.unlink()
+        except OSError as unlink_error:  # a read-only cache: say so rather than rebuild into nowhere
+            raise CheckpointError(f"cannot read {path} ({reason}) and cannot remove it ({unlink_error}); "
+                                  "delete it by hand") from exc
         return False
 
 

@@ -276,7 +276,7 @@ def train(
     if ema is not None:
         ema.match_layout(model)
     trainer = Trainer(model, optimizer, device, speed, config.grad_clip, grad_mask)
-    start, seconds_before = _load_checkpoint(resume, model, ema, optimizer, device) if resume else (0, 0.0)
+    start, seconds_before, history = _load_checkpoint(resume, model, ema, optimizer, device) if resume else (0, 0.0, [])
     if start:
         log.info("resuming %s from step %d of %d (%s)", desc, start, config.iterations, resume.path)
     for _ in range(start):  # replay the stream: the data generator ends where it was at the interruption
@@ -295,11 +295,11 @@ def train(
 
     def save(step: int, seconds: float) -> None:
         check_finite_weights(model, ema, f"step {step}")
-        _save_checkpoint(resume, step, seconds_before + seconds, model, ema, optimizer)
+        _save_checkpoint(resume, step, seconds_before + seconds, model, ema, optimizer, history)
 
     every = resume.every if resume is not None else None
     result = _loop(iteration, config.iterations, device, start, check_every, save if every else None, every, desc,
-                   progress, time_steps)
+                   progress, time_steps, history)
     check_finite_weights(model, ema, "the end of training")
     result.steps, result.seconds, result.resumed_from = config.iterations, seconds_before + result.seconds, start
     return result
@@ -307,9 +307,9 @@ def train(
 
 def _loop(iteration: Callable[[int], dict[str, Tensor]], iterations: int, device: torch.device, start: int,
           check_every: int, save: Callable[[int, float], None] | None, every: int | None, desc: str, progress: bool,
-          time_steps: bool) -> TrainResult:
-    """Steps, finite checks, checkpoints and timing around `iteration(step)`."""
-    history: list[dict[str, float]] = []
+          time_steps: bool, history: list[dict[str, float]]) -> TrainResult:
+    """Steps, finite checks, checkpoints and timing around `iteration(step)`; appends each window's mean losses to
+    `history` (the windows before a resume come from its checkpoint)."""
     pending: list[dict[str, Tensor]] = []
     bar = progress_bar(total=iterations, initial=start, desc=desc, disable=not progress, leave=False)
     timer, first_step = StepTimer(device, time_steps), None
@@ -374,22 +374,24 @@ def _generator_states(resume: Resume) -> dict:
 
 
 def _save_checkpoint(resume: Resume, step: int, seconds: float, model: nn.Module, ema: EMA | None,
-                     optimizer: torch.optim.Optimizer) -> None:
-    payload = {"format": CHECKPOINT_FORMAT, "step": step, "seconds": seconds, "model": model.state_dict(),
-               "ema": ema.state_dict() if ema is not None else {}, "optimizer": optimizer.state_dict(),
+                     optimizer: torch.optim.Optimizer, history: list[dict[str, float]]) -> None:
+    payload = {"format": CHECKPOINT_FORMAT, "step": step, "seconds": seconds, "history": history,
+               "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else {},
+               "optimizer": optimizer.state_dict(),
                "rng": _generator_states(resume), "extra": resume.extra.state_dict() if resume.extra else {}}
     atomic_save(payload, resume.path)
 
 
 def _load_checkpoint(resume: Resume, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer,
-                     device: torch.device) -> tuple[int, float]:
-    """Restore everything from `resume.path` if it exists; (step to go on from, seconds already trained)."""
+                     device: torch.device) -> tuple[int, float, list[dict[str, float]]]:
+    """Restore everything from `resume.path` if it exists; (step to go on from, seconds already trained, the loss
+    history so far)."""
     state = load_derived(resume.path, map_location=device)  # a corrupt one is removed: the run starts over
     if state is None:
-        return 0, 0.0
+        return 0, 0.0, []
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         log.warning("%s is not a resumable checkpoint of this version; starting over", resume.path)
-        return 0, 0.0
+        return 0, 0.0, []
     model.load_state_dict(state["model"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
@@ -401,4 +403,4 @@ def _load_checkpoint(resume: Resume, model: nn.Module, ema: EMA | None, optimize
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     if resume.extra is not None:
         resume.extra.load_state_dict(state["extra"])
-    return int(state["step"]), float(state["seconds"])
+    return int(state["step"]), float(state["seconds"]), list(state.get("history", []))
