@@ -222,7 +222,7 @@ def grid_options(command):
 def _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root, device,
            speed_items, absolute: bool, progress: bool, save_model: bool = False):
     """Parse and check every grid option before any work; the RunSpecs they ask for."""
-    from bench.sweep import build_specs, parse_classes, parse_seeds, parse_sets, parse_speed
+    from bench.sweep import build_specs, parse_classes, parse_seeds, parse_sets, parse_speed, resolve_protocol
     from methods import parse_methods
 
     preset_obj = _preset(preset)
@@ -244,6 +244,11 @@ def _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, c
     specs = build_specs(preset_obj, methods, classes, seed_list, sweep, results=results, cache=cache_dir,
                         protocol=protocol, data_root=data_root, device=device, speed=speed, progress=progress,
                         save_model=save_model, extensions=extensions)
+    try:
+        for spec in {s.protocol_overrides: s for s in specs}.values():
+            resolve_protocol(preset_obj, spec)
+    except ValueError as exc:
+        _fail(str(exc))
     return preset_obj, methods, specs
 
 

@@ -59,9 +59,16 @@ def fingerprint(state: dict[str, Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _protocol_key(protocol: Protocol) -> str:
+def _samples_key(protocol: Protocol, speed: Speed | None, device: torch.device) -> str:
+    """What decides the samples besides the weights and the seed: the sampler's settings and the numerics.
+
+    bf16 autocast and the device change the samples (rounding, kernels), so samples drawn in fp32 on the CPU are
+    never reused for a run that asked for bf16 or a GPU: that would record the other arm's numbers.
+    """
     keys = ("sampler_steps", "eta", "guidance", "image_conversion")
     fields = {k: v for k, v in dataclasses.asdict(protocol).items() if k in keys}
+    fields["amp"] = bool(speed is not None and speed.for_device(device).amp)
+    fields["device"] = device.type
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -78,7 +85,8 @@ class Sampler:
     def class_samples(self, label: int, count: int) -> Tensor:
         path = None
         if self.cache_dir is not None:
-            path = self.cache_dir / _protocol_key(self.protocol) / f"seed{self.seed}" / f"class{label}-n{count}.pt"
+            key = _samples_key(self.protocol, self.speed, self.device)
+            path = self.cache_dir / key / f"seed{self.seed}" / f"class{label}-n{count}.pt"
             cached = load_derived(path)
             if cached is not None:
                 return cached

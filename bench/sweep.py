@@ -74,7 +74,12 @@ class RunSpec:
 
 
 def resolve_protocol(preset: Preset, spec: RunSpec) -> Protocol:
-    return dataclasses.replace(preset.protocol(spec.protocol), **dict(spec.protocol_overrides))
+    """The preset's protocol with the spec's overrides; checked against the preset's diffusion too."""
+    protocol = dataclasses.replace(preset.protocol(spec.protocol), **dict(spec.protocol_overrides))
+    if protocol.sampler_steps > preset.diffusion.timesteps:
+        raise ValueError(f"protocol.sampler_steps must be <= the preset's {preset.diffusion.timesteps} diffusion "
+                         f"steps, got {protocol.sampler_steps}")
+    return protocol
 
 
 def resolve_method_config(preset: Preset, method: str, overrides=()) -> tuple[type, TrainConfig, dict]:
@@ -82,7 +87,10 @@ def resolve_method_config(preset: Preset, method: str, overrides=()) -> tuple[ty
     cls = get_method(method)
     paper = cls.Config()
     scaled = cls.preset_defaults(preset)
-    config = dataclasses.replace(paper, **{**scaled, **dict(overrides)})  # the user's value wins
+    try:
+        config = dataclasses.replace(paper, **{**scaled, **dict(overrides)})  # the user's value wins
+    except ValueError as error:  # the field's check names the field; the user typed method.field
+        raise ValueError(f"{method}.{error}") from None
     changes = {k: {"paper": getattr(paper, k), "preset": v} for k, v in scaled.items() if getattr(paper, k) != v}
     return cls, config, changes
 
@@ -187,7 +195,10 @@ def parse_sets(items: typing.Iterable[str], methods: list[str]) -> Sweep:
         target[name] = values
     for method, overrides in sweep.method.items():  # let each config check its own values now, not mid-sweep
         for combo in _product(overrides):
-            get_method(method).Config(**dict(combo))
+            try:
+                get_method(method).Config(**dict(combo))
+            except ValueError as error:  # the field's check names the field; the user typed method.field
+                raise ValueError(f"{method}.{error}") from None
     for combo in _product(sweep.protocol):
         Protocol("check", **dict(combo))
     return sweep

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from bench.config import TrainConfig
+from bench.config import TrainConfig, check_choice
 from bench.diffusion import noise_loss
 from methods.base import Batch, UnlearningMethod, register
 
@@ -29,8 +29,7 @@ class GradientAscentConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.variant not in GA_VARIANTS:
-            raise ValueError(f"unknown ga variant {self.variant!r}; choose from {', '.join(GA_VARIANTS)}")
+        check_choice("variant", self.variant, GA_VARIANTS)
 
 
 @register

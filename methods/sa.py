@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from bench.config import TrainConfig
+from bench.config import TrainConfig, check_choice
 from bench.data import ClassDataset, from_uint8, training_batches
 from bench.device import progress_bar, same_layout
 from bench.diffusion import NoiseSchedule, drop_labels, squared_error
@@ -47,8 +47,7 @@ class SAConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.fim_inputs not in FIM_INPUTS:
-            raise ValueError(f"unknown sa fim_inputs {self.fim_inputs!r}; choose from {', '.join(FIM_INPUTS)}")
+        check_choice("fim_inputs", self.fim_inputs, FIM_INPUTS)
 
 
 def fisher_timesteps(schedule: NoiseSchedule, count: int, device) -> tuple[Tensor, float]:

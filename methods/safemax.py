@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from bench.config import TrainConfig
+from bench.config import TrainConfig, check_choice, check_number
 from bench.diffusion import drop_labels, noised, squared_error
 from methods.base import Batch, UnlearningMethod, register
 
@@ -27,10 +27,8 @@ class SafeMaxConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.target not in TARGETS:
-            raise ValueError(f"unknown safemax target {self.target!r}; choose from {', '.join(TARGETS)}")
-        if self.lam < 0:
-            raise ValueError(f"safemax lam must be >= 0, got {self.lam}")
+        check_choice("target", self.target, TARGETS)
+        check_number("lam", self.lam, low=0)
 
 
 def psi(t: Tensor, lam: float, timesteps: int) -> Tensor:

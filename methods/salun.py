@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from bench.config import TrainConfig
+from bench.config import TrainConfig, check_choice, check_number
 from bench.diffusion import drop_labels, guided_eps, noise_loss, noised, squared_error
 from methods.base import Batch, Context, UnlearningMethod, register
 
@@ -31,10 +31,10 @@ class SalUnConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.pseudo not in PSEUDO:
-            raise ValueError(f"unknown salun pseudo {self.pseudo!r}; choose from {', '.join(PSEUDO)}")
-        if not 0 <= self.sparsity < 1:
-            raise ValueError(f"salun sparsity must be in [0, 1), got {self.sparsity}")
+        check_choice("pseudo", self.pseudo, PSEUDO)
+        check_number("sparsity", self.sparsity, low=0, high=1)
+        if self.sparsity == 1:
+            raise ValueError("sparsity must be < 1 (1 would mask every weight), got 1")
 
 
 def pseudo_labels(forget_class: int, count: int, num_classes: int, mode: str, generator: torch.Generator | None,

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from bench.config import UNETS, DiffusionConfig
+from bench.config import PRESETS, UNETS, DiffusionConfig
+from bench.device import PLAIN, Speed
 from bench.diffusion import NoiseSchedule, guided_eps, sample
+from bench.evaluate import Sampler
 from bench.unet import NULL_CLASS, ConditionalUNet
 
 T = 1000
@@ -169,3 +173,20 @@ def test_sampler_is_deterministic_given_the_generator_seed(tiny_unet, schedule):
     first, again, other = _draw(tiny_unet, schedule, 7), _draw(tiny_unet, schedule, 7), _draw(tiny_unet, schedule, 8)
     assert torch.equal(first, again)
     assert not torch.allclose(first, other)
+
+
+def test_cached_samples_are_reused_only_for_the_same_numerics(tiny_unet, schedule, tmp_path):
+    """Samples drawn in fp32 are not handed to a run that asked for bf16 autocast (the bf16 study's arms)."""
+    preset = PRESETS["tiny"]
+    protocol = dataclasses.replace(preset.protocol(None), sampler_steps=3)
+
+    def draw(speed):
+        return Sampler(tiny_unet, schedule, protocol, preset, torch.device("cpu"), seed=0, cache_dir=tmp_path,
+                       progress=False, speed=speed).class_samples(1, 4)
+
+    fp32 = draw(PLAIN)
+    assert len(list(tmp_path.rglob("class1-n4.pt"))) == 1
+    bf16 = draw(Speed(amp=True))
+    assert len(list(tmp_path.rglob("class1-n4.pt"))) == 2, "bf16 reused the fp32 samples"
+    assert not torch.equal(fp32, bf16)
+    assert torch.equal(draw(Speed(amp=False)), fp32)  # same numerics: read back from the cache

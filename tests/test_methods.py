@@ -153,7 +153,7 @@ def test_set_parses_to_declared_types_and_sweeps():
     ("safemax.lam=abc", "cannot read 'abc' as float"),
     ("salun.iterations=2", "not one of the methods being run"),
     ("safemax.target=../../etc", "cannot read"),
-    ("safemax.target=bogus", "choose from chain, iid, zero"),
+    ("safemax.target=bogus", "safemax.target must be one of chain, iid, zero"),
     ("safemax.lam", "use method.field=value"),
 ])
 def test_set_errors_name_the_problem(item, message):
