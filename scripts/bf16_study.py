@@ -82,7 +82,7 @@ def specs(arm: str, out: str, methods, classes, seeds, cache: str | None):
     from bench.sweep import Sweep, build_specs
 
     return build_specs(get_preset("digits"), list(methods), list(classes), list(seeds), Sweep({}, {}),
-                       out=str(Path(out) / arm), cache=cache, speed=(("amp", ARMS[arm]),), device="cpu",
+                       results=str(Path(out) / arm), cache=cache, speed=(("amp", ARMS[arm]),), device="cpu",
                        progress=False)
 
 
@@ -102,11 +102,12 @@ def _worker(arm: str, shard: list, threads: int) -> list[str]:
 
 
 def run(args) -> None:
-    from bench.orchestrate import prepare_once, prerequisites_for, split_finished
+    from bench.orchestrate import split_finished
+    from bench.prerequisites import build, prerequisites_for
 
     todo = split_finished(specs(args.arm, args.out, args.methods, args.classes, args.seeds, args.cache))[1]
     for task in prerequisites_for(todo):
-        prepare_once(task)
+        build(task)
     shards = [todo[i :: args.workers] for i in range(args.workers)]
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
@@ -114,51 +115,91 @@ def run(args) -> None:
     log.info("%s: %d run(s): %s", args.arm, sum(map(len, results)), [s for r in results for s in r])
 
 
-def _means(out: Path, arm: str) -> dict:
-    """method -> metric -> seed -> mean over forget classes."""
+def _metrics(out: Path, arm: str) -> dict:
+    """(method, forget class, seed) -> metric -> value, for every record of one arm."""
     from bench.records import read_all
 
     records, corrupt = read_all(out / arm) if (out / arm).is_dir() else ([], [])
     if corrupt:
         raise SystemExit(f"corrupt records: {corrupt}")
-    grouped: dict = {}
-    for record in records:
-        per_seed = grouped.setdefault(record["method"], {}).setdefault(record["seed"], {})
-        for metric in METRICS:
-            per_seed.setdefault(metric, []).append(record["metrics"][metric])
-    return {method: {metric: {seed: statistics.fmean(values[metric]) for seed, values in seeds.items()}
-                     for metric in METRICS} for method, seeds in grouped.items()}, len(records)
+    return {(r["method"], r["forget_class"], r["seed"]): {m: r["metrics"][m] for m in METRICS} for r in records}
+
+
+def _per_seed(runs: dict, keys: list, metric: str) -> dict:
+    """seed -> mean over the forget classes of `keys` (one method's runs)."""
+    seeds: dict = {}
+    for key in keys:
+        seeds.setdefault(key[2], []).append(runs[key][metric])
+    return {seed: statistics.fmean(values) for seed, values in seeds.items()}
 
 
 def summarize(args) -> None:
+    """Paired: only the (method, class, seed) runs that both arms have are compared."""
     out = Path(args.out)
-    reference, count = _means(out, "fp32")
+    reference = _metrics(out, "fp32")
     lines = []
     for arm in ("bf16-emulated", "bf16"):
-        other, other_count = _means(out, arm)
-        if not other:
+        other = _metrics(out, arm)
+        paired = sorted(set(reference) & set(other))
+        if not paired:
             continue
-        lines += [f"### fp32 ({count} runs) against {arm} ({other_count} runs)", "",
-                  "| method | metric | fp32 mean | " + arm + " mean | difference | seed spread (fp32 std over seeds) "
-                  "| within spread |", "|---|---|---:|---:|---:|---:|---|"]
-        for method in METHODS:
-            if method not in reference or method not in other:
-                continue
+        lines += [f"### fp32 against {arm}: {len(paired)} paired runs", "",
+                  "| method | classes | seeds | metric | fp32 mean | " + arm + " mean | difference "
+                  "| seed spread (fp32 std over seeds) | within spread |", "|---|---|---|---|---:|---:|---:|---:|---|"]
+        for method in [m for m in METHODS if any(k[0] == m for k in paired)]:
+            keys = [k for k in paired if k[0] == method]
+            classes = ",".join(str(c) for c in sorted({k[1] for k in keys}))
+            seeds = ",".join(str(s) for s in sorted({k[2] for k in keys}))
             for metric in METRICS:
-                seeds = sorted(set(reference[method][metric]) & set(other[method][metric]))
-                base = [reference[method][metric][s] for s in seeds]
-                test = [other[method][metric][s] for s in seeds]
-                spread = statistics.stdev(base) if len(base) > 1 else float("nan")
-                diff = statistics.fmean(test) - statistics.fmean(base)
+                base, test = _per_seed(reference, keys, metric), _per_seed(other, keys, metric)
+                spread = statistics.stdev(base.values()) if len(base) > 1 else float("nan")
+                diff = statistics.fmean(test.values()) - statistics.fmean(base.values())
                 ok = "yes" if abs(diff) < spread else ("n/a" if spread != spread else "**no**")
-                lines.append(f"| {method} | {metric} | {statistics.fmean(base):.3f} | {statistics.fmean(test):.3f} | "
-                             f"{diff:+.3f} | {spread:.3f} | {ok} |")
+                lines.append(f"| {method} | {classes} | {seeds} | {metric} | {statistics.fmean(base.values()):.3f} | "
+                             f"{statistics.fmean(test.values()):.3f} | {diff:+.3f} | {spread:.3f} | {ok} |")
         lines.append("")
     table = "\n".join(lines)
     print(table)
     if args.write:
         Path(args.write).write_text(Path(args.write).read_text().split("<!-- table -->")[0] + "<!-- table -->\n\n"
                                     + table)
+
+
+def validate(args) -> None:
+    """How far real CPU bf16 autocast and the emulation each move the base model's guided eps from fp32."""
+    from bench.cache import Cache
+    from bench.config import get_preset
+    from bench.data import load_dataset
+    from bench.device import autocast
+    from bench.diffusion import NoiseSchedule, guided_eps
+    from bench.prerequisites import load_base
+    from bench.unet import ConditionalUNet
+
+    preset, cpu = get_preset("digits"), torch.device("cpu")
+    cache = Cache(args.cache)
+    model = ConditionalUNet(preset.unet)
+    model.load_state_dict(load_base(preset, cache)["ema"])
+    model.eval()
+    data = load_dataset(preset.dataset, "train", image_size=preset.unet.image_size)
+    generator = torch.Generator().manual_seed(0)
+    index = torch.randperm(len(data.labels), generator=generator)[: args.batch]
+    x0, labels = data.images[index], data.labels[index]
+    schedule = NoiseSchedule(preset.diffusion, cpu)
+    print("| t | real bf16 vs fp32 | emulated vs fp32 | emulated vs real bf16 |\n|---:|---:|---:|---:|")
+    for step in (10, 250, 500, 750, 990):
+        t = torch.full((len(labels),), step)
+        x = schedule.add_noise(x0, torch.randn(x0.shape, generator=generator), t)
+        with torch.no_grad():
+            fp32 = guided_eps(model, x, t, labels, 2.0)
+            with autocast(cpu, True):
+                real = guided_eps(model, x, t, labels, 2.0).float()
+            with BF16Emulation():
+                emulated = guided_eps(model, x, t, labels, 2.0)
+
+        def rel(a, b):
+            return f"{((a - b).norm() / b.norm()).item():.2%}"
+
+        print(f"| {step} | {rel(real, fp32)} | {rel(emulated, fp32)} | {rel(emulated, real)} |")
 
 
 def main() -> None:
@@ -172,12 +213,16 @@ def main() -> None:
     runner.add_argument("--classes", type=lambda s: [int(c) for c in s.split(",")], default=range(10))
     runner.add_argument("--seeds", type=lambda s: [int(c) for c in s.split(",")], default=(0, 1, 2))
     runner.add_argument("--workers", type=int, default=2)
+    check = sub.add_parser("validate", help="guided eps of the cached digits base model: real bf16 and the "
+                                            "emulation against fp32")
+    check.add_argument("--cache", default=None)
+    check.add_argument("--batch", type=int, default=256)
     summary = sub.add_parser("summarize")
     summary.add_argument("--out", required=True)
     summary.add_argument("--write", default=None, help="replace the table at the end of this Markdown file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    {"run": run, "summarize": summarize}[args.command](args)
+    {"run": run, "summarize": summarize, "validate": validate}[args.command](args)
 
 
 if __name__ == "__main__":
