@@ -43,11 +43,11 @@ $(SYSTEM_STAMP): Makefile | $(STAMP)
 	fi
 	touch $(SYSTEM_STAMP)
 
-# The whole digits benchmark: every method on every class (about 30 minutes on 2 CPU cores).
+# The whole digits benchmark: every method on every class (about an hour on 2 CPU cores; README.md).
 run: install
 	$(BIN)/bench run --methods all --classes 0-9 --workers 2 $(ARGS)
 
-# The 3-minute variant: the base model and SAFEMax on every class.
+# The few-minute variant: the base model and SAFEMax on every class.
 run-quick: install
 	$(BIN)/bench run --methods original,safemax --classes 0-9 --workers 2 $(ARGS)
 

@@ -180,7 +180,7 @@ def fid_scorer(protocol: Protocol, data: ClassDataset, forget_class: int, classi
         extract = lambda images: predict(classifier, images)[1]  # noqa: E731
         features = f"evaluation classifier penultimate layer ({classifier.embedding_dim}-d)"
         weights = classifier_key
-    log.info("FID reference: %d real retained images of %s, %s", len(real), data.source, features)
+    log.debug("FID reference: %d real retained images of %s, %s", len(real), data.source, features)
     reference = reference_statistics(cache_dir, key, real.images, extract)
     return FidScorer(extract, reference, {"features": features, "weights": weights, "reference_images": len(real),
                                           "reference_source": data.source})
