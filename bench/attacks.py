@@ -51,6 +51,7 @@ from bench.device import Speed, device_name, memory_snapshot, pick_device, reset
 from bench.experiment import provenance
 from bench.prerequisites import load_classifier_payload
 from bench.sweep import MAX_VARIANT, RunSpec, resolve_protocol
+from methods import get_method
 
 log = logging.getLogger(__name__)
 
@@ -364,7 +365,8 @@ def attack_one(spec: AttackSpec, fresh: bool = False) -> dict:
     protocol = resolve_protocol(preset, run)
     target = Target(preset, protocol, run.forget_class, run.seed, weights,
                     load_classifier(classifier_payload, preset, device), cache, device,
-                    Speed(**dict(run.speed)).for_device(device), spec.directory, run.progress, spec.describe())
+                    Speed(**dict(run.speed)).for_device(device, get_method(run.method).bf16_measured), spec.directory,
+                    run.progress, spec.describe())
     result = get_attack(spec.attack).run(target, config)
     record = {
         "schema": SCHEMA_VERSION, "kind": "attack", "attack": spec.attack, "variant": spec.variant,

@@ -52,8 +52,9 @@ class Speed:
     A switch that does not apply to the device is dropped there (`for_device`).
     """
 
-    # bf16 autocast with fp32 master weights and optimizer state: None (the default) on CUDA only, True on any
-    # device (the CPU too), False nowhere (the published fp32 computation). docs/bf16.md measured the default.
+    # bf16 autocast with fp32 master weights and optimizer state: True on any device (the CPU too), False nowhere
+    # (the published fp32 computation), None (the default) on CUDA for what docs/bf16.md measured to move no mean
+    # metric beyond the seed spread (`for_device(..., bf16_measured)`: a method's `bf16_measured`), else fp32.
     amp: bool | None = None
     # NHWC weights and activations for the convolutions. Off until a GPU table shows it pays: the H200 anchor
     # (bf16 + channels_last + fused Adam, eager) was slower than plain fp32 for this UNet.
@@ -62,10 +63,11 @@ class Speed:
     compile: bool = False  # torch.compile the model; its compile time lands in the first step, reported apart
     cuda_graphs: bool = True  # the sampler's guided forward captured once and replayed (CUDA only)
 
-    def for_device(self, device: torch.device) -> Speed:
-        """The switches that apply on `device`: CUDA graphs need CUDA, and autocast does unless asked for by True."""
+    def for_device(self, device: torch.device, bf16_measured: bool = True) -> Speed:
+        """The switches that apply on `device`: CUDA graphs need CUDA; autocast too unless asked for by True, and
+        by default (None) only where `bf16_measured`. Resolving a resolved Speed changes nothing."""
         cuda = device.type == "cuda"
-        return dataclasses.replace(self, amp=self.amp is True or (self.amp is None and cuda),
+        return dataclasses.replace(self, amp=self.amp is True or (self.amp is None and cuda and bf16_measured),
                                    cuda_graphs=self.cuda_graphs and cuda)
 
     def describe(self) -> str:

@@ -72,7 +72,7 @@ def run_one(spec: RunSpec) -> dict:
     if not cls.from_scratch:
         model.load_state_dict(base["model"])
     ema = EMA(model, config.ema_decay, shadow=None if cls.from_scratch else base["ema"]) if config.ema else None
-    speed = Speed(**dict(spec.speed))  # training and sampling alike
+    speed = Speed(**dict(spec.speed)).for_device(device, cls.bf16_measured)  # training and sampling alike
     reset_peak_memory(device)
     result = None
     if config.iterations > 0:

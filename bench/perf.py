@@ -233,7 +233,8 @@ def time_step(bench: Bench, name: str, variant: str, prepared: dict) -> dict:
     model = bench.model()
     ema = EMA(model, config.ema_decay, shadow=bench.base) if config.ema else None
     fresh_memory(device)
-    result = train(model, method.batches(), method.update, config, device, speed=VARIANTS[variant], ema=ema,
+    speed = VARIANTS[variant].for_device(device, type(method).bf16_measured)  # `default`: what `bench run` uses
+    result = train(model, method.batches(), method.update, config, device, speed=speed, ema=ema,
                    grad_mask=method.grad_mask(), time_steps=True, desc=f"perf {name}", progress=False)
     measured = result.step_seconds[opts.warmup:]
     median, mean = statistics.median(measured), statistics.fmean(measured)

@@ -95,6 +95,9 @@ class UnlearningMethod:
     description: ClassVar[str] = ""
     # True for methods that start from fresh weights rather than from the pretrained model (retrain).
     from_scratch: ClassVar[bool] = False
+    # True where docs/bf16.md measured that bf16 autocast moves none of the method's mean metrics beyond the
+    # seed-to-seed spread: only then does the default speed (`--speed amp` unset) train and sample it in bf16 on CUDA.
+    bf16_measured: ClassVar[bool] = False
 
     def __init__(self, config: TrainConfig, ctx: Context):
         self.config = config

@@ -19,3 +19,4 @@ class Original(UnlearningMethod):
     name = "original"
     Config = OriginalConfig
     description = "no unlearning: the pretrained model (baseline)"
+    bf16_measured = True  # docs/bf16.md

@@ -41,6 +41,7 @@ class SafeMax(UnlearningMethod):
     name = "safemax"
     Config = SafeMaxConfig
     description = "entropy maximization: forget class -> final-step Gaussian noise, weighted by exp(-lambda t/T)"
+    bf16_measured = True  # docs/bf16.md
 
     def target(self, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         schedule, generator = self.ctx.schedule, self.ctx.noise_generator

@@ -12,11 +12,12 @@ import torch
 
 from bench.cache import Cache
 from bench.config import TrainConfig, get_preset
+from bench.device import Speed
 from bench.prerequisites import build_preparation, load_base, load_preparation, make_context
 from bench.runner import EMA, train
 from bench.sweep import parse_sets, resolve_method_config
 from bench.unet import ConditionalUNet
-from methods import METHODS
+from methods import METHODS, get_method
 from methods.sa import diagonal_fisher
 from methods.salun import pseudo_labels, top_fraction_mask
 
@@ -188,3 +189,19 @@ def test_registry_lists_every_method_with_a_valid_serialisable_config():
         config = cls.Config()
         assert isinstance(config, TrainConfig)
         json.dumps(dataclasses.asdict(config))  # every hyperparameter goes into the JSON record
+
+
+# docs/bf16.md: the methods whose mean metrics bf16 autocast moved less than the seed-to-seed spread.
+BF16_MEASURED = {"original", "safemax"}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_the_default_speed_uses_bf16_on_cuda_only_for_methods_the_bf16_study_cleared(name):
+    cls, cuda, cpu = get_method(name), torch.device("cuda"), torch.device("cpu")  # resolving needs no GPU
+    assert cls.bf16_measured == (name in BF16_MEASURED)
+    assert Speed().for_device(cuda, cls.bf16_measured).amp is (name in BF16_MEASURED)
+    assert Speed().for_device(cpu, cls.bf16_measured).amp is False
+    assert Speed(amp=True).for_device(cuda, cls.bf16_measured).amp is True  # asked for: always
+    assert Speed(amp=False).for_device(cuda, cls.bf16_measured).amp is False
+    resolved = Speed().for_device(cuda, cls.bf16_measured)
+    assert resolved.for_device(cuda) == resolved  # resolving again (the sampler does) changes nothing
