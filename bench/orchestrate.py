@@ -11,6 +11,7 @@ A submission leaves a manifest in the jobs folder, from which `bench status` tel
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
@@ -34,7 +35,7 @@ from bench.device import progress_bar
 from bench.experiment import run_one
 from bench.extensions import load_extensions
 from bench.prerequisites import Prerequisites, build, missing, prerequisites_for
-from bench.sweep import RunSpec
+from bench.sweep import RunSpec, resolve_method_config
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,13 @@ def stale_reason(record: dict, spec: RunSpec, ids: tuple[str | None, str | None]
     made = (record.get("speed") or {}).get("requested") or {}
     if made != dict(spec.speed):
         return f"made with speed switches {made or 'default'}, asked for {dict(spec.speed) or 'default'}"
+    # The preset's defaults or the method's may have changed since (a new version): same folder, other run.
+    config = resolve_method_config(get_preset(spec.preset), spec.method, spec.method_overrides)[1]
+    now, made = json.loads(json.dumps(dataclasses.asdict(config))), record.get("hyperparameters") or {}
+    changed = sorted(k for k in set(now) | set(made) if now.get(k) != made.get(k))
+    if changed:
+        return "made with other hyperparameters: " + ", ".join(f"{k} {made.get(k)!r}, now {now.get(k)!r}"
+                                                               for k in changed)
     if spec.save_model and not (record.get("artifacts") or {}).get("model"):
         return "made without saving its model, which this sweep keeps (--save-model, --attacks)"
     return None

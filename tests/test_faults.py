@@ -224,6 +224,19 @@ def test_a_record_of_another_base_model_is_run_again(original_results, tmp_path,
     assert records.read_record(path)["base_model"]["id"] not in (old, None)  # the table holds one base model
 
 
+def test_a_record_of_other_hyperparameters_is_run_again(original_results, tmp_path, caplog):
+    """A newer version whose preset or method defaults differ does not reuse the old records of the same folder."""
+    out, cache = _copy(original_results, tmp_path)
+    (path,) = out.rglob(records.RECORD_NAME)
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "hyperparameters": {**record["hyperparameters"], "lr": 0.5}}))
+    with caplog.at_level("WARNING"):
+        rerun = _invoke("run", *TINY, "--methods", "original", "--classes", "0", "--cache", cache, "--out", out)
+    assert rerun.exit_code == 0 and "1 run(s) done, 0 skipped" in rerun.output, rerun.output
+    assert "made with other hyperparameters: lr 0.5, now" in caplog.text
+    assert records.read_record(path)["hyperparameters"] == record["hyperparameters"]
+
+
 def test_a_record_with_a_wrong_typed_field_is_failed_and_run_again(original_results, tmp_path):
     out, cache = _copy(original_results, tmp_path)
     (path,) = out.rglob(records.RECORD_NAME)
