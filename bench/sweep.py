@@ -82,15 +82,20 @@ def resolve_protocol(preset: Preset, spec: RunSpec) -> Protocol:
     return protocol
 
 
+def _named(method: str, make, *args, **fields):
+    """`make(*args, **fields)`: a method's config; a bad value's error names the option as typed (method.field)."""
+    try:
+        return make(*args, **fields)
+    except ValueError as error:  # the field's own check names the field
+        raise ValueError(f"{method}.{error}") from None
+
+
 def resolve_method_config(preset: Preset, method: str, overrides=()) -> tuple[type, TrainConfig, dict]:
     """Paper defaults, then the preset's scaling, then the user's overrides; plus what the preset changed."""
     cls = get_method(method)
     paper = cls.Config()
     scaled = cls.preset_defaults(preset)
-    try:
-        config = dataclasses.replace(paper, **{**scaled, **dict(overrides)})  # the user's value wins
-    except ValueError as error:  # the field's check names the field; the user typed method.field
-        raise ValueError(f"{method}.{error}") from None
+    config = _named(method, dataclasses.replace, paper, **{**scaled, **dict(overrides)})  # the user's value wins
     changes = {k: {"paper": getattr(paper, k), "preset": v} for k, v in scaled.items() if getattr(paper, k) != v}
     return cls, config, changes
 
@@ -195,10 +200,7 @@ def parse_sets(items: typing.Iterable[str], methods: list[str]) -> Sweep:
         target[name] = values
     for method, overrides in sweep.method.items():  # let each config check its own values now, not mid-sweep
         for combo in _product(overrides):
-            try:
-                get_method(method).Config(**dict(combo))
-            except ValueError as error:  # the field's check names the field; the user typed method.field
-                raise ValueError(f"{method}.{error}") from None
+            _named(method, get_method(method).Config, **dict(combo))
     for combo in _product(sweep.protocol):
         Protocol("check", **dict(combo))
     return sweep
