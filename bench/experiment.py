@@ -88,7 +88,7 @@ def run_one(spec: RunSpec) -> dict:
     if result is None and not cls.from_scratch:  # weights untouched: samples are the same in every run
         sample_cache = cache_dir.path(preset, "samples", base["id"] + ("-ema" if config.ema else "-raw"))
     sampler = Sampler(model, ctx.schedule, protocol, preset, device, spec.seed, sample_cache, spec.progress,
-                      speed.for_device(device))
+                      speed)
     fid = fid_scorer(protocol, ctx.train_data, spec.forget_class, classifier, cache_dir.path(preset, "fid-reference"),
                      device, spec.progress)
     shape = (preset.unet.in_channels, preset.unet.image_size, preset.unet.image_size)
@@ -126,8 +126,8 @@ def run_one(spec: RunSpec) -> dict:
                     "test_accuracy": classifier_payload["test_accuracy"], "source": classifier_payload.get("source"),
                     "fid_features": protocol.fid_features, "noise_check": classifier_payload.get("noise_check")},
         fid=fid.description,
-        speed={"requested": dict(spec.speed), "switches": dataclasses.asdict(speed.for_device(device)),
-               "describe": speed.for_device(device).describe()},
+        speed={"requested": dict(spec.speed), "switches": dataclasses.asdict(speed),
+               "describe": speed.describe()},
         provenance={**provenance(), "device": device_name(device), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         artifacts=artifacts,
     )
