@@ -14,8 +14,9 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
-import queue
+import pickle
 import signal
 import socket
 import time
@@ -263,17 +264,16 @@ def _run_guarded(job: Job, spec: RunSpec) -> Outcome:
         return Outcome(spec, "failed", error=f"{type(exc).__name__}: {exc}")
 
 
-def _worker_main(tasks, results, threads: int, force: bool, parent: int) -> None:
-    """A worker process: take (index, spec) from `tasks` until None, report ("start"|"done", index, outcome)."""
+def _worker_main(conn, threads: int, force: bool, parent: int) -> None:
+    """A worker process: receive (index, spec) on its own pipe until None, send back each run's Outcome."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     job = Job(force)
-    while (task := tasks.get()) is not None:
+    while (task := conn.recv()) is not None:
         index, spec = task
-        results.put(("start", index, os.getpid()))
-        results.put(("done", index, _run_guarded(job, spec)))
+        conn.send(_run_guarded(job, spec))
 
 
 def _die_with_parent(parent: int) -> None:
@@ -290,59 +290,88 @@ def _die_with_parent(parent: int) -> None:
 
 
 class WorkerPool:
-    """Worker processes fed from a queue, each reporting which run it started; a dead worker is replaced and only
-    the run it held fails."""
+    """Worker processes, each fed one run at a time over its own pipe; a dead worker is replaced and only the run
+    it held fails.
+
+    The orchestrator hands out the runs, so it knows which run every worker holds without the worker saying so,
+    and no lock is shared between workers: a worker killed at any instant (even in the middle of a message) costs
+    its own run and nothing else.
+    """
 
     def __init__(self, workers: int, force: bool, show_progress: bool = True):
         self.workers, self.force, self.show_progress = workers, force, show_progress
         self.context = multiprocessing.get_context("spawn")  # no fork of a process that runs OpenMP threads
         self.threads = max(1, (os.cpu_count() or 1) // workers)
 
-    def _spawn(self, tasks, results):
+    def _spawn(self) -> tuple:
+        ours, theirs = self.context.Pipe()
         process = self.context.Process(target=_worker_main, daemon=True,
-                                       args=(tasks, results, self.threads, self.force, os.getpid()))
+                                       args=(theirs, self.threads, self.force, os.getpid()))
         process.start()
-        return process
+        theirs.close()  # the worker's end lives in the worker: its death is an end of file here
+        return ours, process
 
     def run(self, todo: list[RunSpec], progress=None) -> list[Outcome]:
         log.info("running %d run(s) in %d worker processes, %d thread(s) each", len(todo), self.workers, self.threads)
-        tasks, results = self.context.Queue(), self.context.Queue()
-        for item in enumerate(todo):
-            tasks.put(item)
-        for _ in range(self.workers):
-            tasks.put(None)
-        processes = [self._spawn(tasks, results) for _ in range(self.workers)]
-        running: dict[int, int] = {}  # pid -> index of the run it started
+        waiting = list(enumerate(todo))[::-1]  # popped from the end: spec order
         outcomes: dict[int, Outcome] = {}
+        held: dict = {}  # pipe -> (process, index of the run it holds)
         bar = progress_bar(total=len(todo), desc="sweep", unit="run", disable=not self.show_progress)
 
-        def show() -> None:
+        def hand_out(conn, process) -> None:
+            """Give this worker the next run, or let it finish; one found dead fails that run and is replaced."""
+            while waiting:
+                index, spec = waiting.pop()
+                try:
+                    conn.send((index, spec))
+                except OSError:  # it died before its run (BrokenPipeError)
+                    conn.close()
+                    finish(index, self._died(spec, process))
+                    conn, process = start()
+                    continue
+                held[conn] = (process, index)
+                return
+            try:
+                conn.send(None)
+            except OSError:
+                pass  # it is gone already, with nothing to do
+            conn.close()
+
+        def start() -> tuple:
+            conn, process = self._spawn()
+            processes.append(process)
+            return conn, process
+
+        def finish(index: int, outcome: Outcome) -> None:
+            outcomes[index] = outcome
+            log.info("[%d/%d] %s: %s", len(outcomes), len(todo), outcome.spec.describe(), outcome.status)
+            if progress:
+                progress(outcome)
             failed = sum(o.status == "failed" for o in outcomes.values())
-            bar.set_postfix(running=len(running), failed=failed, refresh=False)
+            bar.set_postfix(running=len(held), failed=failed, refresh=False)
             bar.n = len(outcomes)
             bar.refresh()
 
+        processes = []
         try:
-            while len(outcomes) < len(todo):
-                try:
-                    kind, index, value = results.get(timeout=1.0)
-                except queue.Empty:
-                    processes = self._replace_dead(processes, running, outcomes, todo, tasks, results, progress)
-                    if not any(p.is_alive() for p in processes) and results.empty():
-                        break  # every worker gone and nothing left to report
-                    continue
-                if kind == "start":
-                    running[value] = index
-                else:
-                    running = {pid: i for pid, i in running.items() if i != index}
-                    outcomes[index] = value
-                    log.info("[%d/%d] %s: %s", len(outcomes), len(todo), value.spec.describe(), value.status)
-                    if progress:
-                        progress(value)
-                show()
+            for _ in range(min(self.workers, len(todo))):
+                hand_out(*start())
+            while held:
+                for conn in multiprocessing.connection.wait(list(held), timeout=1.0):
+                    process, index = held.pop(conn)
+                    try:
+                        outcome = conn.recv()
+                    except (EOFError, OSError, pickle.UnpicklingError):  # the worker died, maybe mid-message
+                        conn.close()
+                        finish(index, self._died(todo[index], process))
+                        if waiting:
+                            hand_out(*start())
+                        continue
+                    finish(index, outcome)
+                    hand_out(conn, process)
         except KeyboardInterrupt:
-            log.warning("interrupted: stopping %d worker(s); %d of %d run(s) finished", len(processes),
-                        len(outcomes), len(todo))
+            log.warning("interrupted: stopping %d worker(s); %d of %d run(s) finished", len(held), len(outcomes),
+                        len(todo))
         finally:
             bar.close()
             for process in processes:
@@ -354,24 +383,14 @@ class WorkerPool:
                       for index, spec in enumerate(todo) if index not in outcomes]
         return list(outcomes.values()) + unfinished
 
-    def _replace_dead(self, processes, running, outcomes, todo, tasks, results, progress):
-        """Fail the run a dead worker held and start a new worker in its place (if runs are left)."""
-        alive = []
-        for process in processes:
-            if process.is_alive() or process.exitcode == 0:
-                alive.append(process)
-                continue
-            index = running.pop(process.pid, None)
-            if index is not None and index not in outcomes:
-                outcomes[index] = Outcome(todo[index], "failed",
-                                          error=f"worker process {process.pid} died (exit code {process.exitcode})")
-                records.write_failure(todo[index].directory, outcomes[index].error)
-                log.error("%s: %s", todo[index].describe(), outcomes[index].error)
-                if progress:
-                    progress(outcomes[index])
-            if len(outcomes) + len(running) < len(todo):  # its end marker is still queued: the new one takes it
-                alive.append(self._spawn(tasks, results))
-        return alive
+    @staticmethod
+    def _died(spec: RunSpec, process) -> Outcome:
+        """The outcome of the run a dead worker held: failed, with `failure.json` saying so."""
+        process.join(timeout=10)  # for its exit code
+        outcome = Outcome(spec, "failed", error=f"worker process {process.pid} died (exit code {process.exitcode})")
+        records.write_failure(spec.directory, outcome.error)
+        log.error("%s: %s", spec.describe(), outcome.error)
+        return outcome
 
 
 # -- submitit: prerequisites job, then one job array; a manifest for `status` ------------------------------------

@@ -410,8 +410,8 @@ def test_a_killed_worker_fails_its_run_only_and_a_rerun_completes_it(tiny_cache,
             tiny_cache, "--out", out)
     sweep = _start(*grid, "--workers", "2")
     try:
+        # killed the instant its claim appears: the orchestrator knows which run each worker holds by handing it out
         worker = _claimant(_run_dir(out, "safemax", 0, ("safemax.iterations=30",)), time.monotonic() + WAIT_S)
-        time.sleep(0.5)  # let its start message reach the orchestrator
         os.kill(worker, signal.SIGKILL)
         stdout, stderr = sweep.communicate(timeout=WAIT_S)
     finally:
