@@ -103,6 +103,7 @@ class SelectiveAmnesia(UnlearningMethod):
     name = "sa"
     Config = SAConfig
     description = "Selective Amnesia: EWC with a diagonal Fisher + generative replay, forget class -> uniform noise"
+    bf16_measured = True  # docs/bf16.md (its preparations stay fp32)
 
     def cache_key(self) -> str:
         """Priors and Fisher depend on the base model, the prior count, the sampler and the Fisher's settings;

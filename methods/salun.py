@@ -89,6 +89,7 @@ class SalUn(UnlearningMethod):
     name = "salun"
     Config = SalUnConfig
     description = "saliency-masked random labelling: forget class -> pseudo class, top-50% weights move"
+    bf16_measured = True  # docs/bf16.md (its preparations stay fp32)
 
     def cache_key(self) -> str:
         config = self.config
