@@ -2,7 +2,8 @@
 
 A method is a loss, plus optional preparation. What a method file defines:
 
-- `name`, `Config` (a `TrainConfig` subclass of its hyperparameters, paper-scale defaults), `description`;
+- `name`, `Config` (a `TrainConfig` subclass of its hyperparameters, paper-scale defaults), `description`, and
+  optionally `display_name` (how reports name it);
 - `batches()`: endless training batches as CPU tensors (default: real forget-class and retained-class images);
 - `loss(model, batch) -> {"loss": ..., other terms}`;
 - optionally `grad_mask()` (gradients are multiplied by it), `prepare() -> dict[str, Tensor]` with `cache_key()`
@@ -93,6 +94,7 @@ class UnlearningMethod:
     name: ClassVar[str]
     Config: ClassVar[type[TrainConfig]] = TrainConfig
     description: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""  # how tables and figures name the method (e.g. "SAFEMax"); default: `name`
     # True for methods that start from fresh weights rather than from the pretrained model (retrain).
     from_scratch: ClassVar[bool] = False
     # True where docs/bf16.md measured that bf16 autocast moves none of the method's mean metrics beyond the

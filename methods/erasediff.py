@@ -67,6 +67,7 @@ def adaptive_lambda(retain: Tensor, forget: Tensor, params: list[Tensor], eta: f
 class EraseDiff(UnlearningMethod):
     name = "erasediff"
     Config = EraseDiffConfig
+    display_name = "EraseDiff"
     description = "EraseDiff: retain loss + lambda (relabel forget loss - its value after a K-pass unroll)"
 
     def __init__(self, config: EraseDiffConfig, ctx: Context):

@@ -38,6 +38,7 @@ class GradientAscent(UnlearningMethod):
 
     name = "ga"
     Config = GradientAscentConfig
+    display_name = "GA"
     description = "gradient ascent on the forget class's noise loss (+ alpha * retain loss, SalUn's ga)"
 
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
@@ -64,6 +65,7 @@ class NegGradPlus(UnlearningMethod):
 
     name = "neggrad_plus"
     Config = NegGradPlusConfig
+    display_name = "NegGrad+"
     description = "retain noise loss - gamma * forget noise loss"
 
     def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:

@@ -18,5 +18,6 @@ class OriginalConfig(TrainConfig):
 class Original(UnlearningMethod):
     name = "original"
     Config = OriginalConfig
+    display_name = "Original"
     description = "no unlearning: the pretrained model (baseline)"
     bf16_measured = True  # docs/bf16.md

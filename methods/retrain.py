@@ -29,6 +29,7 @@ class RetrainConfig(TrainConfig):
 class Retrain(UnlearningMethod):
     name = "retrain"
     Config = RetrainConfig
+    display_name = "Retrain"
     description = "retrain from scratch on the retained classes (pretraining recipe)"
     from_scratch = True
 

@@ -102,6 +102,7 @@ def diagonal_fisher(model: nn.Module, schedule: NoiseSchedule, images: Tensor, l
 class SelectiveAmnesia(UnlearningMethod):
     name = "sa"
     Config = SAConfig
+    display_name = "SA"
     description = "Selective Amnesia: EWC with a diagonal Fisher + generative replay, forget class -> uniform noise"
     bf16_measured = True  # docs/bf16.md (its preparations stay fp32)
 

@@ -40,6 +40,7 @@ def psi(t: Tensor, lam: float, timesteps: int) -> Tensor:
 class SafeMax(UnlearningMethod):
     name = "safemax"
     Config = SafeMaxConfig
+    display_name = "SAFEMax"
     description = "entropy maximization: forget class -> final-step Gaussian noise, weighted by exp(-lambda t/T)"
     bf16_measured = True  # docs/bf16.md
 

@@ -88,6 +88,7 @@ def top_fraction_mask(scores: dict[str, Tensor], keep: float) -> dict[str, Tenso
 class SalUn(UnlearningMethod):
     name = "salun"
     Config = SalUnConfig
+    display_name = "SalUn"
     description = "saliency-masked random labelling: forget class -> pseudo class, top-50% weights move"
     bf16_measured = True  # docs/bf16.md (its preparations stay fp32)
 
