@@ -87,6 +87,7 @@ def adaptive_objective(losses: Tensor, exponent: float) -> Tensor:
 class SFROn(UnlearningMethod):
     name = "sfron"
     Config = SFROnConfig
+    display_name = "SFR-on"
     description = "SFR-on: Fisher-ratio-masked adaptive gradient ascent, then a retain step at the new weights"
 
     @classmethod
