@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from bench import metrics
 from bench.config import ClassifierConfig
+from bench.flops import count_forward
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +213,19 @@ def predict(classifier: nn.Module, images: Tensor, batch_size: int | None = None
     classifier.eval()
     device = next(classifier.parameters()).device
     probs, feats = [], []
+    one = images[:1].to(device).float()
+    count_forward("classifier", classifier, len(images), lambda: _logits_and_embedding(classifier, one),
+                  tuple(images.shape[1:]))
     for chunk in images.split(batch_size):
-        features = classifier.features(chunk.to(device).float())
-        probs.append(F.softmax(classifier.head(features), dim=1).cpu())
-        feats.append(classifier.embed(features).cpu())
+        logits, embedding = _logits_and_embedding(classifier, chunk.to(device).float())
+        probs.append(F.softmax(logits, dim=1).cpu())
+        feats.append(embedding.cpu())
     return torch.cat(probs), torch.cat(feats)
+
+
+def _logits_and_embedding(classifier: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    features = classifier.features(images)
+    return classifier.head(features), classifier.embed(features)
 
 
 NOISE_KINDS = ("gaussian", "uniform", "saturated")

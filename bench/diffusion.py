@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from bench.config import DiffusionConfig
 from bench.device import PLAIN, Speed, autocast
+from bench.flops import count_forward
 from bench.unet import NULL_CLASS
 
 log = logging.getLogger(__name__)
@@ -189,9 +190,11 @@ def sample(
     `speed` (default: the plain fp32 eager path) switches on bf16, channels_last, compile or CUDA graphs.
     """
     device = labels.device
+    seq = schedule.sampler_steps(steps)
+    one = (torch.zeros((1, *shape), device=device), torch.zeros(1, dtype=torch.long, device=device), labels[:1])
+    count_forward("sampler", model, len(seq) * len(labels) * (1 if guidance == 0 else 2), lambda: model(*one), shape)
     predict = guided_predictor(model, labels, (len(labels), *shape), guidance, (speed or PLAIN).for_device(device))
     x = torch.randn((len(labels), *shape), generator=generator, device=device)
-    seq = schedule.sampler_steps(steps)
     for t_now, t_prev in zip(reversed(seq), reversed([-1] + seq[:-1])):
         t = torch.full((len(labels),), t_now, device=device, dtype=torch.long)
         eps = predict(x, t).float()

@@ -38,6 +38,7 @@ from pytorch_fid import inception as pytorch_fid_inception
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bench.flops import count_forward
 from bench.metrics import feature_statistics
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ def inception_features(model: nn.Module, images: Tensor, batch_size: int = 200, 
     pytorch-fid's InceptionV3 resizes to 299x299 and rescales [0, 1] to [-1, 1] itself.
     """
     device = next(model.parameters()).device
+    one = to_unit_range(images[:1].to(device), quantize)
+    count_forward("inception", model, len(images), lambda: model(one), tuple(images.shape[1:]))
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="inception features", disable=not progress):
         batch = to_unit_range(images[start : start + batch_size].to(device), quantize)

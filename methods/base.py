@@ -38,6 +38,7 @@ from bench.config import Preset, TrainConfig
 from bench.data import ClassDataset, training_batches
 from bench.device import synchronize
 from bench.diffusion import NoiseSchedule
+from bench.flops import batch_kind
 from bench.runner import Trainer
 from bench.unet import ConditionalUNet
 
@@ -154,6 +155,13 @@ class UnlearningMethod:
         """Iterations after which the pattern of `update` repeats (EraseDiff: a round with its unroll); 1 when every
         iteration is alike. `bench perf` times whole periods."""
         return 1
+
+    def step_kind(self, step: int, batch: Batch) -> str:
+        """Which kind of iteration `step` is, for FLOP counting: iterations of one kind execute the same FLOPs, and
+        the first of each kind is counted (bench.flops). Default: the batch's tensor names and shapes (EraseDiff's
+        round-opening batch carries its unroll, so it is a kind of its own); override where the work depends on the
+        step number alone."""
+        return batch_kind(batch)
 
     def report(self) -> dict:
         """Facts about this run the record should hold beyond losses and timings (e.g. a mask's density)."""
