@@ -37,6 +37,7 @@ from bench.inception import images_fingerprint, inception_features, inception_mo
 log = logging.getLogger(__name__)
 
 GRID_COLUMNS = 8
+UNWRITABLE_SAMPLE_CACHES: set[Path] = set()  # sample folders a write failed in: not tried again by this process
 
 
 class NonFiniteSamples(RuntimeError):
@@ -87,13 +88,22 @@ class Sampler:
         if self.cache_dir is not None:
             key = _samples_key(self.protocol, self.speed, self.device)
             path = self.cache_dir / key / f"seed{self.seed}" / f"class{label}-n{count}.pt"
-            cached = load_derived(path)
+            cached = load_derived(path) if path.exists() else None  # False too where a file blocks the folder
             if cached is not None:
                 return cached
         images = self._draw(label, count)
-        if path is not None:
-            atomic_save(images, path)
+        if path is not None and self.cache_dir not in UNWRITABLE_SAMPLE_CACHES:
+            self._keep(images, path)
         return images
+
+    def _keep(self, images: Tensor, path: Path) -> None:
+        """Cache drawn samples; where the cache cannot be written (a read-only mount), say so once and go on."""
+        try:
+            atomic_save(images, path)
+        except OSError as exc:
+            UNWRITABLE_SAMPLE_CACHES.add(self.cache_dir)
+            log.warning("samples are not cached: %s cannot be written (%s); they are drawn for each run",
+                        self.cache_dir, exc)
 
     def _draw(self, label: int, count: int) -> Tensor:
         cfg, protocol = self.preset.unet, self.protocol
