@@ -588,7 +588,10 @@ def status_cmd(out, jobs_folder, as_json) -> None:
 @click.option("--methods", "methods_spec", default=None,
               help="comma-separated methods to keep, in the tables' order (e.g. sa,salun,safemax) [default: all]")
 @click.option("--classes", "classes_spec", default=None, help="forget classes to keep, e.g. 0-4 or 0,3,7 [default: all]")
-def report_cmd(results, out, data_root, no_figure1, methods_spec, classes_spec) -> None:
+@click.option("--allow-mixed", is_flag=True,
+              help="report records of one preset made from different base models or classifiers together (the page "
+                   "says so) instead of refusing")
+def report_cmd(results, out, data_root, no_figure1, methods_spec, classes_spec, allow_mixed) -> None:
     """Tables (Markdown, CSV, LaTeX), figures, runs.csv/runs.jsonl and one self-contained report.html from the
     records (and attack files); --methods/--classes keep a subset, for paper-sized tables."""
     from bench.sweep import parse_classes
@@ -602,7 +605,9 @@ def report_cmd(results, out, data_root, no_figure1, methods_spec, classes_spec) 
         _fail(f"--classes: {exc}")
     try:
         written = build_report(results, out, data_root=data_root, figure1=not no_figure1, methods=methods,
-                               classes=classes)
+                               classes=classes, allow_mixed=allow_mixed)
+    except ValueError as exc:  # reports.mixing.MixedModels: the message lists the models and the fix
+        _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot write the report to {out}: {exc.strerror or exc}")
     click.echo(f"report: {Path(out) / 'report.html'} ({len(written)} files under {out}/; runs: "
@@ -614,12 +619,18 @@ def report_cmd(results, out, data_root, no_figure1, methods_spec, classes_spec) 
 @click.argument("results_b", type=click.Path(exists=True, file_okay=False))
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
               help="also save every matched run (A, B and B - A per metric) as CSV")
-def compare_cmd(results_a, results_b, csv_path) -> None:
+@click.option("--allow-mixed", is_flag=True,
+              help="compare A and B although they were made from different base models or classifiers (the output "
+                   "says so); a folder that mixes them itself is refused all the same")
+def compare_cmd(results_a, results_b, csv_path, allow_mixed) -> None:
     """Metric deltas B - A between two results folders (UA, H, FID/FD, retained accuracy, RTE), per method,
     variant, class and shared seed, with a summary per method: Markdown on stdout."""
     from reports.compare import compare_results
 
-    text, deltas = compare_results(results_a, results_b)
+    try:
+        text, deltas = compare_results(results_a, results_b, allow_mixed=allow_mixed)
+    except ValueError as exc:  # reports.mixing.MixedModels: the message lists the models and the fix
+        _fail(str(exc))
     click.echo(text)
     if deltas.empty:
         _fail(f"no run of {results_b} matches one of {results_a} (preset, protocol, method, variant, class)")

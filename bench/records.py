@@ -10,6 +10,7 @@ half of one. Tables and figures are built from these files alone.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -17,6 +18,8 @@ import uuid
 from pathlib import Path
 
 from bench.metrics import HIGHER_IS_BETTER
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 RECORD_NAME = "record.json"
@@ -125,18 +128,55 @@ def read_record(path: str | Path) -> dict:
     return record
 
 
+def identity(record: dict) -> tuple:
+    """(preset, protocol, method, variant, forget class, seed): the run a record stands for."""
+    return (record["preset"], record["protocol"].get("name"), record["method"], record["variant"],
+            record["forget_class"], record["seed"])
+
+
+def _own_folder(record: dict, results: Path) -> Path | None:
+    """`run_dir` of the record's identity under `results`, or None where its fields make no folder name."""
+    try:
+        return run_dir(results, *identity(record))
+    except (TypeError, ValueError):
+        return None
+
+
 def read_all(results: str | Path) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """Every valid record under `results` (each with its `path`), and (path, problem) for each corrupt one."""
-    records, corrupt = [], []
-    for path in sorted(Path(results).rglob(RECORD_NAME)):
+    """Every valid record under `results`, each run once (each with its `path`), and (path, why it was skipped)
+    for each corrupt record and each copy.
+
+    A copy is a record outside the run folder its own fields name (`R/record.json`, `R/a/b/record.json`), or a
+    second record of one run (a run folder copied whole, `R/old/<preset>/...`): the one in its run folder under
+    `results` is kept. Each skipped copy is logged, so that a report never counts a run twice.
+    """
+    results = Path(results)
+    records, skipped, kept = [], [], {}
+    for path in sorted(results.rglob(RECORD_NAME)):
         try:
             record = read_record(path)
         except CorruptRecord as exc:
-            corrupt.append((path, str(exc)))
+            skipped.append((path, str(exc)))
             continue
         record["path"] = str(path)
-        records.append(record)
-    return records, corrupt
+        own = _own_folder(record, results)
+        if own is None or path.parent.parts[-6:] != own.parts[-6:]:
+            where = own.relative_to(results) if own is not None else "none (unsafe names)"
+            skipped.append((path, f"a copy: not in the run folder its fields name ({where}); skipped"))
+            continue
+        first = kept.get(key := identity(record))
+        if first is None:
+            kept[key] = record
+            records.append(record)
+            continue
+        if path.parent == own and Path(first["path"]).parent != own:  # this one is in its run folder: keep it
+            records[records.index(first)] = kept[key] = record
+            record, first = first, record
+        skipped.append((Path(record["path"]), f"a second record of the run in {first['path']}; skipped"))
+    for path, problem in skipped:
+        if problem.startswith(("a copy", "a second record")):
+            log.warning("record %s skipped: %s", path, problem)
+    return records, skipped
 
 
 def write_failure(directory: Path, error: str, log_path: str | None = None) -> Path:

@@ -27,6 +27,7 @@ from reports import figures as figs
 from reports import robustness
 from reports.frame import write_tidy
 from reports.html import FigureEntry, Section, Subsection, page
+from reports.mixing import MixedModels, describe, mixed_models, refusal
 from reports.render import Table, write_table
 from reports.tables import Grid, build_tables, make_grid, method_label, records_frame
 
@@ -131,14 +132,15 @@ def _read_attacks(results_dir: str | Path, notes: list[str], methods, classes) -
 
 def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str | Path | None = None,
                  figure1: bool = True, figure1_points: int = 40, methods: list[str] | None = None,
-                 classes: list[int] | None = None) -> dict[str, Path]:
+                 classes: list[int] | None = None, allow_mixed: bool = False) -> dict[str, Path]:
     """Read every record (and attack file) under `results_dir`; write tables, figures, runs.csv/.jsonl and
     report.html under `out_dir`.
 
     Returns {path relative to out_dir: absolute path} of everything written; `report.html` is the page.
     `data_root` is the CIFAR-10 root that Figure 1 (and the fill-in commands) need for preset cifar10.
     `methods` and `classes` keep only those runs (and only those columns and rows in the tables).
-    Missing runs, corrupt records and an empty folder are reported on the page, never raised.
+    Missing runs, corrupt records, copies and an empty folder are reported on the page, never raised. Records of
+    one preset made from different base models or classifiers raise MixedModels unless `allow_mixed`.
     """
     started = time.perf_counter()
     out, results = Path(out_dir), str(results_dir)
@@ -148,8 +150,11 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str
     records = [r for r in records if (not methods or r["method"] in methods)
                and (classes is None or r["forget_class"] in classes)]
     written: dict[str, Path] = {}
-    notes = [f"Corrupt record skipped: <code>{html.escape(str(path))}</code>: {html.escape(problem)}"
-             for path, problem in corrupt]
+    mixed = mixed_models(records)
+    if mixed and not allow_mixed:
+        raise MixedModels(refusal(records, results))
+    notes = [f"Record skipped: <code>{html.escape(str(path))}</code>: {html.escape(problem)}"
+             for path, problem in corrupt]  # corrupt ones, and copies (`bench.records.read_all`)
     attacks = _read_attacks(results_dir, notes, methods, classes)
     if not records:
         notes.append(f"No records under <code>{html.escape(results)}</code>"
@@ -175,6 +180,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str
              "± sd with a 95% bootstrap CI (n stated; n=1: none); aggregates over classes resample classes. Files: "
              "runs.csv and runs.jsonl (one row per run), tables (Markdown, CSV, LaTeX) and figures (PNG, PDF) sit "
              "beside this page, one folder per preset and protocol."]
+    intro += [f"Preset {html.escape(preset)} mixes base models or classifiers, shown together as asked "
+              f"(--allow-mixed): {html.escape(describe(counts))}." for preset, counts in mixed.items()]
     if methods or classes is not None:
         intro.append(f"Filtered: methods {', '.join(methods) if methods else 'all'}; classes "
                      f"{', '.join(map(str, classes)) if classes is not None else 'all'}.")

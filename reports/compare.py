@@ -15,6 +15,7 @@ import pandas as pd
 from bench.records import read_all
 from reports import stats
 from reports.frame import fid_label, runs_frame
+from reports.mixing import compare_check
 from reports.render import Cell, Table, add_stats_note, to_markdown
 from reports.tables import fmt, method_label, order_methods, summary_cell
 
@@ -85,14 +86,18 @@ def _detail_table(deltas: pd.DataFrame, label: str) -> Table:
     return table
 
 
-def compare_results(results_a: str | Path, results_b: str | Path) -> tuple[str, pd.DataFrame]:
+def compare_results(results_a: str | Path, results_b: str | Path,
+                    allow_mixed: bool = False) -> tuple[str, pd.DataFrame]:
     """Markdown (summary per method, then every matched run) and the deltas as a DataFrame."""
-    frames, lines = [], []
+    frames, lines, kept = [], [], []
     for name, folder in (("A", results_a), ("B", results_b)):
         records, corrupt = read_all(folder)
+        kept.append(records)
         frames.append(runs_frame(records) if records else pd.DataFrame(columns=[*KEYS, "seed"]))
         lines.append(f"- {name} = {folder}: {len(records)} record(s)"
-                     + (f" ({len(corrupt)} corrupt, skipped: {', '.join(str(p) for p, _ in corrupt)})" if corrupt else ""))
+                     + (f" ({len(corrupt)} skipped, corrupt or copies: {', '.join(str(p) for p, _ in corrupt)})"
+                        if corrupt else ""))
+    lines += compare_check(*kept, results_a, results_b, allow_mixed)
     a, b = frames
     deltas = compare_frames(a, b)
     keyed = [set(map(tuple, frame[[*KEYS, "seed"]].astype(str).values)) for frame in frames]

@@ -1,0 +1,89 @@
+"""Which records count: copies count once, stale records (another base model, edited method code) are marked stale
+by `bench status` and run again by `bench run`, and reports refuse to mix base models unless asked (issue 24 items
+10 and 11, issue 26 item 1)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import records
+from reports.build import build_report
+from reports.compare import compare_results
+from reports.mixing import MixedModels
+
+
+def _record(results: Path, forget_class: int, seed: int = 0, base: str = "tiny-base", ua: float = 90.0,
+            cache: Path | None = None) -> Path:
+    """A schema-valid record of original on tiny, written where `bench run` writes it; returns its path."""
+    payload = records.make_record(
+        preset="tiny", dataset="hand-made", protocol={"name": "paper", "fid_features": "classifier"},
+        method="original", variant="default", forget_class=forget_class, forget_class_name=str(forget_class),
+        seed=seed, hyperparameters={}, overrides={"method": {}, "protocol": {}}, scaled_from_paper={},
+        metrics={"ua": ua, "entropy": 1.0, "fid": 5.0, "retain_accuracy": 95.0}, timings={
+            "rte_s": 1.0, "prepare_total_s": 0.0, "eval_s": 1.0}, memory={"peak_process_mib": 100.0}, losses={},
+        base_model={"path": str((cache or results / "cache") / "tiny" / "base.pt"), "id": base, "step": 10},
+        classifier={"id": "tiny-classifier"}, fid={}, speed={}, provenance={"device": "cpu"})
+    path = records.run_dir(results, "tiny", "paper", "original", "default", forget_class, seed) / records.RECORD_NAME
+    records.write_json_atomic(path, payload)
+    return path
+
+
+# -- issue 24 item 10: a copied record counts once ------------------------------------------------------------------
+def test_copies_of_records_are_skipped_and_named(tmp_path):
+    results = tmp_path / "R"
+    first, second = _record(results, 0), _record(results, 1, ua=80.0)
+    shutil.copy(first, results / "record.json")
+    (results / "a" / "b").mkdir(parents=True)
+    shutil.copy(second, results / "a" / "b" / "record.json")
+    shutil.copytree(results / "tiny", results / "old" / "tiny")  # a whole tree: same folder names, second records
+
+    found, skipped = records.read_all(results)
+    assert sorted(r["path"] for r in found) == sorted([str(first), str(second)])  # the ones in their run folders
+    reasons = {str(path.relative_to(results)): why for path, why in skipped}
+    assert reasons["record.json"].startswith("a copy") and reasons["a/b/record.json"].startswith("a copy")
+    assert sum(why.startswith("a second record") for why in reasons.values()) == 2
+
+    written = build_report(results, tmp_path / "out", figure1=False)
+    assert len((tmp_path / "out" / "runs.csv").read_text().splitlines()) == 1 + 2  # was 1 + 6
+    assert "a copy: not in the run folder" in written["report.html"].read_text()
+    _record(tmp_path / "B", 0), _record(tmp_path / "B", 1)
+    _, deltas = compare_results(results, tmp_path / "B")
+    assert len(deltas) == 2  # was 7 rows for 4 runs
+
+
+# -- issue 24 item 11: reports refuse to mix base models --------------------------------------------------------------
+def test_report_refuses_records_of_two_base_models_names_the_stale_ones_and_allow_mixed_says_so(tmp_path, bench_cli):
+    results, cache = tmp_path / "R", tmp_path / "cache"
+    _record(results, 0, base="tiny-old", cache=cache)
+    _record(results, 0, seed=1, base="tiny-old", cache=cache)
+    _record(results, 1, base="tiny-new", cache=cache)
+    (cache / "tiny").mkdir(parents=True)
+    torch.save({"id": "tiny-new"}, cache / "tiny" / "base.pt")
+    torch.save({"id": "tiny-classifier"}, cache / "tiny" / "classifier.pt")
+
+    refused = bench_cli("report", "--results", str(results), "--no-figure1")
+    assert refused.returncode != 0 and not (results / "report" / "report.html").exists()
+    message = refused.stderr
+    assert "base model tiny-old, classifier tiny-classifier: 2 record(s)" in message
+    assert "base model tiny-new, classifier tiny-classifier: 1 record(s)" in message
+    assert (f"bench run --preset tiny --protocol paper --methods original --classes 0 --seeds 0 --results {results} "
+            f"--cache {cache}") in message and "--allow-mixed" in message  # the stale ones, and the way round
+
+    written = build_report(results, tmp_path / "out", figure1=False, allow_mixed=True)  # what --allow-mixed passes
+    assert "(--allow-mixed)" in written["report.html"].read_text()
+
+
+def test_compare_refuses_folders_of_different_base_models_unless_allow_mixed(tmp_path):
+    a, b, mixed = tmp_path / "A", tmp_path / "B", tmp_path / "M"
+    _record(a, 0, base="tiny-one"), _record(b, 0, base="tiny-two", ua=80.0)
+    with pytest.raises(MixedModels, match="A .* base model tiny-one.*B .* base model tiny-two"):
+        compare_results(a, b)
+    text, deltas = compare_results(a, b, allow_mixed=True)
+    assert len(deltas) == 1 and "NOTE (--allow-mixed)" in text
+    _record(mixed, 0, base="tiny-one"), _record(mixed, 1, base="tiny-two")
+    with pytest.raises(MixedModels, match="preset tiny .* 2 different base models"):  # within one folder: never
+        compare_results(a, mixed, allow_mixed=True)
