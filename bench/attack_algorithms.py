@@ -185,7 +185,7 @@ def _fine_tune(target: Target, config: RelearnConfig, images: ClassDataset) -> d
     torch.manual_seed(target.seed)  # dropout; a resumed run restores its state
     resume = Resume(target.directory / PARTIAL_NAME, config.checkpoint_every, {"noise": noise})
     result = train(model, batches, update, recipe, target.device, speed=target.speed, resume=resume,
-                   progress=target.progress, desc=f"relearn {target.desc}")
+                   progress=target.progress, desc=target.desc)
     atomic_save(_cpu(model), _snapshot(target, config.schedule[-1]))
     resume.path.unlink(missing_ok=True)
     return {"train_s": result.seconds, "first_step_s": result.first_step_seconds,
@@ -219,7 +219,7 @@ def relearn(target: Target, config: RelearnConfig) -> dict:
         point = {"step": step, **target.forget_metrics(probe, config.samples)}
         points[str(step)] = {**point, "seconds": time.perf_counter() - started}
         records.write_json_atomic(path, progress)
-        log.info("relearn %s: step %d, forget accuracy %.1f%%", target.desc, step, point["forget_accuracy"])
+        log.info("%s: step %d, forget-class accuracy %.1f%%", target.desc, step, point["forget_accuracy"])
     curve = [points[str(step)] for step in config.schedule]
     trained = progress["train"] or {}
     return {"curve": curve, "auc": area_under_curve(curve), "steps_to_relearn": steps_to_relearn(curve),
@@ -317,7 +317,7 @@ def _search(target: Target, model: nn.Module, config: EmbeddingConfig) -> dict:
     resume = Resume(target.directory / PARTIAL_NAME, config.checkpoint_every, {"noise": generator})
     result = train(free, itertools.repeat(None), lambda step, trainer, _: trainer.update(loss), recipe,
                    target.device, speed=target.speed, resume=resume, progress=target.progress,
-                   desc=f"embedding {target.desc}")
+                   desc=target.desc)
     resume.path.unlink(missing_ok=True)
     return {"vector": free.vector.detach().cpu(), "guidance": float(free.guidance.detach().clamp(0, config.max_guidance)),
             "train_s": result.seconds, "first_step_s": result.first_step_seconds,
@@ -335,8 +335,8 @@ def _describe(found: dict, weight: Tensor, forget_class: int) -> dict:
 
 
 def embedding_search(target: Target, config: EmbeddingConfig) -> dict:
-    """Search a forget-class embedding (and guidance); success = share of protocol samples drawn with it that the
-    classifier labels as the forget class, against the share drawn with the class's own embedding."""
+    """Search a forget-class embedding (and guidance); success rate = the forget-class accuracy (% of protocol samples
+    the classifier labels as the forget class, 100 - UA) with it, against that with the class's own embedding."""
     model = target.model().eval().requires_grad_(False)
     found = load_derived(target.directory / FOUND_NAME)  # a search finished before a kill is not repeated
     if found is None:

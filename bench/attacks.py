@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from bench.attack_algorithms import (
     FOUND_NAME,
     PARTIAL_NAME,
     PROGRESS_NAME,
+    RELEARNED_AT,
     SNAPSHOTS,
     TARGETS,
     EmbeddingConfig,
@@ -74,7 +76,7 @@ class AttackKind:
 
 ATTACKS: dict[str, AttackKind] = {
     "relearn": AttackKind("relearn", RelearnConfig, "k", (5, 50), relearn,
-                          "fine-tune on k held-out forget-class images; forget accuracy over a schedule of steps"),
+                          "fine-tune on k held-out forget-class images; forget-class accuracy over a schedule of steps"),
     "embedding": AttackKind("embedding", EmbeddingConfig, "target", TARGETS, embedding_search,
                             "search the forget class's embedding (and guidance) for samples classified as it"),
 }
@@ -169,15 +171,37 @@ def check_options(attack: str, options: dict) -> None:
 
 
 def resolve(spec: AttackSpec):
-    """(the config the attack runs with, what the preset changed from the paper's settings)."""
+    """(the config the attack runs with, what the preset changed from the paper's settings in it: {setting:
+    {"paper", "preset"}}, as a run's scaled_from_paper). A setting given for the attack is the user's, not scaled;
+    the axis (k) is scaled when its value is one of the preset's and none of the paper's."""
     kind, preset = get_attack(spec.attack), get_preset(spec.run.preset)
-    scaling = {k: v for k, v in PRESET_SCALING.get(preset.name, {}).get(spec.attack, {}).items() if k != kind.axis}
-    config = kind.Config(**{**scaling, **dict(spec.options)}).complete(preset, resolve_protocol(preset, spec.run))
-    paper = kind.Config()
-    scaled = {k: {"paper": getattr(paper, k), "preset": v} for k, v in scaling.items() if getattr(paper, k) != v}
-    if axis_values(preset.name, spec.attack) != kind.paper_values:
-        scaled[f"{kind.axis}_values"] = {"paper": kind.paper_values, "preset": axis_values(preset.name, spec.attack)}
+    protocol, given = resolve_protocol(preset, spec.run), dict(spec.options)
+    scaling = {k: v for k, v in PRESET_SCALING.get(preset.name, {}).get(spec.attack, {}).items()
+               if k != kind.axis and k not in given}
+    config = kind.Config(**{**scaling, **given}).complete(preset, protocol)
+    paper = kind.Config().complete(preset, protocol)  # None (the protocol's value) shown as the value it takes
+    scaled = {k: {"paper": getattr(paper, k), "preset": getattr(config, k)} for k in scaling
+              if getattr(paper, k) != getattr(config, k)}
+    axis, preset_values = given.get(kind.axis), axis_values(preset.name, spec.attack)
+    if axis in preset_values and axis not in kind.paper_values:
+        scaled[kind.axis] = {"paper": kind.paper_values, "preset": preset_values}
     return config, _json(scaled)
+
+
+def scaling_note(specs: list[AttackSpec]) -> str | None:
+    """One line naming the paper's settings the preset scaled in these attacks (None if none were)."""
+    scaled = {}
+    for spec in specs:
+        scaled.update(resolve(spec)[1])
+    if not scaled:
+        return None
+    axis = get_attack(specs[0].attack).axis
+    changes = "; ".join(f"--{key.replace('_', '-')} {_text(value['paper']).replace('+', ',')} -> "
+                        f"{_text(value['preset']).replace('+', ',')}"
+                        for key, value in sorted(scaled.items(), key=lambda item: item[0] != axis))
+    presets = " and ".join(sorted({spec.run.preset for spec in specs}))
+    return (f"{presets} preset: {specs[0].attack} settings scaled from the paper's: {changes} (recorded as "
+            f"scaled_from_paper in each attack record; give an option to choose its value)")
 
 
 def _json(value):
@@ -258,23 +282,50 @@ RESULTS = {"relearn": {"curve": list, "auc": (int, float), "steps_to_relearn": (
            "embedding": {"success_rate": (int, float), "success_rate_before": (int, float), "budget": dict}}
 
 
+CURVE_METRICS = ("ua", "entropy", "forget_prob")  # beside forget_accuracy, in every point since schema 1
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _result_problems(record: dict) -> list[str]:
+    """What is wrong with an attack's numbers: a relearn curve of points {step, forget_accuracy, ...} with finite
+    metrics, and finite rates (a NaN or infinite one is no result)."""
+    found = []
+    if record["attack"] == "relearn":
+        found += [] if record["curve"] else ["'curve' is empty"]
+        for index, point in enumerate(record["curve"]):
+            if not isinstance(point, dict) or type(point.get("step")) is not int:
+                found.append(f"'curve' point {index} is {point!r:.60}, not {{step, forget_accuracy, ...}}")
+                continue
+            found += [f"'curve' point {index} (step {point['step']}) has {key} {point.get(key)!r}, not a finite number"
+                      for key in ("forget_accuracy", *CURVE_METRICS)
+                      if not _finite(point.get(key)) and (key in point or key == "forget_accuracy")]
+    numbers = ("auc",) if record["attack"] == "relearn" else ("success_rate", "success_rate_before")
+    found += [f"{key!r} is {record[key]!r}, not a finite number" for key in numbers if not _finite(record[key])]
+    return found[:3] + ([f"and {len(found) - 3} more"] if len(found) > 3 else [])
+
+
 def problems(record) -> list[str]:
     """What is wrong with an attack record (empty when nothing is)."""
     if not isinstance(record, dict) or record.get("kind") != "attack":
         return ["not an attack record (kind is not 'attack')"]
     fields = {**SCHEMA, **RESULTS.get(record.get("attack"), {})}
-    return [f"{key!r} is missing or not {getattr(kind, '__name__', kind)}" for key, kind in fields.items()
-            if not isinstance(record.get(key, ...), kind) or (kind is int and isinstance(record[key], bool))]
+    wrong = [f"{key!r} is missing or not {getattr(kind, '__name__', kind)}" for key, kind in fields.items()
+             if not isinstance(record.get(key, ...), kind) or (kind is int and isinstance(record[key], bool))]
+    return wrong or (_result_problems(record) if record["attack"] in RESULTS else [])
 
 
-def read_attack(path: str | Path) -> dict:
+def read_attack(path: str | Path, fix: str = "rerun `bench attack` (the same options) to make it again") -> dict:
+    """The attack record at `path`; records.CorruptRecord naming the file, what is wrong in it and `fix`."""
     try:
         record = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise records.CorruptRecord(f"{path}: unreadable attack record ({exc}); delete it or rerun with --force") from exc
+        raise records.CorruptRecord(f"{path}: unreadable attack record ({exc}); {fix}") from exc
     wrong = problems(record)
     if wrong:
-        raise records.CorruptRecord(f"{path}: {'; '.join(wrong)}; delete it or rerun with --force")
+        raise records.CorruptRecord(f"{path}: malformed attack record: {'; '.join(wrong)}; {fix}")
     return record
 
 
@@ -308,16 +359,29 @@ def finished_attack(spec: AttackSpec, run_record: dict | None = None) -> dict | 
     if not path.exists():
         return None
     try:
-        attack = read_attack(path)
+        attack = read_attack(path, fix="making it again")
+    except records.CorruptRecord as exc:
+        _warn_once(str(exc))
+        return None
+    try:
         run_record = run_record or records.read_record(spec.run.directory / records.RECORD_NAME)
     except (records.CorruptRecord, FileNotFoundError) as exc:
-        log.warning("%s: making it again", exc)
+        _warn_once(f"{exc}; making it again")
         return None
     reason = stale_reason(attack, spec, run_record)
     if reason:
-        log.warning("stale attack record %s (%s): making it again", path, reason)
+        _warn_once(f"stale attack record {path} ({reason}): making it again")
         return None
     return attack
+
+
+_WARNED: set[str] = set()  # finished_attack is asked before and after an attack's claim: one warning is enough
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
 
 
 def pending_attacks(run: RunSpec, run_record: dict) -> bool:
@@ -383,8 +447,10 @@ def attack_one(spec: AttackSpec, fresh: bool = False) -> dict:
         "provenance": {**provenance(), "device": device_name(device), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
     wrong = problems(_json(record))
-    if wrong:
-        raise ValueError(f"refusing to write an attack record that breaks the schema: {'; '.join(wrong)}")
+    if wrong:  # e.g. a NaN forget-class accuracy: no result; its progress goes too, so a rerun measures afresh
+        _clear(spec.directory, FOUND_NAME)
+        raise ValueError(f"{spec.describe()}: not writing {spec.directory / ATTACK_NAME}, its results are invalid "
+                         f"({'; '.join(wrong)}); the attacked model or the attack diverged, nothing was recorded")
     records.write_json_atomic(spec.directory / ATTACK_NAME, record)
     _clear(spec.directory)
     (spec.directory / records.FAILURE_NAME).unlink(missing_ok=True)
@@ -395,10 +461,16 @@ def summary(record: dict) -> str:
     """One line of what an attack found."""
     who = f"{record['method']} class {record['forget_class']} seed {record['seed']}"
     if record["attack"] == "relearn":
-        accuracy = " -> ".join(f"{p['forget_accuracy']:.0f}" for p in record["curve"])
-        steps = "-".join(str(p["step"]) for p in record["curve"])
-        return (f"relearn [{record['variant']}] {who}: forget accuracy % {accuracy} at steps {steps}; "
-                f"auc {record['auc']:.1f}, relearned at step {record['steps_to_relearn']}")
-    return (f"embedding [{record['variant']}] {who}: success {record['success_rate_before']:.1f}% -> "
-            f"{record['success_rate']:.1f}% (budget {record['budget']['samples_total']} samples)")
+        curve, threshold = record["curve"], record.get("relearned_at")
+        threshold = threshold if _finite(threshold) else RELEARNED_AT
+        accuracy = " -> ".join(f"{p['forget_accuracy']:.0f}" for p in curve)
+        steps = ",".join(str(p["step"]) for p in curve)
+        relearned = (f"relearned (>= {threshold:g}%) at step {record['steps_to_relearn']}"
+                     if record["steps_to_relearn"] is not None
+                     else f"not relearned (>= {threshold:g}%) within {curve[-1]['step']} steps")
+        return (f"relearn [{record['variant']}] {who}: forget-class accuracy (%) {accuracy} at steps {steps}; "
+                f"AUC {record['auc']:.1f}; {relearned}")
+    return (f"embedding [{record['variant']}] {who}: forget-class accuracy {record['success_rate_before']:.1f}% with "
+            f"its own embedding -> {record['success_rate']:.1f}% with the one found "
+            f"(search budget {record['budget'].get('samples_total', '?')} samples)")
 

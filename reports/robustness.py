@@ -3,10 +3,13 @@
 An attack leaves `<run folder>/attacks/<attack>/<variant>/attack.json` beside the run's record (written by the
 attack code, which this module does not import: it reads the files alone). Two attacks are known:
 - relearn: fine-tune the unlearned model on forget-class data; `curve` holds the forget-class accuracy (%, and UA,
-  H) per fine-tuning step, `auc` its area divided by the step span (the mean accuracy, %), `steps_to_relearn` the
-  first step it came back (null: never);
-- embedding: search a conditioning embedding that brings the forget class back; `success_rate` (%) after,
-  `success_rate_before` (%) with the plain class label, `budget` the search's budget ({samples_total, ...}).
+  H) per fine-tuning step, `auc` its area divided by the step span (the mean forget-class accuracy, %),
+  `steps_to_relearn` the first step it came back (null: not within the schedule);
+- embedding: search a conditioning embedding that brings the forget class back; `success_rate` is the forget-class
+  accuracy (%) with the embedding found, `success_rate_before` that with the class's own embedding, `budget` the
+  search's budget ({samples_total, ...}).
+Forget-class accuracy is the run tables' word: the % of samples the classifier labels as the forget class, 100 - UA.
+A file whose numbers are NaN or infinite is listed as unreadable, as `bench attack` reruns it.
 Original and Retrain bound a relearning curve: what the model knew, and what a model that never saw the class
 learns in the same steps. Statistics as everywhere in the report (`reports.stats`): per method over classes (each
 class the mean of its seeds), 95% bootstrap CI over classes.
@@ -46,8 +49,12 @@ def problems(payload) -> list[str]:
         if not isinstance(curve, list) or not all(isinstance(p, dict) and isinstance(p.get("step"), NUMBER)
                                                   for p in curve):
             found.append("a relearn attack needs `curve`: a list of {step, forget_accuracy, ...}")
+        elif not all(math.isfinite(_forget_percent(p)) for p in curve):
+            found.append("a `curve` point's forget_accuracy (or UA) is missing, NaN or infinite")
     if payload.get("attack") == "embedding" and not isinstance(payload.get("success_rate"), NUMBER):
         found.append("an embedding attack needs a number `success_rate`")
+    found += [f"{key!r} is {payload[key]!r}, not a finite number" for key in ("auc", "success_rate", "success_rate_before")
+              if isinstance(payload.get(key), float) and not math.isfinite(payload[key])]
     return found
 
 
@@ -157,25 +164,26 @@ def relearn_table(frame: pd.DataFrame, grid: Grid) -> Table:
         return Cell(float(done), f"{done}/{len(runs)}")
 
     table = _attack_table(frame, grid, "relearn", [
-        ("forget acc. before (%)", "forget_before"), ("forget acc. after (%)", "forget_after"),
-        ("AUC (mean acc., %)", "auc"), ("steps to relearn", "steps_to_relearn")], ("relearned", relearned))
+        ("forget-class acc. before (%)", "forget_before"), ("forget-class acc. after (%)", "forget_after"),
+        ("AUC (mean forget-class acc., %)", "auc"), ("steps to relearn", "steps_to_relearn")], ("relearned", relearned))
     table.caption = (f"Fine-tuning each unlearned model on forget-class data (preset {grid.preset}, protocol "
-                     f"{grid.protocol}): the forget-class accuracy of its samples before and after the last step, the "
-                     "area under that curve over the step span (its mean, %) and the steps until the class came back "
-                     "(over the runs where it did: 'relearned' counts them). Lower is more robust; Original and "
-                     "Retrain are the ceiling and the floor.")
+                     f"{grid.protocol}): the forget-class accuracy (% of its samples classified as the forget class, "
+                     "100 - UA) before and after the last step, the area under that curve over the step span (its "
+                     "mean, %) and the steps until the class came back (over the runs where it did: 'relearned' counts "
+                     "them). Lower is more robust; Original and Retrain are the ceiling and the floor.")
     return table
 
 
 def embedding_table(frame: pd.DataFrame, grid: Grid) -> Table:
     runs = frame.assign(success_gain=frame["success_rate"] - frame["success_rate_before"])
     table = _attack_table(runs, grid, "embedding", [
-        ("success before (%)", "success_rate_before"), ("success after (%)", "success_rate"),
-        ("gain (pts)", "success_gain"), ("budget (samples)", "budget")])
+        ("forget-class acc., own embedding (%)", "success_rate_before"),
+        ("forget-class acc., found embedding (%)", "success_rate"), ("gain (pts)", "success_gain"),
+        ("budget (samples)", "budget")])
     table.caption = (f"Searching a conditioning embedding that makes each unlearned model generate the forget class "
-                     f"again (preset {grid.preset}, protocol {grid.protocol}): the share of samples classified as the "
-                     "forget class with the plain label (before) and with the found embedding (after), and the "
-                     "search budget (samples drawn in all). Lower is more robust.")
+                     f"again (preset {grid.preset}, protocol {grid.protocol}): the forget-class accuracy (% of samples "
+                     "classified as the forget class, 100 - UA) with the class's own embedding and with the one found, "
+                     "and the search budget (samples drawn in all). Lower is more robust.")
     return table
 
 
@@ -221,9 +229,9 @@ def relearn_figure(frame: pd.DataFrame, grid: Grid, runs: pd.DataFrame | None = 
     fig.suptitle(f"{title} — {grid.preset}/{grid.protocol}", fontsize=9)
     counts = curves.groupby("method").agg(classes=("class", "nunique"), runs=("seed", "size"))
     n_text = "; ".join(f"{method_label(m)} {int(c.classes)} classes" for m, c in counts.iterrows())
-    caption = ("Share of samples of the forget class that the classifier recognises, while the unlearned model is "
-               "fine-tuned on that class: mean over forget classes (each the mean of its seeds), band = 95% bootstrap "
-               f"CI over classes (no band where a step has one value). n: {n_text}. "
+    caption = ("Forget-class accuracy (% of forget-class samples the classifier recognises, 100 - UA) while the "
+               "unlearned model is fine-tuned on that class: mean over forget classes (each the mean of its "
+               f"seeds), band = 95% bootstrap CI over classes (no band where a step has one value). n: {n_text}. "
                f"{'; '.join(said) + '.' if said else 'Original and Retrain: no records or attacks to draw.'}")
     return Figure("relearn_curves", title, caption, fig)
 
@@ -248,18 +256,19 @@ def success_figure(frame: pd.DataFrame, grid: Grid) -> Figure:
         if attack == "embedding":
             before = [found.get((m, "success_rate_before")) for m in methods]
             ax.scatter(range(len(methods)), [s.mean if s else np.nan for s in before], marker="_", s=300,
-                       color="black", zorder=3, label="before (plain label)")
+                       color="black", zorder=3, label="own embedding")
             ax.legend(fontsize=6)
         ax.set_xticks(range(len(methods)), [method_label(m) for m in methods], rotation=30, ha="right", fontsize=7)
         ax.set_ylim(0, 105)
-        ax.set_ylabel("forget-class accuracy after relearning (%)" if attack == "relearn" else "attack success (%)",
-                      fontsize=8)
+        ax.set_ylabel("forget-class accuracy after relearning (%)" if attack == "relearn"
+                      else "forget-class accuracy, found embedding (%)", fontsize=8)
         ax.set_title(f"{attack} attack", fontsize=8)
     title = "Attack success"
     fig.suptitle(f"{title} — {grid.preset}/{grid.protocol}", fontsize=9)
     caption = ("Per method, mean over forget classes (each the mean of its seeds) with its 95% bootstrap CI over "
-               "classes: the relearning attack's forget-class accuracy at its last step, and the embedding attack's "
-               "success rate (black tick: the rate with the plain class label). Lower is more robust; grey bars: "
+               "classes: the forget-class accuracy (100 - UA) after the relearning attack's last step, and with the "
+               "embedding attack's found embedding (black tick: with the class's own embedding). Lower is more "
+               "robust; grey bars: "
                "Original and Retrain." + (f" {single} bar(s) rest on one class and seed (n=1): no CI." if single else ""))
     return Figure("attack_success", title, caption, fig)
 
