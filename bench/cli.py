@@ -555,15 +555,17 @@ def _attack(name: str, options: dict, methods_spec, classes_spec, preset, seeds,
 @click.option("--jobs-folder", default=None,
               help="the submitit folder given to `bench run` [default: RESULTS/.submitit]")
 @click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
-def status_cmd(out, jobs_folder, as_json) -> None:
-    """Show done / running / failed / missing for every (method, class, seed) submitted or recorded."""
+@cache_option
+def status_cmd(out, jobs_folder, as_json, cache_dir) -> None:
+    """Show done / stale / running / failed / missing for every (method, class, seed) submitted or recorded; stale:
+    `bench run` with this --cache would run it again (the reason is shown)."""
     import dataclasses
 
     from bench.status import STATES, status
 
     if not Path(out).is_dir():
         _fail(f"results folder {out} does not exist")
-    rows = status(out, jobs_folder or Path(out) / ".submitit")
+    rows = status(out, jobs_folder or Path(out) / ".submitit", cache_dir)
     if as_json:
         counts = {state: sum(r.state == state for r in rows) for state in STATES}
         click.echo(json.dumps({"results": out, "counts": counts, "runs": [dataclasses.asdict(r) for r in rows]},

@@ -99,6 +99,19 @@ def stale_reason(record: dict, spec: RunSpec, ids: tuple[str | None, str | None]
     return None
 
 
+def record_spec(record: dict, results: str | Path, cache: str | None = None) -> RunSpec:
+    """The spec a record was made from, as far as the record says (with its own speed switches, without
+    --save-model), for `stale_reason` in `bench status`, which raises ValueError for an unregistered preset or method."""
+    overrides = record["overrides"]
+    return RunSpec(record["preset"], record["method"], record["forget_class"], record["seed"], str(results), cache,
+                   record["protocol"].get("name"), _pairs(overrides.get("method")), _pairs(overrides.get("protocol")),
+                   speed=_pairs((record.get("speed") or {}).get("requested")))
+
+
+def _pairs(values) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (values or {}).items()))
+
+
 def finished_record(spec: RunSpec, ids: tuple[str | None, str | None] | None = None) -> dict | None:
     """The run's valid, current record, or None; a corrupt or stale record is reported and counts as unfinished."""
     path = spec.directory / records.RECORD_NAME
@@ -111,7 +124,7 @@ def finished_record(spec: RunSpec, ids: tuple[str | None, str | None] | None = N
         return None
     reason = stale_reason(record, spec, ids if ids is not None else current_ids(spec))
     if reason:
-        log.warning("stale record %s (%s): running it again", path, reason)
+        log.warning("stale record %s: %s; running it again", path, reason)
         return None
     return record
 

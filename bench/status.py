@@ -1,6 +1,8 @@
-"""`bench status`: done / running / failed / missing per run, from the records, the run claims and the jobs folder.
+"""`bench status`: done / stale / running / failed / missing per run, from the records, the run claims and the jobs
+folder.
 
-The results folder says what every run did, wherever it ran: a record (done), a live claim (running), a failure
+The results folder says what every run did, wherever it ran: a record (done; stale, with the reason, when `bench run`
+would run it again: another base model, classifier, hyperparameters or method code), a live claim (running), a failure
 marker with its reason and log (failed), a dead claim (killed). The submission manifests (`submission-*.json`,
 written by bench.orchestrate) add runs that were submitted but have not started; submitit's result pickles and the
 scheduler (`sacct`/`squeue` on SLURM) say why a job without a record failed.
@@ -17,11 +19,12 @@ from pathlib import Path
 import submitit
 
 from bench import claims, records
-from bench.orchestrate import last_line
+from bench.cache import Cache, CheckpointError
+from bench.orchestrate import current_ids, last_line, record_spec, stale_reason
 
 log = logging.getLogger(__name__)
 
-STATES = ("done", "running", "failed", "missing")
+STATES = ("done", "stale", "running", "failed", "missing")
 SCHEDULER_RUNNING = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
                      "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "READY"}
 SCHEDULER_FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
@@ -38,8 +41,9 @@ class RunStatus:
     detail: str = ""
 
 
-def status(out: str | Path, folder: str | Path) -> list[RunStatus]:
-    """The state of every run that was submitted (manifests in `folder`) or has a record under `out`."""
+def status(out: str | Path, folder: str | Path, cache: str | Path | None = None) -> list[RunStatus]:
+    """The state of every run that was submitted (manifests in `folder`) or has a record under `out`; a record
+    that `bench run` would run again (`bench.orchestrate.stale_reason` against the models in `cache`) is stale."""
     folder, entries = Path(folder), {}
     for manifest in sorted(folder.glob("submission-*.json"), key=lambda p: p.stat().st_mtime):
         try:
@@ -57,7 +61,8 @@ def status(out: str | Path, folder: str | Path) -> list[RunStatus]:
                 continue
     slurm_ids = [e["job_id"] for e in entries.values() if e.get("cluster") == "slurm"]
     scheduler = _scheduler_states(folder, slurm_ids)
-    rows = [_run_status(entry, folder, scheduler) for entry in entries.values()]
+    check = _staleness(out, None if cache is None else str(cache))
+    rows = [_run_status(entry, folder, scheduler, check) for entry in entries.values()]
     return sorted(rows, key=lambda r: (r.method, r.variant, r.forget_class, r.seed))
 
 
@@ -78,16 +83,43 @@ def _scheduler_states(folder: Path, job_ids: list[str]) -> dict[str, str]:
         return {}
 
 
-def _run_status(entry: dict, folder: Path, scheduler: dict[str, str]) -> RunStatus:
+def _staleness(out: str | Path, cache: str | None):
+    """record -> why `bench run` (with this cache) would run it again, or None; the same `stale_reason` as the
+    orchestrator's, with the record's own speed switches (which only the run command chooses)."""
+    ids: dict[str, tuple] = {}
+
+    def reason(record: dict) -> str | None:
+        spec = record_spec(record, out, cache)
+        if spec.preset not in ids:
+            ids[spec.preset] = current_ids(spec)
+        if ids[spec.preset][0] is None:
+            raise ValueError(f"no {spec.preset} base model in the cache {Cache(cache).root}; pass the run's --cache")
+        return stale_reason(record, spec, ids[spec.preset])
+
+    return reason
+
+
+def _done(row: RunStatus, record: dict, path: Path, check) -> RunStatus:
+    try:
+        reason = check(record)
+    except (ValueError, CheckpointError, OSError) as exc:  # an unregistered preset or method, another cache
+        return dataclasses.replace(row, state="done", detail=f"{path} (not checked for staleness: {exc})")
+    if reason:
+        return dataclasses.replace(row, state="stale", detail=f"{reason}: `bench run` runs it again")
+    unchecked = "" if record["provenance"].get("method_code") else " (made before code fingerprints: code not checked)"
+    return dataclasses.replace(row, state="done", detail=f"{path}{unchecked}")
+
+
+def _run_status(entry: dict, folder: Path, scheduler: dict[str, str], check) -> RunStatus:
     row = RunStatus(entry["method"], entry["variant"], entry["forget_class"], entry["seed"], "missing")
     directory = Path(entry["directory"])
     record_path, claim_path = directory / records.RECORD_NAME, directory / claims.CLAIM_NAME
     if record_path.exists():
         try:
-            records.read_record(record_path)
-            return dataclasses.replace(row, state="done", detail=str(record_path))
+            record = records.read_record(record_path)
         except records.CorruptRecord as exc:
             return dataclasses.replace(row, state="failed", detail=str(exc))
+        return _done(row, record, record_path, check)
     held = claims.read_claim(claim_path)
     if held is not None and not claims.claim_is_stale(claim_path, held[1]):
         return dataclasses.replace(row, state="running", detail=claims.describe_holder(held[1] or {}))

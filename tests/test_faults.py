@@ -201,7 +201,7 @@ def test_divergence_on_the_last_step_leaves_a_failure_that_status_shows(tmp_path
     (failure,) = out.rglob(records.FAILURE_NAME)
     assert "NonFinite" in json.loads(failure.read_text())["error"]
     shown = _invoke("status", "--results", out).output
-    assert "0 done, 0 running, 1 failed, 0 missing" in shown and "NonFinite" in shown
+    assert "0 done, 0 stale, 0 running, 1 failed, 0 missing" in shown and "NonFinite" in shown
 
 
 def test_duplicate_methods_run_once(original_results):

@@ -174,7 +174,7 @@ def test_corrupt_record_is_named_by_status_and_rerun(tmp_path, tiny_cache, caplo
     path.write_text('{"schema": 1, "metr')
     shown = _invoke("status", "--out", str(out))
     assert shown.exit_code == 0 and f"failed   {path}: unreadable record" in shown.output
-    assert "0 done, 0 running, 1 failed, 0 missing" in shown.output
+    assert "0 done, 0 stale, 0 running, 1 failed, 0 missing" in shown.output
     with caplog.at_level("WARNING", logger="bench.orchestrate"):
         rerun = _invoke(*common, "--cluster", "debug")
     assert rerun.exit_code == 0, rerun.output
@@ -198,7 +198,7 @@ def test_no_wait_submits_and_status_follows_to_done_and_failed(tmp_path, tiny_ca
     while any(r.state == "running" for r in status(out, out / ".submitit")) and time.monotonic() < deadline:
         time.sleep(1)
     shown = _invoke("status", "--out", str(out))
-    assert "1 done, 0 running, 1 failed, 0 missing" in shown.output, shown.output
+    assert "1 done, 0 stale, 0 running, 1 failed, 0 missing" in shown.output, shown.output
     (failed,) = [line for line in shown.output.splitlines() if line.startswith("safemax")]
     assert "NonFiniteLoss" in failed
     log_path = Path(failed.rsplit("log ", 1)[1])

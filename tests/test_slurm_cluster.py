@@ -232,7 +232,7 @@ def test_rerun_submits_nothing_and_status_shows_all_done(slurm_sweep, tiny_cache
     assert "0 run(s) done, 4 skipped" in rerun.output and "submitted" not in rerun.output
     assert len(manifests(out)) == 1
     shown = CliRunner().invoke(main, ["status", "--out", str(out)])
-    assert "4 done, 0 running, 0 failed, 0 missing" in shown.output, shown.output
+    assert "4 done, 0 stale, 0 running, 0 failed, 0 missing" in shown.output, shown.output
 
 
 @pytest.mark.slow
@@ -316,7 +316,7 @@ def test_preempted_long_run_is_requeued_and_resumes_from_its_checkpoint(slurm_cl
     text = job_log(out, job_id).read_text()
     assert "checkpoint: requeueing" in text and "resuming retrain [iterations=120] class 0 seed 0" in text
     done = CliRunner().invoke(main, ["status", "--out", str(out)])
-    assert "1 done, 0 running, 0 failed, 0 missing" in done.output, done.output
+    assert "1 done, 0 stale, 0 running, 0 failed, 0 missing" in done.output, done.output
 
 
 @pytest.mark.slow

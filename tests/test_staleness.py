@@ -11,6 +11,9 @@ import pytest
 import torch
 
 from bench import records
+from bench.orchestrate import run_local
+from bench.status import status
+from bench.sweep import RunSpec
 from reports.build import build_report
 from reports.compare import compare_results
 from reports.mixing import MixedModels
@@ -87,3 +90,26 @@ def test_compare_refuses_folders_of_different_base_models_unless_allow_mixed(tmp
     _record(mixed, 0, base="tiny-one"), _record(mixed, 1, base="tiny-two")
     with pytest.raises(MixedModels, match="preset tiny .* 2 different base models"):  # within one folder: never
         compare_results(a, mixed, allow_mixed=True)
+
+
+def test_status_marks_a_record_of_an_older_base_model_stale_and_run_redoes_only_it(tmp_path, tiny_cache):
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    shutil.copytree(tiny_cache, cache)
+
+    def spec(forget_class: int) -> RunSpec:
+        return RunSpec("tiny", "original", forget_class, 0, str(results), str(cache), device="cpu", progress=False)
+
+    run_local([spec(0)], show_progress=False)
+    base = torch.load(cache / "tiny" / "base.pt", weights_only=True)
+    old_id, base["id"] = base["id"], "tiny-pretrained-again"  # what `bench pretrain --force` leaves: a new id
+    torch.save(base, cache / "tiny" / "base.pt")
+    run_local([spec(1)], show_progress=False)
+
+    rows = {row.forget_class: row for row in status(results, results / ".submitit", cache)}
+    assert (rows[0].state, rows[1].state) == ("stale", "done")  # was: done, done
+    assert f"made with base model {old_id}, now tiny-pretrained-again" in rows[0].detail
+    with pytest.raises(MixedModels):
+        build_report(results, tmp_path / "out", figure1=False)
+    outcomes = run_local([spec(0), spec(1)], show_progress=False)
+    assert [o.status for o in outcomes] == ["done", "skipped"]
+    assert {row.state for row in status(results, results / ".submitit", cache)} == {"done"}
