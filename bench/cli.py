@@ -280,7 +280,7 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
 
     from submitit.core.utils import FailedSubmissionError
 
-    from bench.attacks import parse_attacks
+    from bench.attacks import attack_specs, parse_attacks, scaling_note
     from bench.orchestrate import PrerequisitesFailed, check_writable, run_local
 
     try:
@@ -301,6 +301,8 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
         results = str(Path(results).resolve())
     click.echo(f"{len(specs)} run(s): methods {', '.join(methods)} x classes {classes_spec} x seeds {seeds}; "
                f"records under {results}/{preset_obj.name}/")
+    for note in filter(None, (scaling_note(attack_specs(specs[0], name)) for name in attack_names)):
+        click.echo(note, err=as_json)
     try:
         if cluster is None:
             outcomes = run_local(specs, force=force, workers=workers, show_progress=not no_progress and not as_json)
@@ -473,7 +475,8 @@ def attack_group() -> None:
               help="held-out (test split) forget-class images to fine-tune on; a list sweeps [default: 5,50; "
                    "digits 5,30]")
 @click.option("--schedule", default=None, metavar="S0,S1,...",
-              help="fine-tuning step counts after which UA is measured [default: 0,10,50,100,200]")
+              help="fine-tuning step counts after which forget-class accuracy (100 - UA) is measured "
+                   "[default: 0,10,50,100,200]")
 @click.option("--samples", type=int, default=None, help="guided forget-class samples per point [default: the "
                                                           "protocol's forget_samples]")
 @click.option("--lr", type=float, default=None, help="fine-tuning rate [default: the preset's pretraining rate]")
@@ -481,8 +484,8 @@ def attack_group() -> None:
 @click.option("--checkpoint-every", type=int, default=None, help="resumable checkpoint every N steps [default: 50]")
 @attack_run_options
 def attack_relearn_cmd(k_values, schedule, samples, lr, batch_size, checkpoint_every, **grid) -> None:
-    """Fine-tune each run's model on k real forget-class images (pretraining loss) and measure UA, H and the
-    forget-class probability of its guided samples after each step count of a schedule."""
+    """Fine-tune each run's model on k real forget-class images (pretraining loss) and measure the forget-class
+    accuracy (100 - UA), H and forget-class probability of its guided samples after each step count of a schedule."""
     schedule = _int_list(schedule, "--schedule")
     _attack("relearn", {"k": _int_list(k_values, "--k"), "schedule": tuple(schedule) if schedule else None,
                         "samples": samples, "lr": lr, "batch_size": batch_size, "checkpoint_every": checkpoint_every},
@@ -500,14 +503,14 @@ def attack_relearn_cmd(k_values, schedule, samples, lr, batch_size, checkpoint_e
               help="DDIM (eta 0) steps of the differentiable sampler [default: 10]")
 @click.option("--lr", type=float, default=None, help="Adam rate of the search [default: 0.05]")
 @click.option("--max-guidance", type=float, default=None, help="largest guidance weight tried [default: 10]")
-@click.option("--samples", type=int, default=None, help="protocol samples the success rate is measured on "
+@click.option("--samples", type=int, default=None, help="protocol samples the forget-class accuracy is measured on "
                                                           "[default: the protocol's forget_samples]")
 @click.option("--checkpoint-every", type=int, default=None, help="resumable checkpoint every N steps [default: 25]")
 @attack_run_options
 def attack_embedding_cmd(targets, steps, batch_size, sampler_steps, lr, max_guidance, samples, checkpoint_every,
                          **grid) -> None:
     """Freeze each run's model and search a forget-class embedding (and guidance weight) whose guided samples the
-    classifier labels as the forget class; report the success rate before and after."""
+    classifier labels as the forget class; report the forget-class accuracy (100 - UA) before and after."""
     names = [name.strip() for name in targets.split(",") if name.strip()] if targets else None
     _attack("embedding", {"target": names, "steps": steps, "batch_size": batch_size, "sampler_steps": sampler_steps,
                           "lr": lr, "max_guidance": max_guidance, "samples": samples,
@@ -520,7 +523,7 @@ def _attack(name: str, options: dict, methods_spec, classes_spec, preset, seeds,
     """Check everything before any work, then run (or submit) the attacks and report them."""
     from submitit.core.utils import FailedSubmissionError
 
-    from bench.attacks import attack_specs, check_attacked, check_held_out, check_options
+    from bench.attacks import attack_specs, check_attacked, check_held_out, check_options, scaling_note
     from bench.orchestrate import check_writable, run_attacks_local, submit_attacks, wait_runs
 
     options = {key: value for key, value in options.items() if value is not None}
@@ -538,6 +541,8 @@ def _attack(name: str, options: dict, methods_spec, classes_spec, preset, seeds,
         _fail(str(exc))
     click.echo(f"{len(specs)} {name} attack(s) on {len(runs)} run(s); records in each run's attacks/{name}/",
                err=as_json)
+    if note := scaling_note(specs):
+        click.echo(note, err=as_json)
     try:
         if cluster is None:
             outcomes = run_attacks_local(specs, force=force, workers=workers)
