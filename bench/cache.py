@@ -106,7 +106,8 @@ def atomic_save(payload, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as handle:  # a handle, not the name: torch would name the archive inside after it
+            torch.save(payload, handle)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left behind when something above failed
@@ -137,6 +138,17 @@ def load_error(exc: BaseException) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0].split(". ")[0] if text else ""  # torch goes on with advice after the first
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def checkpoint_step(value, path: Path, what: str, fix: str) -> int:
+    """`value` read from `path` as a step count: an int or a one-element integer tensor, else CheckpointError
+    naming the file, `what` was found and `fix`."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int):
+        found = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:80]
+        raise CheckpointError(f"{path}: {what} should be an integer, found {found}; {fix}")
+    return value
 
 
 def load_file(path: Path, fix: str, map_location="cpu", mmap: bool = False):
@@ -186,4 +198,6 @@ def load_checkpoint(path: Path, kind: str, preset: Preset, rebuild: str) -> dict
             f"{path} was built for another configuration ({payload.get('config')}) than preset "
             f"{preset.name!r} ({expected}); rebuild it with `{rebuild}`"
         )
+    if kind == "diffusion":  # copied into every record's base_model
+        payload["step"] = checkpoint_step(payload.get("step"), path, "its `step`", f"rebuild it with `{rebuild}`")
     return payload

@@ -642,8 +642,12 @@ def compare_cmd(results_a, results_b, csv_path, allow_mixed) -> None:
     if deltas.empty:
         _fail(f"no run of {results_b} matches one of {results_a} (preset, protocol, method, variant, class)")
     if csv_path:
-        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-        deltas.to_csv(csv_path, index=False)
+        try:
+            Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+            deltas.to_csv(csv_path, index=False)
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(csv_path) else ""
+            _fail(f"cannot write --csv {csv_path}: {exc.strerror or exc}{where}; choose a file in a folder you can write")
         click.echo(f"deltas: {csv_path}")
 
 
@@ -666,9 +670,12 @@ def import_checkpoint_cmd(checkpoint, preset, cache_dir, force) -> None:
 @main.command("export")
 @click.argument("run", type=click.Path(exists=True))
 @click.option("--format", "fmt", type=click.Choice(["published", "safetensors"]), default="published",
-              show_default=True, help="published: the SA/SalUn code's ckpt.pth; safetensors: a plain copy")
-@click.option("--to", "dst", required=True, type=click.Path(dir_okay=False), help="the file to write")
-def export_cmd(run, fmt, dst) -> None:
+              show_default=True, help="published: the SA/SalUn code's ckpt.pth; safetensors: the weights file "
+                                      "(both carry the UNet configuration; see docs/export.md)")
+@click.option("--to", "dst", required=True, type=click.Path(dir_okay=False),
+              help="the file to write, outside every run folder")
+@click.option("--force", is_flag=True, help="replace an existing file at --to")
+def export_cmd(run, fmt, dst, force) -> None:
     """Write a run's unlearned weights (saved by `bench run --save-model`) as a published ckpt.pth or safetensors.
 
     RUN is the run's folder or its record.json.
@@ -676,9 +683,11 @@ def export_cmd(run, fmt, dst) -> None:
     from bench.checkpoints import export_run
 
     try:
-        path = export_run(Path(run), fmt, Path(dst))
-    except (CheckpointError, ValueError, OSError) as exc:
+        path = export_run(Path(run), fmt, Path(dst), force=force)
+    except (CheckpointError, ValueError, FileExistsError) as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write --to {dst}: {exc.strerror or exc}")
     click.echo(f"{fmt} checkpoint: {path}")
 
 

@@ -17,11 +17,10 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from bench import records
 from bench.cache import Cache
-from bench.checkpoints import file_sha256
+from bench.checkpoints import file_sha256, model_metadata, write_safetensors
 from bench.classifier import load_classifier
 from bench.config import get_preset
 from bench.device import Speed, device_name, memory_snapshot, pick_device, reset_peak_memory
@@ -138,12 +137,9 @@ def run_one(spec: RunSpec) -> dict:
 
 
 def save_model(model: torch.nn.Module, directory: Path, preset, spec: RunSpec, base: dict) -> dict:
-    """The unlearned weights as `model.safetensors` beside the record; returns its path and SHA-256."""
-    path = directory / "model.safetensors"
-    tmp = path.with_name(f".{path.name}.tmp")
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"preset": preset.name, "method": spec.method, "variant": spec.variant,
-                                          "forget_class": str(spec.forget_class), "seed": str(spec.seed),
-                                          "base_id": base["id"]})
-    tmp.replace(path)
+    """The unlearned weights as `model.safetensors` beside the record, with the UNet configuration that rebuilds
+    them; the same weights give the same bytes, so the SHA-256 identifies them. Returns its path and SHA-256."""
+    metadata = model_metadata(preset.unet, preset.name, method=spec.method, variant=spec.variant,
+                              forget_class=spec.forget_class, seed=spec.seed, base_id=base["id"])
+    path = write_safetensors(model.state_dict(), directory / "model.safetensors", metadata)
     return {"path": path.name, "sha256": file_sha256(path), "format": "safetensors"}

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from bench.cache import atomic_save, load_derived
+from bench.cache import CheckpointError, atomic_save, checkpoint_step, load_derived
 from bench.config import TrainConfig
 from bench.device import (
     Speed,
@@ -392,6 +392,11 @@ def _load_checkpoint(resume: Resume, model: nn.Module, ema: EMA | None, optimize
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         log.warning("%s is not a resumable checkpoint of this version; starting over", resume.path)
         return 0, 0.0, []
+    try:  # checked before anything is restored, so that starting over starts from the untouched model
+        step = checkpoint_step(state.get("step"), resume.path, "its `step`", "starting over")
+    except CheckpointError as exc:
+        log.warning("%s", exc)
+        return 0, 0.0, []
     model.load_state_dict(state["model"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
@@ -403,4 +408,4 @@ def _load_checkpoint(resume: Resume, model: nn.Module, ema: EMA | None, optimize
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     if resume.extra is not None:
         resume.extra.load_state_dict(state["extra"])
-    return int(state["step"]), float(state["seconds"]), list(state.get("history", []))
+    return step, float(state["seconds"]), list(state.get("history", []))
