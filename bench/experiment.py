@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench import records
+from bench import fingerprint, records
 from bench.cache import Cache
 from bench.checkpoints import file_sha256, model_metadata, write_safetensors
 from bench.classifier import load_classifier
@@ -51,6 +51,13 @@ def provenance() -> dict:
             versions[name] = None
     return {"git_commit": commit or None, "versions": versions, "python": platform.python_version(),
             "hostname": platform.node()}
+
+
+def code_fingerprints(cls: type, preset: str) -> dict:
+    """`method_code` (the method's source) and `preset_file` (the YAML it came from, if any) for a record's
+    provenance: a record whose fingerprint differs from the code now is stale (`bench.orchestrate.stale_reason`)."""
+    found = {"method_code": fingerprint.method_code(cls), "preset_file": fingerprint.preset_file(preset)}
+    return {key: value for key, value in found.items() if value is not None}
 
 
 def run_one(spec: RunSpec) -> dict:
@@ -127,7 +134,8 @@ def run_one(spec: RunSpec) -> dict:
         fid=fid.description,
         speed={"requested": dict(spec.speed), "switches": dataclasses.asdict(speed),
                "describe": speed.describe()},
-        provenance={**provenance(), "device": device_name(device), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        provenance={**provenance(), **code_fingerprints(cls, preset.name), "device": device_name(device),
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         artifacts=artifacts,
     )
     records.write_json_atomic(directory / records.RECORD_NAME, record)

@@ -4,7 +4,8 @@ Every run goes through one job callable, `Job`: in this process (`run_local`, on
 processes (`run_local` with `workers` > 1), or through submitit (`submit_runs`: `debug`, `local`, `slurm`). A run is
 claimed (`bench.claims`) while it runs, so two orchestrators on one results folder never run or write it twice; a
 run that fails leaves `failure.json` where its record would be. A record is reused only if it was made from the
-current base model and classifier with the same speed switches: a stale one is run again.
+current base model and classifier with the same speed switches, hyperparameters and method code (`bench.fingerprint`):
+a stale one is run again.
 A submission leaves a manifest in the jobs folder, from which `bench status` tells done, running, failed and missing.
 """
 
@@ -27,7 +28,7 @@ from pathlib import Path
 import submitit
 import torch
 
-from bench import claims, records
+from bench import claims, fingerprint, records
 from bench.attacks import AttackSpec, attack_one, attack_specs, finished_attack, pending_attacks
 from bench.cache import Cache, load_file
 from bench.cluster import make_executor, submit_all, wait_all
@@ -78,7 +79,8 @@ def current_ids(spec: RunSpec) -> tuple[str | None, str | None]:
 
 
 def stale_reason(record: dict, spec: RunSpec, ids: tuple[str | None, str | None]) -> str | None:
-    """Why a valid record cannot stand for `spec` now: another base model, classifier or speed switches."""
+    """Why a valid record cannot stand for `spec` now: another base model, classifier, speed switches,
+    hyperparameters, method code or preset file; None when it stands."""
     base_id, classifier_id = ids
     if record["base_model"].get("id") != base_id:
         return f"made with base model {record['base_model'].get('id')}, now {base_id}"
@@ -88,14 +90,32 @@ def stale_reason(record: dict, spec: RunSpec, ids: tuple[str | None, str | None]
     if made != dict(spec.speed):
         return f"made with speed switches {made or 'default'}, asked for {dict(spec.speed) or 'default'}"
     # The preset's defaults or the method's may have changed since (a new version): same folder, other run.
-    config = resolve_method_config(get_preset(spec.preset), spec.method, spec.method_overrides)[1]
+    method_class, config, _ = resolve_method_config(get_preset(spec.preset), spec.method, spec.method_overrides)
     now, made = json.loads(json.dumps(dataclasses.asdict(config))), record.get("hyperparameters") or {}
     changed = sorted(k for k in set(now) | set(made) if now.get(k) != made.get(k))
     if changed:
         return "made with other hyperparameters: " + ", ".join(f"{k} {made.get(k)!r}, now {now.get(k)!r}"
                                                                for k in changed)
+    if reason := code_changed(record, method_class, spec.preset):
+        return reason
     if spec.save_model and not (record.get("artifacts") or {}).get("model"):
         return "made without saving its model, which this sweep keeps (--save-model, --attacks)"
+    return None
+
+
+def code_changed(record: dict, method_class: type, preset: str) -> str | None:
+    """Why the method's code or the preset file differs from the record's fingerprints (`bench.fingerprint`), or
+    None. A record made before fingerprints has none, and is not stale for that (existing results stand)."""
+    made = record["provenance"]
+    code = made.get("method_code")
+    if isinstance(code, dict) and (now := fingerprint.method_code(method_class)) is not None \
+            and code.get("sha256") != now["sha256"]:
+        changed = fingerprint.changed_files(code, now)
+        return f"method code changed ({', '.join(changed)})" if changed else "method code changed"
+    preset_file = made.get("preset_file")
+    if isinstance(preset_file, dict) and preset_file.get("sha256") != (fingerprint.preset_file(preset) or {}).get(
+            "sha256"):
+        return f"preset file changed ({preset_file.get('file')})"
     return None
 
 

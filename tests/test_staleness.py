@@ -4,16 +4,20 @@ by `bench status` and run again by `bench run`, and reports refuse to mix base m
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench import records
-from bench.orchestrate import run_local
+from bench import extensions, fingerprint, records
+from bench.config import PRESETS
+from bench.extensions import load_preset_file
+from bench.orchestrate import code_changed, run_local
 from bench.status import status
 from bench.sweep import RunSpec
+from methods import get_method
 from reports.build import build_report
 from reports.compare import compare_results
 from reports.mixing import MixedModels
@@ -113,3 +117,94 @@ def test_status_marks_a_record_of_an_older_base_model_stale_and_run_redoes_only_
     outcomes = run_local([spec(0), spec(1)], show_progress=False)
     assert [o.status for o in outcomes] == ["done", "skipped"]
     assert {row.state for row in status(results, results / ".submitit", cache)} == {"done"}
+
+
+# -- issue 26 item 1: a record holds its method's code fingerprint --------------------------------------------------
+def test_a_built_in_methods_fingerprint_names_its_files_by_module_path():
+    code = fingerprint.method_code(get_method("safemax"))
+    assert sorted(code["files"]) == ["methods/base.py", "methods/safemax.py"]  # not /work/... : any checkout
+    assert code == fingerprint.method_code(get_method("safemax"))
+
+
+def test_a_record_without_a_fingerprint_stands_and_an_edited_preset_file_makes_one_stale(tmp_path):
+    method = get_method("original")
+    assert code_changed({"provenance": {}}, method, "tiny") is None  # made before fingerprints: not rerun for it
+    preset_file = tmp_path / "mine.yaml"
+    preset_file.write_text("name: tiny-mine\nbase: tiny\n")
+    load_preset_file(preset_file)
+    try:
+        made = {"provenance": {"method_code": fingerprint.method_code(method),
+                               "preset_file": fingerprint.preset_file("tiny-mine")}}
+        assert code_changed(made, method, "tiny-mine") is None
+        preset_file.write_text("name: tiny-mine\nbase: tiny\niteration_scale: 0.5\n")
+        assert code_changed(made, method, "tiny-mine") == "preset file changed (mine.yaml)"
+    finally:  # the rest of the session knows the built-in presets only
+        for registry in (PRESETS, extensions._FROM_FILES, extensions._FILES):
+            registry.pop("tiny-mine", None)
+
+
+PLUGIN = '''
+from dataclasses import dataclass
+
+from bench.config import TrainConfig
+from methods.base import UnlearningMethod, register
+from toyplug.losses import forget_term
+
+
+@dataclass(frozen=True)
+class ToyConfig(TrainConfig):
+    iterations: int = 2
+
+
+@register
+class Toy(UnlearningMethod):
+    name = "toy"
+    Config = ToyConfig
+
+    def loss(self, model, batch):
+        return {"loss": forget_term(model, batch, self.ctx)}
+'''
+LOSSES = '''
+import torch
+
+from bench.diffusion import noised
+
+
+def forget_term(model, batch, ctx):
+    (x_f, _) = batch["forget"]
+    t, _, x_t = noised(ctx.schedule, x_f, ctx.noise_generator)
+    return model(x_t, t, torch.full_like(t, ctx.forget_class)).square().mean() * WEIGHT
+
+
+WEIGHT = 1.0
+'''
+
+
+def test_editing_a_plugin_methods_loss_makes_its_record_stale_and_the_rerun_redoes_it(tmp_path, tiny_cache, bench_cli):
+    package = tmp_path / "plugins" / "toyplug"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "toy.py").write_text(PLUGIN)
+    (package / "losses.py").write_text(LOSSES)
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    shutil.copytree(tiny_cache, cache)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "plugins"), os.environ.get("PYTHONPATH", "")])}
+    command = ("--method-module", "toyplug.toy:Toy", "run", "--preset", "tiny", "--methods", "toy", "--classes", "0",
+               "--results", str(results), "--cache", str(cache), "--device", "cpu", "--no-progress")
+    first = bench_cli(*command, env=env)
+    assert first.returncode == 0, first.stderr
+    (record,) = records.read_all(results)[0]
+    assert sorted(record["provenance"]["method_code"]["files"]) == ["methods/base.py", "toyplug/losses.py",
+                                                                    "toyplug/toy.py"]
+
+    (package / "losses.py").write_text(LOSSES.replace("WEIGHT = 1.0", "WEIGHT = 2.0"))  # the loss is edited
+    shown = bench_cli("--method-module", "toyplug.toy:Toy", "status", "--results", str(results), "--cache",
+                      str(cache), env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert "stale" in shown.stdout and "method code changed (toyplug/losses.py)" in shown.stdout
+
+    again = bench_cli(*command, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "method code changed (toyplug/losses.py); running it again" in again.stderr  # was: skipping 1 finished
+    (redone,) = records.read_all(results)[0]
+    assert redone["provenance"]["method_code"]["sha256"] != record["provenance"]["method_code"]["sha256"]
