@@ -201,7 +201,7 @@ def scaling_note(specs: list[AttackSpec]) -> str | None:
                         for key, value in sorted(scaled.items(), key=lambda item: item[0] != axis))
     presets = " and ".join(sorted({spec.run.preset for spec in specs}))
     return (f"{presets} preset: {specs[0].attack} settings scaled from the paper's: {changes} (recorded as "
-            f"scaled_from_paper in each attack record; give an option to choose its value)")
+            f"scaled_from_paper in each attack record; `bench attack {specs[0].attack}` options choose others)")
 
 
 def _json(value):
