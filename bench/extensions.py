@@ -19,6 +19,8 @@ A preset file holds the fields of `bench.config.Preset`, any of which may be lef
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import traceback
 from pathlib import Path
 
 import yaml
@@ -103,6 +105,41 @@ def load_extensions(items: tuple[str, ...]) -> None:
         if kind == "preset-file":
             load_preset_file(value)
         elif kind == "method-module":
+            _import_method_module(value)
             load_method(value)
         else:
             raise ValueError(f"unknown extension {item!r}")
+
+
+def _import_method_module(path: str) -> None:
+    """Import the module of `pkg.mod:Class`; one that raises or exits while importing (a bug, a syntax error,
+    `sys.exit`) becomes a ValueError naming the module, the file and line, and the exception. ImportError is left
+    to `load_method`, which names what is missing."""
+    module_name = path.partition(":")[0]
+    if not module_name:
+        return
+    try:
+        importlib.import_module(module_name)
+    except (ImportError, KeyboardInterrupt):
+        return
+    except BaseException as exc:  # SystemExit too: a plug-in must not end bench silently with its own exit code
+        raise ValueError(f"--method-module {path!r}: importing {module_name} failed at {_where(exc)} with "
+                         f"{_describe(exc)}; fix the module (`python -c 'import {module_name}'` shows the whole "
+                         "traceback)") from None
+
+
+def _where(exc: BaseException) -> str:
+    """file:line where `exc` was raised, leaving out importlib's own frames."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith("<frozen") and f.filename != __file__]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "an unknown place"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"sys.exit({exc.code!r})"
+    if isinstance(exc, SyntaxError):
+        return f"{type(exc).__name__}: {exc.msg}"
+    return f"{type(exc).__name__}: {exc}"

@@ -22,6 +22,7 @@ from bench.metrics import HIGHER_IS_BETTER
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)  # the schema versions this code reads; a record of any other is not taken as done
 RECORD_NAME = "record.json"
 FAILURE_NAME = "failure.json"
 SAFE_PART = re.compile(r"^[A-Za-z0-9._=,+-]+$")
@@ -82,6 +83,11 @@ def problems(record) -> list[str]:
     """What is wrong with `record` against the schema (empty when nothing is)."""
     if not isinstance(record, dict):
         return [f"a record is a JSON object, not {type(record).__name__}"]
+    schema = record.get("schema")
+    if isinstance(schema, int) and not isinstance(schema, bool) and schema not in READABLE_SCHEMAS:
+        newer = "made by a newer version of unlearning-bench" if schema > SCHEMA_VERSION else "of an unknown schema"
+        return [f"{newer} (schema {schema}; this one reads {READABLE_SCHEMAS[0]}-{READABLE_SCHEMAS[-1]}): "
+                "rerun with --force or upgrade"]
     found = []
     for key, kind in SCHEMA.items():
         if key not in record:
@@ -124,7 +130,8 @@ def read_record(path: str | Path) -> dict:
         raise CorruptRecord(f"{path}: unreadable record ({exc}); delete it or rerun with --force") from exc
     wrong = problems(record)
     if wrong:
-        raise CorruptRecord(f"{path}: {'; '.join(wrong)}; delete it or rerun with --force")
+        fix = "" if wrong[-1].endswith("upgrade") else "; delete it or rerun with --force"  # the schema's says its own
+        raise CorruptRecord(f"{path}: {'; '.join(wrong)}{fix}")
     return record
 
 

@@ -25,6 +25,7 @@ from bench.orchestrate import current_ids, last_line, record_spec, stale_reason
 log = logging.getLogger(__name__)
 
 STATES = ("done", "stale", "running", "failed", "missing")
+MANIFEST_RUN = {"directory", "method", "variant", "forget_class", "seed"}  # what each run of a manifest must say
 SCHEDULER_RUNNING = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
                      "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "READY"}
 SCHEDULER_FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
@@ -51,8 +52,13 @@ def status(out: str | Path, folder: str | Path, cache: str | Path | None = None)
         except (OSError, json.JSONDecodeError) as exc:
             log.warning("skipping unreadable manifest %s: %s", manifest, exc)
             continue
-        for run in payload["runs"]:
-            entries[run["directory"]] = {**run, "cluster": payload["cluster"]}
+        runs = payload.get("runs") if isinstance(payload, dict) else None
+        if not isinstance(runs, list) or not all(isinstance(run, dict) and MANIFEST_RUN <= set(run) for run in runs):
+            log.warning("skipping manifest %s: it has no `runs` list whose runs have %s (not written by "
+                        "`bench run --cluster`, or damaged)", manifest, ", ".join(sorted(MANIFEST_RUN)))
+            continue
+        for run in runs:
+            entries[run["directory"]] = {**run, "cluster": payload.get("cluster")}
     for name in (records.RECORD_NAME, claims.CLAIM_NAME, records.FAILURE_NAME):
         for path in Path(out).rglob(name):
             try:
