@@ -1,8 +1,11 @@
 """The cache folder and every file in it: where things live, atomic writes, and one guarded loader.
 
-Layout under the cache root (`$BENCH_CACHE`, default ~/.cache/unlearning-bench), one folder per preset:
+Layout under the cache root (`$BENCH_CACHE`, default ~/.cache/unlearning-bench), one folder per base model and
+one per classifier, named by what determines them (`folder_name`), not by the preset that asks: a built-in preset's
+folder is its name; a preset file's is the built-in preset's whose determining fields it keeps, else the data set
+and a short hash of those fields. A preset that changes only the evaluation protocol reuses its base's models.
   base.pt, base.partial.pt               the pretrained DDPM (and its resumable checkpoint while training)
-  classifier.pt                          the evaluation classifier
+  classifier.pt                          the evaluation classifier (in the classifier's folder)
   prepared/<method>/<base id>/<key>.pt   a method's preparation (SA's priors and Fisher, a saliency mask)
   fid-reference/<key>.npz                real images' feature statistics
   samples/<weights>/...                  the unchanged base model's samples, reused by every `original` run
@@ -16,6 +19,8 @@ preparations) are deleted and rebuilt instead, since nothing is lost by recomput
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import re
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from bench.config import Preset
+from bench.config import BUILTIN_PRESETS, Preset
 from bench.data import ClassDataset, load_dataset
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,33 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "unlearning-bench"))
 
 
+def base_fields(preset: Preset) -> dict:
+    """What determines the base model: the data, the UNet, the noise schedule and the pretraining recipe (its seed is
+    `bench pretrain --seed`, 0 when a run builds it)."""
+    return {"dataset": preset.dataset, "unet": dataclasses.asdict(preset.unet),
+            "diffusion": dataclasses.asdict(preset.diffusion), "pretrain": dataclasses.asdict(preset.pretrain)}
+
+
+def classifier_fields(preset: Preset) -> dict:
+    """What determines the evaluation classifier: the data at the UNet's size and the classifier's recipe."""
+    unet = preset.unet
+    return {"dataset": preset.dataset, "shape": [unet.in_channels, unet.image_size, unet.num_classes],
+            "hflip": preset.pretrain.hflip, "classifier": dataclasses.asdict(preset.classifier)}
+
+
+def folder_name(preset: Preset, fields) -> str:
+    """The cache folder of what `fields(preset)` determines: a built-in preset's name (as always), the built-in preset
+    whose fields are the same, else `<dataset>-<hash of the fields>`."""
+    if preset.name in BUILTIN_PRESETS:
+        return preset.name
+    mine = fields(preset)
+    for name, builtin in BUILTIN_PRESETS.items():
+        if fields(builtin) == mine:
+            return name
+    digest = hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{preset.dataset}-{digest}"
+
+
 class Cache:
     """Paths of the cached files of each preset (and where the data set comes from)."""
 
@@ -48,13 +80,14 @@ class Cache:
         self.data_root = Path(data_root) if data_root is not None else None
 
     def path(self, preset: Preset, *parts: str) -> Path:
-        return self.root.joinpath(preset.name, *parts)
+        """A path in the base model's folder (its samples, preparations and FID statistics live there too)."""
+        return self.root.joinpath(folder_name(preset, base_fields), *parts)
 
     def base_path(self, preset: Preset) -> Path:
         return self.path(preset, "base.pt")
 
     def classifier_path(self, preset: Preset) -> Path:
-        return self.path(preset, "classifier.pt")
+        return self.root.joinpath(folder_name(preset, classifier_fields), "classifier.pt")
 
     def prepared_path(self, preset: Preset, method: str, base_id: str, key: str) -> Path:
         return self.path(preset, "prepared", method, base_id, f"{key}.pt")

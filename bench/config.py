@@ -12,9 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 HFLIPS = ("none", "once", "every_draw")
+# (channels, classes, image size or None where bench.data resizes to the UNet's) of each data set bench.data
+# loads; a preset's UNet must match its data set.
+DATASETS = {"cifar10": (3, 10, 32), "digits": (1, 10, None), "fashion": (1, 10, None)}
+# Preset names become parts of cache and results paths: identifiers only, so no name reaches another folder.
+PRESET_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# Upper bounds that keep a typo from asking for more memory than any machine has (the published values are far
+# below them).
+MAX_BATCH = 100_000
+MAX_SAMPLES = 10_000_000
+MAX_ITERATIONS = 100_000_000
 
 
 def check_number(name: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False,
@@ -50,9 +61,19 @@ class UNetConfig:
     norm_groups: int = 32  # GroupNorm groups (32 in the published model); small widths need fewer
 
     def __post_init__(self):
-        for name in ("image_size", "in_channels", "num_classes", "ch", "num_res_blocks", "norm_groups"):
-            check_number(f"unet.{name}", getattr(self, name), low=1, integer=True)
+        highs = {"image_size": 1024, "in_channels": 16, "num_classes": 100_000, "ch": 1024, "num_res_blocks": 16,
+                 "norm_groups": 1024}
+        for name, high in highs.items():
+            check_number(f"unet.{name}", getattr(self, name), low=1, high=high, integer=True)
         check_number("unet.dropout", self.dropout, low=0, high=1)
+        for name in ("ch_mult", "attn_resolutions"):
+            values = getattr(self, name)
+            if not isinstance(values, tuple) or len(values) > 8:
+                raise ValueError(f"unet.{name} must be a list of at most 8 integers, got {values!r}")
+            for value in values:
+                check_number(f"unet.{name} entry", value, low=1, high=16 if name == "ch_mult" else 1024, integer=True)
+        if not self.ch_mult:
+            raise ValueError("unet.ch_mult must hold at least one level")
         widths = {self.ch * mult for mult in (1, *self.ch_mult)}
         if any(width % self.norm_groups for width in widths):
             raise ValueError(f"unet.norm_groups ({self.norm_groups}) must divide every channel width "
@@ -81,6 +102,14 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
 
+    def __post_init__(self):
+        check_number("diffusion.timesteps", self.timesteps, low=1, high=100_000, integer=True)
+        # A variance of 1 or more leaves no signal (alpha_t <= 0): the loss turns non-finite at the first step.
+        check_number("diffusion.beta_start", self.beta_start, low=0, low_open=True, high=0.999)
+        check_number("diffusion.beta_end", self.beta_end, low=0, low_open=True, high=0.999)
+        if self.beta_start > self.beta_end:
+            raise ValueError(f"diffusion.beta_start ({self.beta_start}) must be <= diffusion.beta_end ({self.beta_end})")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -105,14 +134,16 @@ class TrainConfig:
     label_dropout: float = 0.1
 
     def __post_init__(self):
-        check_number("iterations", self.iterations, low=0, integer=True)
-        check_number("batch_size", self.batch_size, low=1, integer=True)
+        check_number("iterations", self.iterations, low=0, high=MAX_ITERATIONS, integer=True)
+        check_number("batch_size", self.batch_size, low=1, high=MAX_BATCH, integer=True)
         check_number("lr", self.lr, low=0, low_open=True)
         check_number("grad_clip", self.grad_clip, low=0, low_open=True, optional=True)
         check_number("ema_decay", self.ema_decay, low=0, high=1)
         check_number("lr_warmdown", self.lr_warmdown, low=0, high=1)
         check_number("label_dropout", self.label_dropout, low=0, high=1)
         check_choice("hflip", self.hflip, HFLIPS)
+        if not isinstance(self.ema, bool):
+            raise ValueError(f"ema must be true or false, got {self.ema!r}")
 
     def lr_factor(self, step: int) -> float:
         """The learning rate of 0-based `step` as a fraction of the nominal one; a function of the step alone."""
@@ -147,6 +178,19 @@ class ClassifierConfig:
     cosine_scale: float = 16.0  # the cosine head's logit scale
     mixup: float = 0.0  # Beta(mixup, mixup) mixing weight of image pairs; 0 = no mixup
 
+    def __post_init__(self):
+        check_choice("classifier.arch", self.arch, ("small_cnn", "flat_cnn", "resnet34"))  # bench.classifier.ARCHS
+        check_number("classifier.epochs", self.epochs, low=1, high=100_000, integer=True)
+        check_number("classifier.batch_size", self.batch_size, low=1, high=MAX_BATCH, integer=True)
+        check_number("classifier.lr", self.lr, low=0, low_open=True)
+        check_choice("classifier.weights", self.weights, ("none", "imagenet"))
+        check_number("classifier.input_size", self.input_size, low=1, high=1024, integer=True, optional=True)
+        check_number("classifier.body_lr", self.body_lr, low=0, low_open=True, optional=True)
+        check_number("classifier.scratch_lr", self.scratch_lr, low=0, low_open=True, optional=True)
+        check_choice("classifier.head", self.head, ("linear", "cosine"))
+        check_number("classifier.cosine_scale", self.cosine_scale, low=0, low_open=True)
+        check_number("classifier.mixup", self.mixup, low=0)
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -175,10 +219,11 @@ class Protocol:
         check_number("protocol.sampler_steps", self.sampler_steps, low=1, integer=True)
         check_number("protocol.eta", self.eta, low=0, high=1)  # above 1 the DDIM variance goes negative
         check_number("protocol.guidance", self.guidance, low=0)
-        check_number("protocol.forget_samples", self.forget_samples, low=1, integer=True)
-        check_number("protocol.retain_samples_per_class", self.retain_samples_per_class, low=1, integer=True)
-        check_number("protocol.batch_size", self.batch_size, low=1, integer=True)
-        check_number("protocol.noise_samples", self.noise_samples, low=1, integer=True)
+        check_number("protocol.forget_samples", self.forget_samples, low=1, high=MAX_SAMPLES, integer=True)
+        check_number("protocol.retain_samples_per_class", self.retain_samples_per_class, low=1, high=MAX_SAMPLES,
+                     integer=True)
+        check_number("protocol.batch_size", self.batch_size, low=1, high=MAX_BATCH, integer=True)
+        check_number("protocol.noise_samples", self.noise_samples, low=1, high=MAX_SAMPLES, integer=True)
         check_number("protocol.fid_reference_per_class", self.fid_reference_per_class, low=1, integer=True,
                      optional=True)
         check_choice("protocol.fid_features", self.fid_features, ("classifier", "inception"))
@@ -209,6 +254,49 @@ class Preset:
     default_protocol: str = "paper"
     # Per-method values this preset replaces (scaled sample counts, fewer Fisher timesteps...), recorded.
     method_defaults: dict[str, dict] = field(default_factory=dict)
+    # The evaluation classifier's test accuracy below which no run evaluates with it (UA and FID would mean
+    # nothing); None: halfway between chance (1 / classes) and 100%.
+    min_classifier_accuracy: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not PRESET_NAME.fullmatch(self.name):
+            raise ValueError(f"name must be an identifier (letters, digits, _ and -), got {self.name!r}")
+        for name, kind in (("description", str), ("dataset", str), ("default_protocol", str),
+                           ("unet", UNetConfig), ("pretrain", TrainConfig), ("classifier", ClassifierConfig),
+                           ("diffusion", DiffusionConfig), ("protocols", dict), ("method_defaults", dict)):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        check_choice("dataset", self.dataset, tuple(DATASETS))
+        channels, classes, size = DATASETS[self.dataset]
+        for field_name, value, expected in (("in_channels", self.unet.in_channels, channels),
+                                            ("num_classes", self.unet.num_classes, classes),
+                                            ("image_size", self.unet.image_size, size)):
+            if expected is not None and value != expected:
+                raise ValueError(f"unet.{field_name} must be {expected} for the {self.dataset} data set, got {value}")
+        check_number("pretrain.iterations", self.pretrain.iterations, low=1, integer=True)  # 0: an untrained model
+        check_number("checkpoint_every", self.checkpoint_every, low=1, integer=True)
+        check_number("iteration_scale", self.iteration_scale, low=0, low_open=True, high=1000)
+        check_number("unlearn_batch_size", self.unlearn_batch_size, low=1, high=MAX_BATCH, integer=True)
+        check_number("min_classifier_accuracy", self.min_classifier_accuracy, low=0, high=1, optional=True)
+        if self.default_protocol not in self.protocols:
+            raise ValueError(f"default_protocol {self.default_protocol!r} is not one of protocols "
+                             f"({', '.join(self.protocols)})")
+        for key, protocol in self.protocols.items():
+            if not isinstance(protocol, Protocol) or protocol.name != key:
+                raise ValueError(f"protocols.{key} must be a protocol named {key!r}")
+            if protocol.sampler_steps > self.diffusion.timesteps:
+                raise ValueError(f"protocols.{key}.sampler_steps ({protocol.sampler_steps}) must be <= "
+                                 f"diffusion.timesteps ({self.diffusion.timesteps})")
+        for method, values in self.method_defaults.items():
+            if not isinstance(values, dict):
+                raise ValueError(f"method_defaults.{method} must be a mapping of field: value, got {values!r}")
+
+    @property
+    def classifier_floor(self) -> float:
+        """The test accuracy an evaluation classifier must reach (`min_classifier_accuracy`)."""
+        if self.min_classifier_accuracy is not None:
+            return self.min_classifier_accuracy
+        return (1 + 1 / self.num_classes) / 2
 
     @property
     def num_classes(self) -> int:
@@ -322,6 +410,9 @@ PRESETS: dict[str, Preset] = {
                          "salun": {"mask_batch_size": 64}},
     ),
 }
+
+
+BUILTIN_PRESETS: dict[str, Preset] = dict(PRESETS)  # before any preset file registers its own
 
 
 def get_preset(name: str) -> Preset:

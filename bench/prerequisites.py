@@ -82,7 +82,7 @@ def pretrain(preset: Preset, cache: Cache, device: torch.device, *, seed: int = 
         "format": FORMAT, "kind": "diffusion", "preset": preset.name, "config": dataclasses.asdict(preset.unet),
         "diffusion": dataclasses.asdict(preset.diffusion), "recipe": dataclasses.asdict(recipe),
         "speed": speed.for_device(device).describe(), "step": recipe.iterations, "model": model.state_dict(),
-        "ema": ema.state_dict(), "id": f"{preset.name}-{uuid.uuid4().hex[:12]}",
+        "ema": ema.state_dict(), "id": f"{final.parent.name}-{uuid.uuid4().hex[:12]}",  # the folder: what it is
         "source": _pretrain_source(preset, recipe, seed), "final_loss": result.final_losses.get("loss", math.nan),
         **_provenance(device, started),
     }
@@ -111,6 +111,11 @@ def load_base(preset: Preset, cache: Cache) -> dict:
         raise _missing("base model", path, command)
     payload = load_checkpoint(path, "diffusion", preset, command + " --force")
     _check_finite_checkpoint(payload, path, command + " --force")
+    step = payload.get("step")
+    if isinstance(step, int) and step < 1:  # untrained: every metric of a run from it would be noise
+        raise CheckpointError(f"{path} was trained for {step} steps: no base model to unlearn from; rebuild it with "
+                              f"`{command} --force` (pretrain.iterations of preset {preset.name!r} is "
+                              f"{preset.pretrain.iterations})")
     return payload
 
 
@@ -129,7 +134,7 @@ def train_classifier(preset: Preset, cache: Cache, device: torch.device, *, seed
     `steps` (default: the preset's epochs), `batch_size` and `test_images` (default: the whole test split) shorten
     it for smoke tests; all are recorded, and the source says so.
     """
-    config, started = preset.classifier, time.perf_counter()
+    config, started, path = preset.classifier, time.perf_counter(), cache.classifier_path(preset)
     batch_size = batch_size or config.batch_size
     train_data, test_data = cache.dataset(preset, "train"), cache.dataset(preset, "test")
     torch.manual_seed(seed)
@@ -172,13 +177,13 @@ def train_classifier(preset: Preset, cache: Cache, device: torch.device, *, seed
     payload = {
         "format": FORMAT, "kind": "classifier", "preset": preset.name, "config": dataclasses.asdict(config),
         "in_channels": preset.unet.in_channels, "num_classes": preset.num_classes, "model": model.state_dict(),
-        "id": f"{preset.name}-classifier-{uuid.uuid4().hex[:12]}", "test_accuracy": accuracy,
+        "id": f"{path.parent.name}-classifier-{uuid.uuid4().hex[:12]}", "test_accuracy": accuracy,
         "test_images": len(test_data), "steps": steps, "batch_size": batch_size, "source": source,
         "noise_check": noise, **_provenance(device, started),
     }
-    atomic_save(payload, cache.classifier_path(preset))
-    log.info("classifier saved to %s: %s, test accuracy %.2f%% on %d images", cache.classifier_path(preset), origin,
-             100 * accuracy, len(test_data))
+    atomic_save(payload, path)
+    log.info("classifier saved to %s: %s, test accuracy %.2f%% on %d images", path, origin, 100 * accuracy,
+             len(test_data))
     log.info("classifier on noise: %s", describe_noise_check(noise))
     return payload
 
@@ -190,7 +195,26 @@ def load_classifier_payload(preset: Preset, cache: Cache) -> dict:
         raise _missing("evaluation classifier", path, command)
     payload = load_checkpoint(path, "classifier", preset, command + " --force")
     payload.setdefault("id", f"{preset.name}-classifier-unversioned")  # checkpoints from before ids
+    _check_classifier_fit(payload, preset, path, command)
     return payload
+
+
+def _check_classifier_fit(payload: dict, preset: Preset, path, command: str) -> None:
+    """Refuse a classifier below the preset's accuracy floor: UA and FID from it would look valid and mean nothing.
+    A smoke-test classifier (`bench classifier --steps`, said in its source and every record) only warns."""
+    accuracy, floor = payload.get("test_accuracy"), preset.classifier_floor
+    if not isinstance(accuracy, (int, float)) or accuracy >= floor:
+        return
+    found = (f"{path} reaches {100 * accuracy:.2f}% test accuracy, below min_classifier_accuracy "
+             f"{100 * floor:.2f}% of preset {preset.name}")
+    if "smoke test" in str(payload.get("source", "")):
+        log.warning("%s (a smoke-test classifier: its metrics are mechanics only)", found)
+        return
+    config = preset.classifier
+    raise CheckpointError(f"{found}: UA and FID measured with it would mean nothing. Change its recipe "
+                          f"(classifier.epochs, now {config.epochs}; classifier.lr, now {config.lr}: a preset file "
+                          f"with other classifier fields trains a classifier of its own), rebuild it with "
+                          f"`{command} --force`, or lower the preset's min_classifier_accuracy")
 
 
 # -- method preparation ---------------------------------------------------------------------------------------
@@ -332,11 +356,17 @@ def build(task: Prerequisites, job_id: str | None = None) -> dict:
     preset, cache = get_preset(task.preset), task.cache_obj()
     todo = missing(task)
     if todo:
+        device = pick_device(task.device)
+        classifier_path = cache.classifier_path(preset)
+        if classifier_path.parent != cache.base_path(preset).parent:  # a classifier other base models share
+            with claims.hold(classifier_path.with_name("prepare.claim.json"), f"the {preset.name} classifier",
+                             job_id):
+                if not classifier_path.exists():
+                    train_classifier(preset, cache, device, progress=task.progress)
         with claims.hold(cache.path(preset, "prepare.claim.json"), f"the {preset.name} prerequisites", job_id):
-            device = pick_device(task.device)
             if not cache.base_path(preset).exists():
                 pretrain(preset, cache, device, progress=task.progress)
-            if not cache.classifier_path(preset).exists():
+            if not classifier_path.exists():
                 train_classifier(preset, cache, device, progress=task.progress)
             base = load_base(preset, cache)
             for method in _methods(task, base, device):
