@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import resource
 import sys
 from dataclasses import dataclass
@@ -21,6 +22,36 @@ from tqdm.auto import tqdm
 def progress_bar(**kwargs) -> tqdm:
     """A tqdm bar that redraws live on a terminal and every 30 s in a log file (SLURM, CI)."""
     return tqdm(mininterval=0.1 if sys.stderr.isatty() else 30.0, **kwargs)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, as SLURM and taskset set it), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def choose_threads(processes: int = 1) -> tuple[int, str]:
+    """CPU threads for each of `processes` processes about to start here, and why.
+
+    $OMP_NUM_THREADS, where set, wins. Otherwise the usable cores are split between the processes, less the cores
+    other programs keep busy (the 1-minute load average, read before ours start): OpenMP threads that outnumber
+    the free cores spin against each other, which made pretraining 8x slower beside three busy processes.
+    """
+    cores = usable_cores()
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    share = max(1, cores // processes)
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return share, f"{cores} cores / {processes} process(es)"
+    free = max(1, int(cores - busy + 0.5))
+    if free >= cores or free // processes >= share:
+        return share, f"{cores} cores / {processes} process(es), load {busy:.1f}"
+    threads = max(1, free // processes)
+    return threads, f"{cores} cores / {processes} process(es), load {busy:.1f}: other programs are busy"
 
 
 def pick_device(name: str | None = None) -> torch.device:

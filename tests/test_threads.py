@@ -1,0 +1,41 @@
+"""Threads per process follow what the machine can give: cores split between workers, fewer under load."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.device import choose_threads
+
+
+@pytest.fixture
+def four_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+
+
+def _load(monkeypatch, one_minute: float) -> None:
+    monkeypatch.setattr(os, "getloadavg", lambda: (one_minute, one_minute, one_minute))
+
+
+def test_an_idle_machine_splits_its_cores_between_the_workers(four_cores, monkeypatch):
+    _load(monkeypatch, 0.1)
+    assert choose_threads(1)[0] == 4
+    assert choose_threads(2)[0] == 2
+    assert choose_threads(8)[0] == 1
+
+
+def test_a_busy_machine_gives_fewer_threads_and_says_why(four_cores, monkeypatch):
+    _load(monkeypatch, 3.0)  # three other single-threaded programs running
+    threads, why = choose_threads(1)
+    assert threads == 1 and "busy" in why and "load 3.0" in why
+    _load(monkeypatch, 1.0)
+    assert choose_threads(1)[0] == 3
+    assert choose_threads(2)[0] == 1  # 3 free cores between 2 workers
+
+
+def test_omp_num_threads_wins(four_cores, monkeypatch):
+    _load(monkeypatch, 7.0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert choose_threads(1) == (3, "OMP_NUM_THREADS")
