@@ -14,6 +14,7 @@ drawn from a seeded generator, so replaying them restores its state without savi
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -38,6 +39,7 @@ from bench.device import (
     same_layout,
     synchronize,
 )
+from bench.flops import StepTally, batch_kind, counted_flops
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,8 @@ class TrainResult:
     first_step_seconds: float | None = None
     step_seconds: list[float] = field(default_factory=list)  # with `time_steps`
     resumed_from: int = 0
+    flops: dict = field(default_factory=dict)  # StepTally.summary(): total FLOPs, per kind of step
+    cpu_seconds: float | None = None  # this process's CPU time (all threads) over the loop, this attempt only
 
     @property
     def final_losses(self) -> dict[str, float]:
@@ -260,6 +264,8 @@ def train(
     time_steps: bool = False,
     desc: str = "train",
     progress: bool = True,
+    step_kind: Callable[[int, Any], str] | None = None,
+    count_flops: bool | None = None,
 ) -> TrainResult:
     """Run `config.iterations` iterations of `update(step, trainer, next(batches))`; returns timing, losses, memory.
 
@@ -268,6 +274,12 @@ def train(
     saved every `resume.every` steps; the caller deletes it once its final result is safe. `param_lrs` gives some
     parameters (by name) their own learning rate. Raises NonFiniteLoss or NonFiniteWeights instead of returning a
     model that means nothing.
+
+    FLOPs (`TrainResult.flops`): the first step of each kind (`step_kind(step, batch)`, default: the batch's shapes)
+    is run once more under the FLOP counter, outside the timed loop, and every number it touched (weights, Adam
+    state, torch's generators and `resume.generators`, `resume.extra`) is put back, so counting changes neither the
+    result nor RTE. By default (`count_flops=None`) only a loop with `resume` counts: its generators are all the
+    random state its steps draw from (the same condition as an exact resume).
     """
     speed = (speed or Speed()).for_device(device)
     prepare_model(model, speed)
@@ -276,7 +288,10 @@ def train(
     if ema is not None:
         ema.match_layout(model)
     trainer = Trainer(model, optimizer, device, speed, config.grad_clip, grad_mask)
-    start, seconds_before, history = _load_checkpoint(resume, model, ema, optimizer, device) if resume else (0, 0.0, [])
+    count = resume is not None if count_flops is None else count_flops
+    tally = StepTally(enabled=count and not speed.compile)  # the counter does not see inside compiled graphs
+    start, seconds_before, history = (_load_checkpoint(resume, model, ema, optimizer, device, tally) if resume
+                                      else (0, 0.0, []))
     if start:
         log.info("resuming %s from step %d of %d (%s)", desc, start, config.iterations, resume.path)
     for _ in range(start):  # replay the stream: the data generator ends where it was at the interruption
@@ -284,43 +299,84 @@ def train(
     model.train()
     reset_peak_memory(device)
 
-    def iteration(step: int) -> dict[str, Tensor]:
+    generators = resume.generators if resume is not None else {}
+    extra = resume.extra if resume is not None else None
+
+    def iteration(step: int) -> tuple[dict[str, Tensor], Callable[[], None] | None]:
+        """One step; and, for the first step of a new kind, its FLOP count, to run outside the timed loop."""
         if config.lr_warmdown > 0:
             for group, lr in zip(optimizer.param_groups, nominal_lrs):
                 group["lr"] = lr * config.lr_factor(step)
-        terms = update(step, trainer, to_device(next(batches), device))
+        batch = to_device(next(batches), device)
+        kind = step_kind(step, batch) if step_kind is not None else batch_kind(batch)
+        terms = update(step, trainer, batch)
         if ema is not None:
             ema.update(model)
-        return terms
+        if not tally.add(kind):
+            return terms, None
+        return terms, lambda: tally.measured(kind, _step_flops(trainer, update, step, batch, generators, extra))
 
     def save(step: int, seconds: float) -> None:
         check_finite_weights(model, ema, f"step {step}")
-        _save_checkpoint(resume, step, seconds_before + seconds, model, ema, optimizer, history)
+        _save_checkpoint(resume, step, seconds_before + seconds, model, ema, optimizer, history, tally)
 
     every = resume.every if resume is not None else None
     result = _loop(iteration, config.iterations, device, start, check_every, save if every else None, every, desc,
                    progress, time_steps, history)
     check_finite_weights(model, ema, "the end of training")
     result.steps, result.seconds, result.resumed_from = config.iterations, seconds_before + result.seconds, start
+    result.flops = tally.summary()
     return result
 
 
-def _loop(iteration: Callable[[int], dict[str, Tensor]], iterations: int, device: torch.device, start: int,
-          check_every: int, save: Callable[[int, float], None] | None, every: int | None, desc: str, progress: bool,
-          time_steps: bool, history: list[dict[str, float]]) -> TrainResult:
+def _step_flops(trainer: Trainer, update: Update, step: int, batch, generators: dict[str, torch.Generator],
+                extra: Stateful | None) -> int:
+    """FLOPs of `update(step, trainer, batch)`, run once more under the counter; every number it changes (weights,
+    Adam state, torch's and the named generators, the method's state, gradients) is restored afterwards."""
+    params, adam = trainer.snapshot(), copy.deepcopy(trainer.optimizer.state_dict())
+    rng, named = torch.get_rng_state(), {name: gen.get_state() for name, gen in generators.items()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    own = copy.deepcopy(extra.state_dict()) if extra is not None else None
+    try:
+        return counted_flops(lambda: update(step, trainer, batch))[1]
+    finally:
+        trainer.restore(params)
+        trainer.optimizer.load_state_dict(adam)
+        torch.set_rng_state(rng)
+        for name, gen in generators.items():
+            gen.set_state(named[name])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        if extra is not None:
+            extra.load_state_dict(own)
+        trainer.model.zero_grad(set_to_none=True)
+
+
+def _loop(iteration: Callable[[int], tuple[dict[str, Tensor], Callable[[], None] | None]], iterations: int,
+          device: torch.device, start: int, check_every: int, save: Callable[[int, float], None] | None,
+          every: int | None, desc: str, progress: bool, time_steps: bool,
+          history: list[dict[str, float]]) -> TrainResult:
     """Steps, finite checks, checkpoints and timing around `iteration(step)`; appends each window's mean losses to
-    `history` (the windows before a resume come from its checkpoint)."""
+    `history` (the windows before a resume come from its checkpoint). The FLOP counts that `iteration` hands back
+    run off the clock (wall and CPU)."""
     pending: list[dict[str, Tensor]] = []
     bar = progress_bar(total=iterations, initial=start, desc=desc, disable=not progress, leave=False)
-    timer, first_step = StepTimer(device, time_steps), None
+    timer, first_step, untimed = StepTimer(device, time_steps), None, 0.0
     synchronize(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for step in range(start, iterations):
         timer.mark()
-        terms = iteration(step)
+        terms, count = iteration(step)
         if first_step is None:  # one sync: the first step holds compile time, reported apart
             synchronize(device)
             first_step = time.perf_counter() - started
+        if count is not None:
+            synchronize(device)
+            paused, cpu_paused = time.perf_counter(), time.process_time()
+            count()
+            synchronize(device)
+            untimed += time.perf_counter() - paused
+            cpu_started += time.process_time() - cpu_paused
         pending.append({name: value.detach() for name, value in terms.items()})
         done = step + 1
         checkpoint_due = save is not None and every and done % every == 0 and done < iterations
@@ -331,13 +387,14 @@ def _loop(iteration: Callable[[int], dict[str, Tensor]], iterations: int, device
             bar.set_postfix(loss=f"{history[-1]['loss']:.4g}")
         bar.update(1)
         if checkpoint_due:
-            save(done, time.perf_counter() - started)
+            save(done, time.perf_counter() - started - untimed)
     timer.mark()
     synchronize(device)
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - untimed
     bar.close()
     return TrainResult(steps=iterations - start, seconds=seconds, loss_history=history,
-                       memory=memory_snapshot(device), first_step_seconds=first_step, step_seconds=timer.seconds())
+                       memory=memory_snapshot(device), first_step_seconds=first_step, step_seconds=timer.seconds(),
+                       cpu_seconds=time.process_time() - cpu_started)
 
 
 def _check_finite(pending: list[dict[str, Tensor]], first_step: int) -> dict[str, float]:
@@ -374,8 +431,9 @@ def _generator_states(resume: Resume) -> dict:
 
 
 def _save_checkpoint(resume: Resume, step: int, seconds: float, model: nn.Module, ema: EMA | None,
-                     optimizer: torch.optim.Optimizer, history: list[dict[str, float]]) -> None:
+                     optimizer: torch.optim.Optimizer, history: list[dict[str, float]], tally: StepTally) -> None:
     payload = {"format": CHECKPOINT_FORMAT, "step": step, "seconds": seconds, "history": history,
+               "flops": tally.state_dict(),
                "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else {},
                "optimizer": optimizer.state_dict(),
                "rng": _generator_states(resume), "extra": resume.extra.state_dict() if resume.extra else {}}
@@ -383,7 +441,7 @@ def _save_checkpoint(resume: Resume, step: int, seconds: float, model: nn.Module
 
 
 def _load_checkpoint(resume: Resume, model: nn.Module, ema: EMA | None, optimizer: torch.optim.Optimizer,
-                     device: torch.device) -> tuple[int, float, list[dict[str, float]]]:
+                     device: torch.device, tally: StepTally) -> tuple[int, float, list[dict[str, float]]]:
     """Restore everything from `resume.path` if it exists; (step to go on from, seconds already trained, the loss
     history so far)."""
     state = load_derived(resume.path, map_location=device)  # a corrupt one is removed: the run starts over
@@ -408,4 +466,5 @@ def _load_checkpoint(resume: Resume, model: nn.Module, ema: EMA | None, optimize
         torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
     if resume.extra is not None:
         resume.extra.load_state_dict(state["extra"])
+    tally.load_state_dict(state.get("flops"))  # a checkpoint made before FLOP counting: the kinds are counted anew
     return step, float(state["seconds"]), list(state.get("history", []))
