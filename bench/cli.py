@@ -313,11 +313,11 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
         _fail(str(exc))
     if outcomes is not None:
         try:
-            _report(outcomes, results, as_json)
+            code = _report(outcomes, results, as_json)
         finally:  # the attacks' lines follow the runs' table, also when a run failed
-            attacks_failed = _report_attacks([a for o in outcomes for a in o.attacks], err=as_json)
-        if attacks_failed:
-            sys.exit(1)
+            code = _exit_code([code, _report_attacks([a for o in outcomes for a in o.attacks], err=as_json)])
+        if code:
+            sys.exit(code)
 
 
 @main.command("prepare")
@@ -376,9 +376,19 @@ def _run_on_cluster(specs, cluster: str, config: dict, jobs_folder: str, force: 
     return wait_runs(submission, progress=progress)
 
 
-def _report(outcomes, out: str, as_json: bool = False) -> None:
-    """The summary table over every record of the sweep, then each failure with its log; exit 1 if any failed.
-    With `as_json`, one JSON object instead: every run's identity, status, record path, error and metrics."""
+def _exit_code(codes) -> int:
+    """One rule for every command: 130 if anything was interrupted (Ctrl-C, SIGTERM), else 1 if anything failed."""
+    return 130 if 130 in codes else max(codes, default=0)
+
+
+def _outcomes_code(count: dict) -> int:
+    return _exit_code([130 if count.get("interrupted") else 0, 1 if count.get("failed") else 0])
+
+
+def _report(outcomes, out: str, as_json: bool = False) -> int:
+    """The summary table over every record of the sweep, then each failure with its log; returns the exit code
+    (`_exit_code`). With `as_json`, one JSON object instead: every run's identity, status, record path, error and
+    metrics."""
     from bench.orchestrate import finished_record
     from reports.summary import summary_text
 
@@ -392,9 +402,7 @@ def _report(outcomes, out: str, as_json: bool = False) -> None:
                  "log": o.log_path, "metrics": record["metrics"] if record else None}
                 for o, record in zip(outcomes, records)]
         click.echo(json.dumps({"results": out, "counts": count, "runs": runs}, indent=2, default=str))
-        if count["failed"] or count["interrupted"]:
-            sys.exit(130 if count["interrupted"] and not count["failed"] else 1)
-        return
+        return _outcomes_code(count)
     click.echo("\n" + summary_text([record for record in records if record is not None]))
     busy = f", {count['busy']} left to another process running them" if count["busy"] else ""
     stopped = f", {count['interrupted']} not finished (stopped)" if count["interrupted"] else ""
@@ -407,16 +415,16 @@ def _report(outcomes, out: str, as_json: bool = False) -> None:
         label = "FAILED" if outcome.status == "failed" else "NOT FINISHED"
         click.echo(f"{label} {spec.method} [{spec.variant}] class {spec.forget_class} seed {spec.seed}: "
                    f"{outcome.error}{where}", err=True)
-    if failed:
-        sys.exit(130 if count["interrupted"] and not count["failed"] else 1)
+    return _outcomes_code(count)
 
 
-def _report_attacks(outcomes, as_json: bool = False, err: bool = False) -> bool:
-    """One line per attack (or JSON), failures with their log; True if any failed. `err` writes to stderr."""
+def _report_attacks(outcomes, as_json: bool = False, err: bool = False) -> int:
+    """One line per attack (or JSON), failures with their log; returns the exit code (`_exit_code`). `err` writes
+    to stderr."""
     from bench.attacks import summary
 
     if not outcomes:
-        return False
+        return 0
     if as_json:
         keys = ("auc", "steps_to_relearn", "curve", "success_rate", "success_rate_before", "budget")
         rows = [{"attack": o.spec.attack, "variant": o.spec.variant, "method": o.spec.run.method,
@@ -427,11 +435,13 @@ def _report_attacks(outcomes, as_json: bool = False, err: bool = False) -> bool:
     for outcome in outcomes if not as_json else ():
         line = summary(outcome.record) if outcome.record else f"{outcome.spec.describe()}: {outcome.error}"
         where = f" (log: {outcome.log_path})" if outcome.status == "failed" and outcome.log_path else ""
-        click.echo(f"{outcome.status:8s} {line}{where}", err=err or outcome.status == "failed")
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "busy", "failed")}
+        click.echo(f"{outcome.status:8s} {line}{where}", err=err or outcome.status in ("failed", "interrupted"))
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "busy", "failed", "interrupted")}
     if not as_json:
-        click.echo(f"attacks: {', '.join(f'{n} {s}' for s, n in counts.items())}; records in <run>/attacks/", err=err)
-    return counts["failed"] > 0
+        stopped = "; stopped: run the command again to resume" if counts["interrupted"] else ""
+        click.echo(f"attacks: {', '.join(f'{n} {s}' for s, n in counts.items())}; records in <run>/attacks/"
+                   f"{stopped}", err=err)
+    return _outcomes_code(counts)
 
 
 def attack_run_options(command):
@@ -551,8 +561,8 @@ def _attack(name: str, options: dict, methods_spec, classes_spec, preset, seeds,
             outcomes = wait_runs(submit_attacks(specs, cluster, config, folder, force), progress=not no_progress)
     except (CheckpointError, FileNotFoundError, ValueError, FailedSubmissionError) as exc:
         _fail(str(exc))
-    if _report_attacks(outcomes, as_json):
-        sys.exit(1)
+    if code := _report_attacks(outcomes, as_json):
+        sys.exit(code)
 
 
 @main.command("status")
@@ -579,12 +589,17 @@ def status_cmd(out, jobs_folder, as_json, cache_dir) -> None:
     if not rows:
         click.echo(f"nothing submitted or recorded under {out}")
         return
-    width = max(len(r.method) for r in rows), max(len(r.variant) for r in rows)
-    click.echo(f"{'method':{width[0]}}  {'variant':{width[1]}}  class  seed  {'state':8} detail")
+    width = max(len(r.method) for r in rows), max(len(r.variant) for r in rows), max(len(r.attack) for r in rows)
+    attack = f"{'attack':{width[2]}}  " if width[2] else ""
+    click.echo(f"{'method':{width[0]}}  {'variant':{width[1]}}  {attack}class  seed  {'state':11} detail")
     for r in rows:
-        click.echo(f"{r.method:{width[0]}}  {r.variant:{width[1]}}  {r.forget_class:5d}  {r.seed:4d}  "
-                   f"{r.state:8} {r.detail}")
-    click.echo(", ".join(f"{sum(r.state == s for r in rows)} {s}" for s in STATES))
+        attack = f"{r.attack:{width[2]}}  " if width[2] else ""
+        click.echo(f"{r.method:{width[0]}}  {r.variant:{width[1]}}  {attack}{r.forget_class:5d}  {r.seed:4d}  "
+                   f"{r.state:11} {r.detail}")
+    runs, attacks = [r for r in rows if not r.attack], [r for r in rows if r.attack]
+    click.echo(", ".join(f"{sum(r.state == s for r in runs)} {s}" for s in STATES))
+    if attacks:
+        click.echo("attacks: " + ", ".join(f"{sum(r.state == s for r in attacks)} {s}" for s in STATES))
 
 
 @main.command("report")

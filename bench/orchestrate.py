@@ -20,6 +20,7 @@ import os
 import pickle
 import signal
 import socket
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -27,9 +28,10 @@ from pathlib import Path
 
 import submitit
 import torch
+from tqdm import tqdm
 
 from bench import claims, fingerprint, records
-from bench.attacks import AttackSpec, attack_one, attack_specs, finished_attack, pending_attacks
+from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, finished_attack, pending_attacks
 from bench.cache import Cache, load_file
 from bench.cluster import make_executor, submit_all, wait_all
 from bench.config import get_preset
@@ -40,6 +42,9 @@ from bench.prerequisites import Prerequisites, build, missing, prerequisites_for
 from bench.sweep import RunSpec, resolve_method_config
 
 log = logging.getLogger(__name__)
+
+INTERRUPTED = "stopped by Ctrl-C or SIGTERM before its record; the next command resumes it"
+STOPPED = "not finished: the sweep was stopped"
 
 
 def check_writable(results: str | Path) -> None:
@@ -166,9 +171,15 @@ def run_claimed(spec: RunSpec, force: bool = False, job_id: str | None = None) -
     try:
         if not force and (record := finished_record(spec)) is not None:  # finished before we got the claim
             return Outcome(spec, "skipped", record)
-        return Outcome(spec, "done", run_one(spec))
+        outcome = Outcome(spec, "done", run_one(spec))
+        records.clear_markers(spec.directory)
+        return outcome
     except Exception as exc:  # not an interruption (Ctrl-C, a preemption's exit): that run resumes, it did not fail
-        records.write_failure(spec.directory, f"{type(exc).__name__}: {exc}", _log_path())
+        records.write_failure(spec.directory, f"{type(exc).__name__}: {exc}", _log_path(), exc)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (`bench.cli`): not finished, resumed by the next command
+        if not (spec.directory / records.RECORD_NAME).exists() or force:
+            records.write_interrupted(spec.directory, INTERRUPTED)
         raise
     finally:
         claim.release()
@@ -282,11 +293,51 @@ def run_local(specs: list[RunSpec], force: bool = False, workers: int = 1, progr
             if progress:
                 progress(outcomes[-1])
     except KeyboardInterrupt:
-        log.warning("interrupted: %d of %d run(s) finished", len(outcomes), len(specs))
-        done = {o.spec for o in outcomes}
-        outcomes += [Outcome(spec, "interrupted", error="not finished: the sweep was stopped")
-                     for spec in todo if spec not in done]
+        outcomes += stopped(todo, outcomes)
     return in_spec_order(outcomes, specs)
+
+
+def stopped(todo: list, outcomes: list[Outcome]) -> list[Outcome]:
+    """The outcomes of the runs or attacks of `todo` without one in `outcomes` when the sweep was stopped."""
+    have = {o.spec for o in outcomes}
+    added = [ended(spec, "interrupted", STOPPED) for spec in todo if spec not in have]
+    log.warning("interrupted: %d of %d finished", len(todo) - sum(o.status == "interrupted" for o in added),
+                len(todo))
+    return added
+
+
+def ended(spec: RunSpec | AttackSpec, state: str, error: str, mark: bool = False) -> Outcome:
+    """The outcome of a run or attack whose process ended without reporting it (a dead worker: failed; a stopped
+    sweep: interrupted). Done if its record was written after all (the process died after writing it); else
+    `state`, with its marker (`failure.json`, `interrupted.json`) where `mark` or its process had claimed it."""
+    if isinstance(spec, AttackSpec):
+        if (record := finished_attack(spec)) is not None:
+            return Outcome(spec, "done", record)
+    elif (record := finished_record(spec)) is not None:
+        return Outcome(spec, "done", record, attacks=[ended(attack, state, error) for name in spec.attacks
+                                                      for attack in attack_specs(spec, name)])
+    claim_path = spec.directory / claims.CLAIM_NAME
+    held = claims.read_claim(claim_path)
+    if mark or (held is not None and claims.claim_is_stale(claim_path, held[1])):
+        if state == "failed":
+            records.write_failure(spec.directory, error)
+        elif not records.read_failure(spec.directory, records.INTERRUPTED_NAME):  # a run's own, from `run_claimed`
+            records.write_interrupted(spec.directory, INTERRUPTED)
+    return Outcome(spec, state, error=error)
+
+
+def eta(started: float, done: int, total: int) -> str:
+    """' (elapsed 1m 20s, ETA 4m 00s)' after `done` of `total` runs begun at `started`; '' before the first ends."""
+    if done == 0:
+        return ""
+    elapsed = time.perf_counter() - started
+    return f" (elapsed {_duration(elapsed)}, ETA {_duration(elapsed / done * (total - done))})"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
 
 
 def _run_guarded(job: Job, spec: RunSpec) -> Outcome:
@@ -294,7 +345,13 @@ def _run_guarded(job: Job, spec: RunSpec) -> Outcome:
         return job(spec)
     except Exception as exc:  # one failed run must not stop the sweep
         log.error("run failed: %s: %s\n%s", spec.describe(), exc, traceback.format_exc())
-        return Outcome(spec, "failed", error=f"{type(exc).__name__}: {exc}")
+        return Outcome(spec, "failed", error=error_text(exc))
+
+
+def error_text(exc: BaseException) -> str:
+    """`Type: message at file:line in function` (the innermost frame in the project or a plug-in)."""
+    where = records.failure_where(exc)
+    return f"{type(exc).__name__}: {exc}" + (f" at {where}" if where else "")
 
 
 def _worker_main(conn, threads: int, force: bool, parent: int) -> None:
@@ -302,6 +359,9 @@ def _worker_main(conn, threads: int, force: bool, parent: int) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
     torch.set_num_threads(threads)
+    # tqdm's default lock is a multiprocessing semaphore, which a spawned process registers with the resource
+    # tracker (a "leaked semaphore" warning when it is terminated); a worker draws no bars: a thread lock does
+    tqdm.set_lock(threading.RLock())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     job = Job(force)
     while (task := conn.recv()) is not None:
@@ -403,26 +463,35 @@ class WorkerPool:
                     finish(index, outcome)
                     hand_out(conn, process)
         except KeyboardInterrupt:
-            log.warning("interrupted: stopping %d worker(s); %d of %d run(s) finished", len(held), len(outcomes),
-                        len(todo))
+            log.warning("interrupted: stopping %d worker(s)", len(held))
         finally:
             bar.close()
-            for process in processes:
-                if process.is_alive():
-                    process.terminate()
-            for process in processes:
-                process.join(timeout=10)
-        unfinished = [Outcome(spec, "interrupted", error="not finished: the sweep was stopped")
-                      for index, spec in enumerate(todo) if index not in outcomes]
-        return list(outcomes.values()) + unfinished
+            self._stop(processes, busy={process for process, _ in held.values()})
+            for conn in held:
+                conn.close()
+        return list(outcomes.values()) + stopped(todo, list(outcomes.values()))
+
+    @staticmethod
+    def _stop(processes: list, busy: set) -> None:
+        """End the workers still holding a run (interrupted); let the others, told to finish, exit on their own,
+        which releases what they opened."""
+        for process in busy:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
 
     @staticmethod
     def _died(spec: RunSpec, process) -> Outcome:
-        """The outcome of the run a dead worker held: failed, with `failure.json` saying so."""
+        """The outcome of the run a dead worker held: failed, with `failure.json` saying so, unless the worker died
+        after writing its record (then done)."""
         process.join(timeout=10)  # for its exit code
-        outcome = Outcome(spec, "failed", error=f"worker process {process.pid} died (exit code {process.exitcode})")
-        records.write_failure(spec.directory, outcome.error)
-        log.error("%s: %s", spec.describe(), outcome.error)
+        outcome = ended(spec, "failed", f"worker process {process.pid} died (exit code {process.exitcode})",
+                        mark=True)
+        log.log(logging.ERROR if outcome.status == "failed" else logging.WARNING, "%s: worker process %s died; %s",
+                spec.describe(), process.pid, outcome.error or "its record was written")
         return outcome
 
 
@@ -532,9 +601,15 @@ def attack_claimed(spec: AttackSpec, force: bool = False, job_id: str | None = N
     try:
         if not force and (record := finished_attack(spec)) is not None:
             return Outcome(spec, "skipped", record)
-        return Outcome(spec, "done", attack_one(spec, fresh=force))
+        outcome = Outcome(spec, "done", attack_one(spec, fresh=force))
+        records.clear_markers(spec.directory)
+        return outcome
     except Exception as exc:  # not an interruption (Ctrl-C, a preemption's exit): that run resumes, it did not fail
-        records.write_failure(spec.directory, f"{type(exc).__name__}: {exc}", _log_path())
+        records.write_failure(spec.directory, f"{type(exc).__name__}: {exc}", _log_path(), exc)
+        raise
+    except KeyboardInterrupt:  # as in `run_claimed`
+        if not (spec.directory / ATTACK_NAME).exists() or force:
+            records.write_interrupted(spec.directory, INTERRUPTED)
         raise
     finally:
         claim.release()
@@ -548,7 +623,7 @@ def run_attacks(spec: RunSpec, force: bool = False, job_id: str | None = None) -
             outcomes.append(attack_claimed(attack, force, job_id))
         except Exception as exc:
             log.error("attack failed: %s: %s\n%s", attack.describe(), exc, traceback.format_exc())
-            outcomes.append(Outcome(attack, "failed", error=f"{type(exc).__name__}: {exc}"))
+            outcomes.append(Outcome(attack, "failed", error=error_text(exc)))
     return outcomes
 
 
@@ -567,9 +642,12 @@ def run_attacks_local(specs: list[AttackSpec], force: bool = False, workers: int
     if workers > 1 and len(todo) > 1:
         return in_spec_order(outcomes + WorkerPool(workers, force).run(todo), specs)
     job = Job(force)
-    for index, spec in enumerate(todo, 1):
-        log.info("[%d/%d] %s", index, len(todo), spec.describe())
-        outcomes.append(_run_guarded(job, spec))
+    try:
+        for index, spec in enumerate(todo, 1):
+            log.info("[%d/%d] %s", index, len(todo), spec.describe())
+            outcomes.append(_run_guarded(job, spec))
+    except KeyboardInterrupt:
+        outcomes += stopped(todo, outcomes)
     return in_spec_order(outcomes, specs)
 
 

@@ -14,6 +14,9 @@ import logging
 import math
 import os
 import re
+import sysconfig
+import time
+import traceback
 import uuid
 from pathlib import Path
 
@@ -25,6 +28,7 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)  # the schema versions this code reads; a record of any other is not taken as done
 RECORD_NAME = "record.json"
 FAILURE_NAME = "failure.json"
+INTERRUPTED_NAME = "interrupted.json"
 SAFE_PART = re.compile(r"^[A-Za-z0-9._=,+-]+$")
 
 # Every record field and its JSON type. A record of schema 1 (before base and classifier ids) reads as well.
@@ -186,18 +190,81 @@ def read_all(results: str | Path) -> tuple[list[dict], list[tuple[Path, str]]]:
     return records, skipped
 
 
-def write_failure(directory: Path, error: str, log_path: str | None = None) -> Path:
-    """Leave `failure.json` where the record would be: what failed and where its log is (read by `bench status`)."""
-    import time
-
+def write_failure(directory: Path, error: str, log_path: str | None = None,
+                  exc: BaseException | None = None) -> Path:
+    """Leave `failure.json` where the record would be: what failed, where (the last frames of `exc`'s traceback:
+    `where`, `traceback`, `traceback_text`) and where its log is; read by `bench status`. Replaces an interruption
+    marker: the run's latest end is this failure."""
     path = directory / FAILURE_NAME
-    write_json_atomic(path, {"error": error, "log": log_path, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    frames, text = (failure_frames(exc), "".join(traceback.format_exception(exc))) if exc is not None else ([], None)
+    write_json_atomic(path, {"error": error, "where": failure_where(exc) if exc is not None else None,
+                             "traceback": frames, "traceback_text": text, "log": log_path,
+                             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    (directory / INTERRUPTED_NAME).unlink(missing_ok=True)
     return path
 
 
-def read_failure(directory: Path) -> dict | None:
+def write_interrupted(directory: Path, reason: str) -> Path:
+    """Leave `interrupted.json` in the folder of a run or attack that was stopped (Ctrl-C, SIGTERM) before its
+    record: not a failure, the next command resumes it. Replaces a failure marker of an earlier attempt."""
+    path = directory / INTERRUPTED_NAME
+    write_json_atomic(path, {"reason": reason, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    (directory / FAILURE_NAME).unlink(missing_ok=True)
+    return path
+
+
+def clear_markers(directory: Path) -> None:
+    """Remove the failure and interruption markers of earlier attempts (the run or attack has its record now)."""
+    for name in (FAILURE_NAME, INTERRUPTED_NAME):
+        (directory / name).unlink(missing_ok=True)
+
+
+def read_failure(directory: Path, name: str = FAILURE_NAME) -> dict | None:
+    """The failure marker of a run or attack folder (`name`: or its interruption marker); None if none is readable."""
     try:
-        payload = json.loads((directory / FAILURE_NAME).read_text())
+        payload = json.loads((directory / name).read_text())
     except (OSError, ValueError):
         return None
     return payload if isinstance(payload, dict) else None
+
+
+def describe_failure(failure: dict) -> str:
+    """One line of a failure marker: the error, where it was raised, and its log."""
+    where = f" at {failure['where']}" if failure.get("where") else ""
+    log_path = f"; log {failure['log']}" if failure.get("log") else ""
+    return f"{failure.get('error')}{where}{log_path}"
+
+
+# -- where a failure was raised: the last frames of its traceback ------------------------------------------------
+_ROOT = Path(__file__).resolve().parent.parent  # the project: its files are named relative to it
+_PROJECT = tuple(str(_ROOT / package) + os.sep for package in ("bench", "methods", "reports"))
+_LIBRARY = tuple(str(Path(p).resolve()) for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+                                                   sysconfig.get_paths()["platlib"]})
+
+
+def _frame_text(frame: traceback.FrameSummary) -> str:
+    path = Path(frame.filename)
+    try:
+        name = str(path.resolve().relative_to(_ROOT))
+    except (ValueError, OSError):
+        name = frame.filename
+    return f"{name}:{frame.lineno} in {frame.name}"
+
+
+def _in_library(frame: traceback.FrameSummary) -> bool:
+    """Python's or an installed package's file (torch, numpy...), not the project's or a user's plug-in."""
+    path = str(Path(frame.filename).resolve())
+    return path.startswith(_LIBRARY) and not path.startswith(_PROJECT)
+
+
+def failure_frames(exc: BaseException, keep: int = 5) -> list[str]:
+    """The last `keep` frames of `exc`'s traceback, innermost last, as "file:line in function"."""
+    return [_frame_text(frame) for frame in traceback.extract_tb(exc.__traceback__)[-keep:]]
+
+
+def failure_where(exc: BaseException) -> str | None:
+    """The innermost frame of `exc` in the project or a user's file (a method's loss, a plug-in), not in torch or
+    Python; the innermost frame if all are."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [frame for frame in frames if not _in_library(frame)]
+    return _frame_text((ours or frames)[-1]) if frames else None

@@ -3,7 +3,9 @@ folder.
 
 The results folder says what every run did, wherever it ran: a record (done; stale, with the reason, when `bench run`
 would run it again: another base model, classifier, hyperparameters or method code), a live claim (running), a failure
-marker with its reason and log (failed), a dead claim (killed). The submission manifests (`submission-*.json`,
+marker with its reason, where it was raised and its log (failed), an interruption marker or a dead claim
+(interrupted: the next command resumes it). Attacks on a run (<run>/attacks/<attack>/<variant>) are rows alike, after
+their run; a valid record wins over a marker an earlier attempt left. The submission manifests (`submission-*.json`,
 written by bench.orchestrate) add runs that were submitted but have not started; submitit's result pickles and the
 scheduler (`sacct`/`squeue` on SLURM) say why a job without a record failed.
 """
@@ -19,12 +21,13 @@ from pathlib import Path
 import submitit
 
 from bench import claims, records
+from bench.attacks import ATTACK_NAME, read_attack
 from bench.cache import Cache, CheckpointError
 from bench.orchestrate import current_ids, last_line, record_spec, stale_reason
 
 log = logging.getLogger(__name__)
 
-STATES = ("done", "stale", "running", "failed", "missing")
+STATES = ("done", "stale", "running", "failed", "missing", "interrupted")
 MANIFEST_RUN = {"directory", "method", "variant", "forget_class", "seed"}  # what each run of a manifest must say
 SCHEDULER_RUNNING = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
                      "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "READY"}
@@ -40,6 +43,7 @@ class RunStatus:
     seed: int
     state: str  # one of STATES
     detail: str = ""
+    attack: str = ""  # an attack on the run ("relearn [k=3]"); empty for the run itself
 
 
 def status(out: str | Path, folder: str | Path, cache: str | Path | None = None) -> list[RunStatus]:
@@ -59,7 +63,7 @@ def status(out: str | Path, folder: str | Path, cache: str | Path | None = None)
             continue
         for run in runs:
             entries[run["directory"]] = {**run, "cluster": payload.get("cluster")}
-    for name in (records.RECORD_NAME, claims.CLAIM_NAME, records.FAILURE_NAME):
+    for name in (records.RECORD_NAME, ATTACK_NAME, claims.CLAIM_NAME, records.FAILURE_NAME, records.INTERRUPTED_NAME):
         for path in Path(out).rglob(name):
             try:
                 entries.setdefault(str(path.parent.resolve()), _entry_from_path(path.parent))
@@ -69,10 +73,14 @@ def status(out: str | Path, folder: str | Path, cache: str | Path | None = None)
     scheduler = _scheduler_states(folder, slurm_ids)
     check = _staleness(out, None if cache is None else str(cache))
     rows = [_run_status(entry, folder, scheduler, check) for entry in entries.values()]
-    return sorted(rows, key=lambda r: (r.method, r.variant, r.forget_class, r.seed))
+    return sorted(rows, key=lambda r: (r.method, r.variant, r.forget_class, r.seed, r.attack))
 
 
 def _entry_from_path(directory: Path) -> dict:
+    """A run folder, or an attack's (<run>/attacks/<attack>/<variant>), as a status entry."""
+    if directory.parent.parent.name == "attacks":
+        return {**records.parse_run_dir(directory.parent.parent.parent), "directory": str(directory.resolve()),
+                "attack": f"{directory.parent.name} [{directory.name}]"}
     return {**records.parse_run_dir(directory), "directory": str(directory.resolve())}
 
 
@@ -117,9 +125,16 @@ def _done(row: RunStatus, record: dict, path: Path, check) -> RunStatus:
 
 
 def _run_status(entry: dict, folder: Path, scheduler: dict[str, str], check) -> RunStatus:
-    row = RunStatus(entry["method"], entry["variant"], entry["forget_class"], entry["seed"], "missing")
+    row = RunStatus(entry["method"], entry["variant"], entry["forget_class"], entry["seed"], "missing",
+                    attack=entry.get("attack", ""))
     directory = Path(entry["directory"])
     record_path, claim_path = directory / records.RECORD_NAME, directory / claims.CLAIM_NAME
+    if row.attack and (directory / ATTACK_NAME).exists():
+        try:
+            read_attack(directory / ATTACK_NAME)
+            return dataclasses.replace(row, state="done", detail=str(directory / ATTACK_NAME))
+        except records.CorruptRecord as exc:
+            return dataclasses.replace(row, state="failed", detail=str(exc))
     if record_path.exists():
         try:
             record = records.read_record(record_path)
@@ -131,13 +146,15 @@ def _run_status(entry: dict, folder: Path, scheduler: dict[str, str], check) -> 
         return dataclasses.replace(row, state="running", detail=claims.describe_holder(held[1] or {}))
     failure = records.read_failure(directory)
     if failure is not None:
-        where = f"; log {failure['log']}" if failure.get("log") else ""
-        return dataclasses.replace(row, state="failed", detail=f"{failure.get('error')}{where}")
+        return dataclasses.replace(row, state="failed", detail=records.describe_failure(failure))
+    stopped = records.read_failure(directory, records.INTERRUPTED_NAME)
+    if stopped is not None:
+        return dataclasses.replace(row, state="interrupted", detail=f"{stopped.get('reason')} ({stopped.get('when')})")
     job_id = entry.get("job_id")
     if not job_id:
         if held is not None:
-            return dataclasses.replace(row, state="failed", detail=f"killed: its process is gone "
-                                                                   f"({claims.describe_holder(held[1] or {})})")
+            return dataclasses.replace(row, state="interrupted", detail=f"its process is gone "
+                                       f"({claims.describe_holder(held[1] or {})}); the next command resumes it")
         return row
     paths = submitit.core.utils.JobPaths(folder, job_id, 0)
     if paths.result_pickle.exists():
