@@ -272,9 +272,12 @@ def _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, c
               help="after each run, in its job, attack its saved model (implies --save-model) with `bench attack`'s "
                    "default settings")
 @click.option("--json", "as_json", is_flag=True, help="print the outcome of every run as JSON instead of tables")
+@click.option("--dry-run", is_flag=True,
+              help="print every run that would go out (method, class, seed, folder; with --cluster its resources) "
+                   "and a total, skipping finished runs as a real run would; run, build and write nothing")
 def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root, device,
             speed_items, force, no_progress, cluster, cluster_config, jobs_folder, no_wait, workers, save_model,
-            attack_names, as_json) -> None:
+            attack_names, as_json, dry_run) -> None:
     """Unlearn each forget class with each method, evaluate, and write one record per run."""
     import dataclasses
 
@@ -287,6 +290,8 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
         attack_names = parse_attacks(attack_names) if attack_names.strip() else ()
     except ValueError as exc:
         _fail(f"--attacks: {exc}")
+    if dry_run and click.get_current_context().meta.get("download"):
+        _fail("--dry-run downloads nothing: drop --download (or run without --dry-run)")
     preset_obj, methods, specs = _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results,
                                         cache_dir, data_root, device, speed_items, absolute=cluster is not None,
                                         progress=not no_progress and cluster is None and workers == 1 and not as_json,
@@ -294,8 +299,11 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
     specs = [dataclasses.replace(spec, attacks=attack_names) for spec in specs]
     try:
         config = _cluster_config(cluster, cluster_config, no_wait)
+        if dry_run:
+            _dry_run(specs, cluster, config, force, workers, as_json)
+            return
         check_writable(results)
-    except (ValueError, PermissionError, FileNotFoundError) as exc:
+    except (ValueError, PermissionError, FileNotFoundError, CheckpointError) as exc:
         _fail(str(exc))
     if cluster is not None:
         results = str(Path(results).resolve())
@@ -357,6 +365,45 @@ def _cluster_config(cluster: str | None, name_or_path: str | None, no_wait: bool
     return load_cluster_config(name_or_path)
 
 
+def _dry_run(specs, cluster: str | None, config: dict, force: bool, workers: int, as_json: bool) -> None:
+    """One line per run a real `bench run` would start (finished and claimed runs left out, as it leaves them), with
+    the resources its job would get, and a total. Reads records, claims and the cache; writes nothing."""
+    from bench.cluster import describe_resources, resources
+    from bench.orchestrate import split_finished
+    from bench.prerequisites import prerequisites_for
+
+    known, todo = split_finished(specs, force)
+    first = []
+    for task in prerequisites_for(specs):
+        preset, cache = get_preset(task.preset), task.cache_obj()
+        absent = [what for what, path in (("base model", cache.base_path(preset)),
+                                          ("classifier", cache.classifier_path(preset))) if not path.exists()]
+        if absent:
+            first.append({"preset": task.preset, "build": absent, "cache": str(cache.root),
+                          "resources": resources(config, None) if cluster else None})
+    jobs = [{"method": spec.method, "variant": spec.variant, "forget_class": spec.forget_class, "seed": spec.seed,
+             "directory": str(spec.directory), "resources": resources(config, spec.method) if cluster else None}
+            for spec in todo]
+    skipped, busy = sum(o.status == "skipped" for o in known), sum(o.status == "busy" for o in known)
+    where = f"--cluster {cluster}" if cluster else (f"{workers} worker processes" if workers > 1 else "this process")
+    if as_json:
+        click.echo(json.dumps({"dry_run": True, "where": where, "prerequisites": first, "runs": jobs,
+                               "skipped": skipped, "busy": busy}, indent=2))
+        return
+    for item in first:
+        extra = f"  [{describe_resources(item['resources'])}]" if cluster else ""
+        click.echo(f"first: build the {item['preset']} {' and '.join(item['build'])} in {item['cache']}{extra}")
+    width = max([len(job["method"]) for job in jobs] + [6])
+    for job in jobs:
+        variant = "" if job["variant"] == "default" else f" [{job['variant']}]"
+        extra = f"  [{describe_resources(job['resources'])}]" if cluster else ""
+        click.echo(f"{job['method']:{width}} class {job['forget_class']:<3d} seed {job['seed']:<3d} "
+                   f"{job['directory']}{variant}{extra}")
+    busy_text = f", {busy} left to another process running them" if busy else ""
+    click.echo(f"dry run: {len(jobs)} run(s) to start ({where}), {skipped} skipped (already finished){busy_text}; "
+               "nothing was run or written")
+
+
 def _run_on_cluster(specs, cluster: str, config: dict, jobs_folder: str, force: bool, no_wait: bool,
                     progress: bool, out: str):
     """Submit, then wait and return the outcomes; with `no_wait`, say what was submitted and return None."""
@@ -365,7 +412,11 @@ def _run_on_cluster(specs, cluster: str, config: dict, jobs_folder: str, force: 
     submission = submit_runs(specs, cluster, config, jobs_folder, force=force, wait_prerequisites=not no_wait)
     if submission.jobs:
         ids = [job.job_id for job in submission.jobs]
-        shown = f"array {ids[0].split('_')[0]} ({len(ids)} tasks)" if cluster == "slurm" else ", ".join(ids)
+        if cluster == "slurm":  # one array per distinct method resources (`bench.cluster.submit_grouped`)
+            arrays = [job_id.split("_")[0] for job_id in ids]
+            shown = ", ".join(f"array {array} ({arrays.count(array)} tasks)" for array in dict.fromkeys(arrays))
+        else:
+            shown = ", ".join(ids)
         click.echo(f"submitted {len(ids)} run(s) to {cluster}: job {shown}; logs in {jobs_folder}")
     if no_wait:
         if submission.prerequisites_jobs:

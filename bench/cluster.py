@@ -1,13 +1,16 @@
 """Launch work through submitit: one module-level job function, the same path for `debug`, `local` and `slurm`.
 
 `debug` runs each job in this process when its result is asked for, `local` runs jobs as subprocesses of this
-machine, `slurm` submits them as one job array. Cluster parameters come from `slurm/clusters/<name>.yaml`
-(`load_cluster_config`), never from Python.
+machine, `slurm` submits them as job arrays. Cluster parameters come from `slurm/clusters/<name>.yaml`
+(`load_cluster_config`), never from Python. A cluster file may give each method its own resources
+(`methods: {retrain: {timeout_min: 1440}}`) and the prerequisites job its own (`prerequisites: {...}`);
+`resources` resolves them, and `submit_grouped` sends one job array per distinct set of resources.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -35,6 +38,10 @@ CONFIG_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "array_parallelism": ((int,), "most array tasks running at once"),
     "setup": ((list,), "shell lines run before each job, e.g. module load, source venv"),
 }
+# Mappings of the keys above (and `slurm_*` ones) that replace them for some jobs: per method, and for the one job
+# that builds the base model, classifier and preparations.
+GROUP_KEYS = {"methods": "per-method resources, {method: {timeout_min: ..., mem_gb: ...}}",
+              "prerequisites": "resources of the job building the base model, classifier and preparations"}
 
 
 class Finished(typing.NamedTuple):
@@ -82,20 +89,75 @@ def load_cluster_config(path: str | Path) -> dict:
         raise ValueError(f"cluster config {path} is not valid YAML: {exc}") from None
     if not isinstance(config, dict):
         raise ValueError(f"cluster config {path} must be a mapping of key: value, not {type(config).__name__}")
-    unknown = sorted(set(config) - set(CONFIG_KEYS) - set(_passthrough(config)))
+    unknown = sorted(set(config) - set(CONFIG_KEYS) - set(GROUP_KEYS) - set(_passthrough(config)), key=str)
     if unknown:
         raise ValueError(f"cluster config {path}: unknown key(s) {', '.join(map(str, unknown))}; "
-                         f"valid: {', '.join(CONFIG_KEYS)}, or any submitit `slurm_*` parameter (slurm_qos, "
-                         "slurm_constraint, slurm_additional_parameters, ...)")
+                         f"valid: {', '.join([*CONFIG_KEYS, *GROUP_KEYS])}, or any submitit `slurm_*` parameter "
+                         "(slurm_qos, slurm_constraint, slurm_additional_parameters, ...)")
+    _check_keys(path, "", config)
+    methods = config.get("methods") or {}
+    if not isinstance(methods, dict):
+        raise ValueError(f"cluster config {path}: methods must map method names to resources, as in "
+                         f"`methods: {{retrain: {{timeout_min: 1440}}}}`, not {methods!r}")
+    _check_method_names(path, methods)
+    for name, group in [("prerequisites", config.get("prerequisites") or {}),
+                        *((f"methods.{method}", group or {}) for method, group in methods.items())]:
+        if not isinstance(group, dict):
+            raise ValueError(f"cluster config {path}: {name} must be a mapping of key: value, not {group!r}")
+        wrong = sorted(set(group) - set(CONFIG_KEYS) - set(_passthrough(group)), key=str)
+        if wrong:
+            raise ValueError(f"cluster config {path}: {name}: unknown key(s) {', '.join(map(str, wrong))}; valid: "
+                             f"{', '.join(CONFIG_KEYS)}, or a `slurm_*` parameter")
+        _check_keys(path, f"{name}.", group)
+    return {key: value for key, value in config.items() if value is not None}
+
+
+def _check_keys(path: Path, where: str, config: dict) -> None:
+    """The values of CONFIG_KEYS, and that each `slurm_*` key is a parameter submitit knows."""
     for key, value in config.items():
         if key in CONFIG_KEYS:
-            _check_value(path, key, value)
+            _check_value(path, key, value, where)
     valid = submitit.SlurmExecutor._valid_parameters()
-    wrong = [key for key in _passthrough(config) if key.removeprefix("slurm_") not in valid]
+    wrong = [where + key for key in _passthrough(config) if key.removeprefix("slurm_") not in valid]
     if wrong:
         raise ValueError(f"cluster config {path}: submitit has no SLURM parameter {', '.join(wrong)}; valid: "
                          f"{', '.join('slurm_' + name for name in sorted(valid))}")
-    return {key: value for key, value in config.items() if value is not None}
+
+
+def _check_method_names(path: Path, methods: dict) -> None:
+    """A misspelt method would silently get the default resources: every name must be a registered method."""
+    from methods import METHODS, load_plugins
+
+    load_plugins()
+    unknown = [str(name) for name in methods if name not in METHODS]
+    if unknown:
+        raise ValueError(f"cluster config {path}: methods: {', '.join(unknown)} is not a registered method; choose "
+                         f"from {', '.join(METHODS)} (a plug-in method needs its --method-module or entry point)")
+
+
+def resources(config: dict, method: str | None = None) -> dict:
+    """The parameters of one job: the file's top-level keys, replaced by `methods.<method>`'s (or, with
+    `method=None`, by `prerequisites`'s, for the job that builds the prerequisites)."""
+    base = {key: value for key, value in config.items() if key not in GROUP_KEYS}
+    own = (config.get("methods") or {}).get(method) if method else config.get("prerequisites")
+    return {**base, **{key: value for key, value in (own or {}).items() if value is not None}}
+
+
+def describe_resources(config: dict) -> str:
+    """One short line of a job's resources, e.g. `time 24:00:00, 32 GB, 1 GPU, 8 CPUs, partition gpu`."""
+    parts = []
+    if config.get("timeout_min"):
+        hours, minutes = divmod(int(config["timeout_min"]), 60)
+        parts.append(f"time {hours}:{minutes:02d}:00")
+    if config.get("mem_gb"):
+        parts.append(f"{config['mem_gb']:g} GB")
+    if config.get("gpus_per_node") is not None:
+        parts.append(f"{config['gpus_per_node']} GPU" + ("s" if config["gpus_per_node"] != 1 else ""))
+    if config.get("cpus_per_task"):
+        parts.append(f"{config['cpus_per_task']} CPU" + ("s" if config["cpus_per_task"] != 1 else ""))
+    parts += [f"{key} {config[key]}" for key in ("partition", "account") if config.get(key)]
+    parts += [f"{key.removeprefix('slurm_')} {config[key]}" for key in _passthrough(config)]
+    return ", ".join(parts) or "the executor's defaults"
 
 
 def _passthrough(config: dict) -> list[str]:
@@ -103,24 +165,24 @@ def _passthrough(config: dict) -> list[str]:
     return [key for key in config if isinstance(key, str) and key.startswith("slurm_")]
 
 
-def _check_value(path: Path, key: str, value) -> None:
+def _check_value(path: Path, key: str, value, where: str = "") -> None:
     types, meaning = CONFIG_KEYS[key]
     if value is None:
         return
     if not isinstance(value, types) or isinstance(value, bool):
         names = " or ".join(t.__name__ for t in types)
-        raise ValueError(f"cluster config {path}: {key} ({meaning}) must be {names}, not {value!r}")
+        raise ValueError(f"cluster config {path}: {where}{key} ({meaning}) must be {names}, not {value!r}")
     if key == "setup" and not all(isinstance(line, str) for line in value):
-        raise ValueError(f"cluster config {path}: setup must be a list of shell lines (strings), not {value!r}")
+        raise ValueError(f"cluster config {path}: {where}setup must be a list of shell lines (strings), not {value!r}")
     if isinstance(value, (int, float)) and (value < 0 or (value == 0 and key != "gpus_per_node")):
-        raise ValueError(f"cluster config {path}: {key} ({meaning}) must be positive, not {value!r}")
+        raise ValueError(f"cluster config {path}: {where}{key} ({meaning}) must be positive, not {value!r}")
 
 
 def make_executor(kind: str, folder: str | Path, config: dict | None = None, job_name: str = "bench"):
     """A submitit executor writing its pickles and logs under `folder` (shared storage for `slurm`)."""
     if kind not in KINDS:
         raise ValueError(f"unknown cluster kind {kind!r}; choose from {', '.join(KINDS)}")
-    config = dict(config or {})
+    config = {key: value for key, value in (config or {}).items() if key not in GROUP_KEYS}  # see `resources`
     unknown = sorted(set(config) - set(CONFIG_KEYS) - set(_passthrough(config)))
     if unknown:
         raise ValueError(f"unknown cluster setting(s) {', '.join(unknown)}; valid: {', '.join(CONFIG_KEYS)}")
@@ -151,6 +213,32 @@ def submit_all(executor, fn: typing.Callable, items: typing.Iterable) -> list:
     if executor.cluster == "slurm":
         log.info("submitted %d job(s) as array %s", len(jobs), jobs[0].job_id.split("_")[0])
     return jobs
+
+
+def submit_grouped(kind: str, folder: str | Path, config: dict, fn: typing.Callable, items: list,
+                   method_of: typing.Callable[[typing.Any], str], after: list[str] = ()) -> tuple[list, list[dict]]:
+    """Submit `fn(item)` for every item, one executor (one job array on SLURM) per distinct `resources(config,
+    method_of(item))`, so that each method's jobs get its time, memory and GPUs; `after` are job ids every job waits
+    for (afterok). Returns the jobs in item order and, for each, the parameters its executor was given."""
+    groups: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        groups.setdefault(json.dumps(resources(config, method_of(item)), sort_keys=True), []).append(index)
+    jobs, parameters = [None] * len(items), [{}] * len(items)
+    for key, indices in groups.items():
+        executor = make_executor(kind, folder, json.loads(key))
+        if after and kind == "slurm":  # added to the file's own additional parameters (a reservation, ...)
+            extra = {**executor_parameters(executor).get("additional_parameters", {}),
+                     "dependency": "afterok:" + ":".join(after), "kill-on-invalid-dep": "yes"}
+            executor.update_parameters(slurm_additional_parameters=extra)
+        for index, job in zip(indices, submit_all(executor, fn, [items[i] for i in indices])):
+            jobs[index], parameters[index] = job, executor_parameters(executor)
+    return jobs, parameters
+
+
+def executor_parameters(executor) -> dict:
+    """The parameters an executor will submit with (submitit's own names: `time`, `mem`, ... on SLURM)."""
+    inner = getattr(executor, "_executor", executor)  # an AutoExecutor wraps the cluster's own executor
+    return json.loads(json.dumps(inner.parameters, default=str))
 
 
 @contextlib.contextmanager

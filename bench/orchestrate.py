@@ -33,7 +33,7 @@ from tqdm import tqdm
 from bench import claims, fingerprint, records
 from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, finished_attack, pending_attacks
 from bench.cache import Cache, load_file
-from bench.cluster import make_executor, submit_all, wait_all
+from bench.cluster import make_executor, resources, submit_all, submit_grouped, wait_all
 from bench.config import get_preset
 from bench.device import progress_bar
 from bench.experiment import run_one
@@ -510,25 +510,24 @@ class Submission:
     todo: list[RunSpec]
     jobs: list
     prerequisites_jobs: list[str] = dataclasses.field(default_factory=list)
+    resources: list[dict] = dataclasses.field(default_factory=list)  # per job: what its executor submitted with
 
 
 def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Path, force: bool = False,
                 wait_prerequisites: bool = True) -> Submission:
-    """Submit every unfinished spec as one job array, after a job building missing prerequisites.
+    """Submit every unfinished spec, one job array per method resources (`bench.cluster.resources`), after a job
+    building missing prerequisites.
 
-    With `wait_prerequisites=False` on SLURM the array waits for that job in the queue (afterok), so nothing
+    With `wait_prerequisites=False` on SLURM the arrays wait for that job in the queue (afterok), so nothing
     here blocks; elsewhere this waits for it. Raises PrerequisitesFailed if it fails.
     """
     folder = Path(folder)
-    executor = make_executor(kind, folder, config)
     wait = wait_prerequisites or kind != "slurm"
-    prerequisites = _prerequisites(executor, specs, wait)
+    prerequisites = _prerequisites(make_executor(kind, folder, resources(config, None)), specs, wait)
     known, todo = split_finished(specs, force)
-    if prerequisites and kind == "slurm" and not wait_prerequisites:
-        executor.update_parameters(slurm_additional_parameters={
-            "dependency": "afterok:" + ":".join(prerequisites), "kill-on-invalid-dep": "yes"})
-    jobs = submit_all(executor, Job(force), todo)
-    submission = Submission(kind, folder, known, todo, jobs, prerequisites)
+    after = prerequisites if not wait_prerequisites else []
+    jobs, parameters = submit_grouped(kind, folder, config, Job(force), todo, lambda spec: spec.method, after)
+    submission = Submission(kind, folder, known, todo, jobs, prerequisites, parameters)
     if jobs:
         write_manifest(submission)
     return submission
@@ -578,9 +577,11 @@ def last_line(text: str) -> str:
 
 def write_manifest(submission: Submission) -> Path:
     """Record what was submitted (spec identity + job id) in the jobs folder, one file per submission."""
+    given = submission.resources or [{}] * len(submission.jobs)
     runs = [{"preset": s.preset, "protocol": s.protocol_name, "method": s.method, "variant": s.variant,
              "forget_class": s.forget_class, "seed": s.seed, "directory": str(Path(s.directory).resolve()),
-             "job_id": job.job_id} for s, job in zip(submission.todo, submission.jobs)]
+             "job_id": job.job_id, "resources": parameters}
+            for s, job, parameters in zip(submission.todo, submission.jobs, given)]
     payload = {"cluster": submission.kind, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "host": socket.gethostname(), "pid": os.getpid(),
                "prerequisites_jobs": submission.prerequisites_jobs, "runs": runs}

@@ -1,0 +1,106 @@
+"""Per-method resources from a cluster file reach each job's executor, and `bench run --dry-run` lists the jobs with
+them and writes nothing (issue 26 item 6).
+
+The runs go through `--cluster debug`, the same submission path as SLURM (one executor per set of resources);
+the manifest each submission leaves holds the parameters every job's executor was given.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bench.cluster import load_cluster_config, resources
+
+CLUSTER = """
+timeout_min: 30
+mem_gb: 2
+cpus_per_task: 1
+methods:
+  safemax: {timeout_min: 11, mem_gb: 3}
+  retrain: {timeout_min: 90, gpus_per_node: 1}
+prerequisites: {timeout_min: 45}
+"""
+
+
+@pytest.fixture
+def cluster_file(tmp_path) -> Path:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(CLUSTER)
+    return path
+
+
+def snapshot(*folders: Path) -> dict:
+    """Every path under `folders` with its size and modification time (nothing at all for a missing folder)."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for folder in folders if folder.exists()
+            for p in [folder, *folder.rglob("*")]}
+
+
+def test_a_methods_entry_replaces_the_top_level_values_for_that_method_only(cluster_file):
+    config = load_cluster_config(cluster_file)
+    assert resources(config, "safemax") == {"timeout_min": 11, "mem_gb": 3, "cpus_per_task": 1}
+    assert resources(config, "retrain") == {"timeout_min": 90, "mem_gb": 2, "cpus_per_task": 1, "gpus_per_node": 1}
+    assert resources(config, "sa") == {"timeout_min": 30, "mem_gb": 2, "cpus_per_task": 1}
+    assert resources(config, None)["timeout_min"] == 45  # the prerequisites job
+
+
+@pytest.mark.parametrize("text, message", [
+    ("methods: {retrian: {timeout_min: 5}}", "retrian is not a registered method"),
+    ("methods: {retrain: {timeout_min: -5}}", "methods.retrain.timeout_min"),
+    ("methods: {retrain: {time: 5}}", "methods.retrain: unknown key(s) time"),
+    ("methods: {retrain: {slurm_nonsense: 1}}", "submitit has no SLURM parameter methods.retrain.slurm_nonsense"),
+    ("methods: [retrain]", "methods must map method names to resources"),
+    ("prerequisites: {mem_gb: lots}", "prerequisites.mem_gb"),
+])
+def test_a_wrong_methods_entry_is_named(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(ValueError) as error:
+        load_cluster_config(path)
+    assert message in str(error.value)
+
+
+def test_each_methods_jobs_get_its_resources(cluster_file, tiny_cache, bench_cli, tmp_path):
+    out = tmp_path / "results"
+    result = bench_cli("run", "--preset", "tiny", "--methods", "original,safemax", "--classes", "0", "--cache",
+                       tiny_cache, "--results", str(out), "--cluster", "debug", "--cluster-config", str(cluster_file),
+                       "--no-progress")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (manifest,) = [json.loads(p.read_text()) for p in (out / ".submitit").glob("submission-*.json")]
+    given = {run["method"]: run["resources"] for run in manifest["runs"]}  # the executors' own parameters
+    keys = ("timeout_min", "mem_gb", "cpus_per_task", "gpus_per_node")
+    assert {key: given["safemax"].get(key) for key in keys} == {"timeout_min": 11, "mem_gb": 3, "cpus_per_task": 1,
+                                                                  "gpus_per_node": None}
+    assert {key: given["original"].get(key) for key in keys} == {"timeout_min": 30, "mem_gb": 2, "cpus_per_task": 1,
+                                                                   "gpus_per_node": None}
+
+
+def test_dry_run_lists_every_job_with_its_resources_and_writes_nothing(cluster_file, tmp_path, bench_cli):
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    result = bench_cli("run", "--preset", "tiny", "--methods", "safemax,retrain", "--classes", "0,1", "--seeds", "0-1",
+                       "--cache", str(cache), "--results", str(out), "--cluster", "slurm", "--cluster-config",
+                       str(cluster_file), "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("first: build the tiny base model and classifier") and "time 0:45:00" in lines[0]
+    jobs = [line for line in lines if line.startswith(("safemax", "retrain"))]
+    assert len(jobs) == 8
+    assert all("time 0:11:00, 3 GB" in line for line in jobs if line.startswith("safemax"))
+    assert all("time 1:30:00, 2 GB, 1 GPU" in line for line in jobs if line.startswith("retrain"))
+    assert str(out / "tiny" / "paper" / "retrain" / "default" / "class1" / "seed1") in result.stdout
+    assert "dry run: 8 run(s) to start (--cluster slurm), 0 skipped" in lines[-1]
+    assert not out.exists() and not cache.exists()  # nothing built, nothing submitted, no folder made
+
+
+def test_dry_run_skips_finished_runs_as_a_real_run_would(debug_sweep, tiny_cache, tiny_sweep, bench_cli):
+    before = snapshot(Path(debug_sweep), Path(tiny_cache))
+    result = bench_cli("run", *tiny_sweep, "--methods", "original,safemax,sa", "--cache", tiny_cache, "--results",
+                       str(debug_sweep), "--dry-run", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    shown = json.loads(result.stdout)
+    assert [(run["method"], run["forget_class"]) for run in shown["runs"]] == [("sa", 0), ("sa", 1)]
+    assert shown["skipped"] == 4 and shown["prerequisites"] == []
+    assert snapshot(Path(debug_sweep), Path(tiny_cache)) == before
