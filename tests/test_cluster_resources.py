@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cluster import load_cluster_config, resources
+from bench.cluster import executor_parameters, load_cluster_config, make_executor, resources
 
 CLUSTER = """
 timeout_min: 30
@@ -61,6 +61,13 @@ def test_a_wrong_methods_entry_is_named(tmp_path, text, message):
     with pytest.raises(ValueError) as error:
         load_cluster_config(path)
     assert message in str(error.value)
+
+
+def test_a_slurm_executor_gets_the_methods_time_memory_and_gpus(cluster_file, tmp_path):
+    config = load_cluster_config(cluster_file)
+    given = executor_parameters(make_executor("slurm", tmp_path, resources(config, "retrain")))
+    assert (given["time"], given["mem"], given["gpus_per_node"], given["cpus_per_task"]) == (90, "2GB", 1, 1)
+    assert executor_parameters(make_executor("slurm", tmp_path, resources(config, "safemax")))["time"] == 11
 
 
 def test_each_methods_jobs_get_its_resources(cluster_file, tiny_cache, bench_cli, tmp_path):
