@@ -135,7 +135,8 @@ def run_one(spec: RunSpec) -> dict:
         speed={"requested": dict(spec.speed), "switches": dataclasses.asdict(speed),
                "describe": speed.describe()},
         provenance={**provenance(), **code_fingerprints(cls, preset.name), "device": device_name(device),
-                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "extensions": list(spec.extensions)},  # how its preset and method were registered (reports)
         artifacts=artifacts,
     )
     records.write_json_atomic(directory / records.RECORD_NAME, record)

@@ -29,7 +29,7 @@ from reports.frame import write_tidy
 from reports.html import FigureEntry, Section, Subsection, page
 from reports.mixing import MixedModels, describe, mixed_models, refusal
 from reports.render import Table, write_table
-from reports.tables import Grid, build_tables, make_grid, method_label, records_frame
+from reports.tables import Grid, build_tables, load_recorded_methods, make_grid, method_label, records_frame
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,12 @@ def _robustness(attacks: pd.DataFrame, runs: pd.DataFrame, grid: Grid, folder: P
 
 def _section(runs: pd.DataFrame, records: list[dict], attacks: pd.DataFrame, preset: str, protocol: str,
              results_dir: str, data_root: str | None, out: Path, written: dict[str, Path],
-             methods: list[str] | None, classes: list[int] | None) -> Section:
+             methods: list[str] | None, classes: list[int] | None, reference: str | None = None,
+             extensions: tuple[str, ...] = ()) -> Section:
     folder = out / preset / protocol
-    grid = make_grid(runs, preset, protocol, results_dir, data_root, methods, classes)
-    tables = build_tables(runs, grid)
+    made_with = [item for r in records for item in (r.get("provenance") or {}).get("extensions") or ()]
+    grid = make_grid(runs, preset, protocol, results_dir, data_root, methods, classes, (*made_with, *extensions))
+    tables = build_tables(runs, grid, reference)
     entries = _write(tables, _section_figures(runs, grid), folder, f"{preset}-{protocol}", written)
     commands = list(dict.fromkeys(c for table in tables for c in table.commands))
     if commands:
@@ -132,13 +134,16 @@ def _read_attacks(results_dir: str | Path, notes: list[str], methods, classes) -
 
 def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str | Path | None = None,
                  figure1: bool = True, figure1_points: int = 40, methods: list[str] | None = None,
-                 classes: list[int] | None = None, allow_mixed: bool = False) -> dict[str, Path]:
+                 classes: list[int] | None = None, reference: str | None = None,
+                 extensions: tuple[str, ...] = (), allow_mixed: bool = False) -> dict[str, Path]:
     """Read every record (and attack file) under `results_dir`; write tables, figures, runs.csv/.jsonl and
     report.html under `out_dir`.
 
     Returns {path relative to out_dir: absolute path} of everything written; `report.html` is the page.
     `data_root` is the CIFAR-10 root that Figure 1 (and the fill-in commands) need for preset cifar10.
-    `methods` and `classes` keep only those runs (and only those columns and rows in the tables).
+    `methods` and `classes` keep only those runs and show those columns and rows (default: those with records).
+    `reference`: the method paired differences subtract (default: SAFEMax where it has records, else the first
+    method). `extensions` (`bench.extensions` items) join those the records were made with in the fill-in commands.
     Missing runs, corrupt records, copies and an empty folder are reported on the page, never raised. Records of
     one preset made from different base models or classifiers raise MixedModels unless `allow_mixed`.
     """
@@ -149,6 +154,10 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str
     records, corrupt = read_all(results_dir) if Path(results_dir).is_dir() else ([], [])
     records = [r for r in records if (not methods or r["method"] in methods)
                and (classes is None or r["forget_class"] in classes)]
+    if reference and records and reference not in {r["method"] for r in records}:
+        raise ValueError(f"--reference {reference}: no record of that method under {results}; choose from "
+                         f"{', '.join(sorted({r['method'] for r in records}))}")
+    load_recorded_methods(records)  # plug-ins: named by their class
     written: dict[str, Path] = {}
     mixed = mixed_models(records)
     if mixed and not allow_mixed:
@@ -168,7 +177,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str
         chosen = [r for r in records if r["preset"] == preset and (r.get("protocol") or {}).get("name") == protocol]
         attacked = attacks[(attacks["preset"] == preset) & (attacks["protocol"] == protocol)] if len(attacks) else attacks
         sections.append(_section(runs.reset_index(drop=True), chosen, attacked, preset, protocol, results, data_root,
-                                 out, written, methods, classes))
+                                 out, written, methods, classes, reference, extensions))
         if figure1 and preset not in preset_figures:
             preset_figures[preset] = _figure1(preset, out, data_root, written, notes, figure1_points)
     shown = {(s.preset, s.protocol) for s in sections}

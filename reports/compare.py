@@ -1,8 +1,10 @@
 """Two results folders -> metric deltas B - A (`bench compare A B`): before/after a code change, CPU vs GPU.
 
 Runs are matched on preset, protocol, method, variant and forget class, and on seed where both folders have it;
-a (method, variant, class) whose seeds do not overlap is compared by its means over seeds (seed "mean"). The
-summary gives, per method and variant, the mean delta over classes with its 95% bootstrap CI over classes
+a (method, variant, class) whose seeds do not overlap is compared by its means over seeds (seed "mean"). With
+`by` (variant, protocol or preset), runs are paired across that key instead, on the other keys: A's runs of one
+variant against B's of another (A and B may be one folder), and the pairs are named "A's → B's". The summary
+gives, per method and variant, the mean delta over classes with its 95% bootstrap CI over classes
 (`reports.stats`) and the ratio of mean RTEs B / A.
 """
 
@@ -21,30 +23,56 @@ from reports.tables import fmt, method_label, order_methods, summary_cell
 
 METRICS = ["ua", "entropy", "fid", "retain_accuracy", "rte_s"]
 KEYS = ["preset", "protocol", "method", "variant", "class"]
+BY = ("variant", "protocol", "preset")  # the keys `bench compare --by` pairs across
 
 
-def _matched(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
-    """One row per matched run (or pair of seed means): A's value, B's value and B - A of every metric."""
-    columns = [*KEYS, "seed", "fid_features", *METRICS]
-    paired = a[columns].merge(b[columns], on=[*KEYS, "seed"], suffixes=("_a", "_b"))
-    both = a[KEYS].drop_duplicates().merge(b[KEYS].drop_duplicates(), on=KEYS)
-    unpaired = both.merge(paired[KEYS].drop_duplicates(), on=KEYS, how="left", indicator=True)
+def _matched(a: pd.DataFrame, b: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
+    """One row per matched run (or pair of seed means): A's value, B's value and B - A of every metric. With `by`,
+    rows pair different values of that key (kept as <by>_a and <by>_b; <by> reads "A's → B's")."""
+    keys = [k for k in KEYS if k != by]
+    if by:
+        a, b = a.rename(columns={by: f"{by}_a"}), b.rename(columns={by: f"{by}_b"})
+    sides = [keys + ([f"{by}_a"] if by else []), keys + ([f"{by}_b"] if by else [])]  # a run's group on each side
+    group = list(dict.fromkeys(sides[0] + sides[1]))
+    columns = ["seed", "fid_features", *METRICS]
+    paired = _across(a[sides[0] + columns].merge(b[sides[1] + columns], on=[*keys, "seed"], suffixes=("_a", "_b")), by)
+    both = _across(a[sides[0]].drop_duplicates().merge(b[sides[1]].drop_duplicates(), on=keys), by)
+    unpaired = both.merge(paired[group].drop_duplicates(), on=group, how="left", indicator=True)
     unpaired = unpaired[unpaired["_merge"] == "left_only"].drop(columns="_merge")
     if len(unpaired):
-        means = [frame.merge(unpaired, on=KEYS).groupby(KEYS, as_index=False).agg(
-            **{m: (m, "mean") for m in METRICS}, fid_features=("fid_features", "first")) for frame in (a, b)]
-        pooled = means[0].merge(means[1], on=KEYS, suffixes=("_a", "_b")).assign(seed="mean")
-        paired = pd.concat([paired.assign(seed=paired["seed"].astype(object)), pooled], ignore_index=True)
+        agg = {**{m: (m, "mean") for m in METRICS}, "fid_features": ("fid_features", "first")}
+        means = [frame.merge(unpaired[side].drop_duplicates(), on=side).groupby(side, as_index=False).agg(**agg)
+                 for frame, side in zip((a, b), sides)]
+        pooled = unpaired.merge(means[0], on=sides[0]).merge(means[1], on=sides[1], suffixes=("_a", "_b"))
+        paired = pd.concat([paired.assign(seed=paired["seed"].astype(object)), pooled.assign(seed="mean")],
+                           ignore_index=True)
     for metric in METRICS:
         paired[f"{metric}_delta"] = paired[f"{metric}_b"] - paired[f"{metric}_a"]
+    if by:
+        paired[by] = paired[f"{by}_a"].astype(str) + " → " + paired[f"{by}_b"].astype(str)
     return paired.sort_values([*KEYS, "seed"], key=lambda c: c.astype(str)).reset_index(drop=True)
 
 
-def compare_frames(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
-    """Deltas B - A of UA, H, FID/FD, retained accuracy and RTE (seconds) per matched run; empty if none match."""
+def _across(frame: pd.DataFrame, by: str | None) -> pd.DataFrame:
+    """Pairs across `by` only: a run is never paired with one of its own variant, protocol or preset."""
+    return frame[frame[f"{by}_a"] != frame[f"{by}_b"]] if by else frame
+
+
+def compare_frames(a: pd.DataFrame, b: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
+    """Deltas B - A of UA, H, FID/FD, retained accuracy and RTE (seconds) per matched run; empty if none match.
+    `by`: pair runs across variants, protocols or presets (see `_matched`)."""
+    if by is not None and by not in BY:
+        raise ValueError(f"--by {by!r}: choose from {', '.join(BY)}")
     if a.empty or b.empty:
         return pd.DataFrame()
-    return _matched(a, b)
+    return _matched(a, b, by)
+
+
+def pairing_lines(deltas: pd.DataFrame, by: str) -> list[str]:
+    """What `by` paired: one line per (A's value, B's value) with its count of rows."""
+    counts = deltas.groupby([f"{by}_a", f"{by}_b"], sort=True).size()
+    return [f"- paired by {by} (matching {', '.join(k for k in KEYS if k != by)}, seed): A's {left!r} with B's "
+            f"{right!r}: {count} row(s)" for (left, right), count in counts.items()]
 
 
 def _summary_table(deltas: pd.DataFrame, label: str) -> Table:
@@ -86,9 +114,10 @@ def _detail_table(deltas: pd.DataFrame, label: str) -> Table:
     return table
 
 
-def compare_results(results_a: str | Path, results_b: str | Path,
+def compare_results(results_a: str | Path, results_b: str | Path, by: str | None = None,
                     allow_mixed: bool = False) -> tuple[str, pd.DataFrame]:
-    """Markdown (summary per method, then every matched run) and the deltas as a DataFrame."""
+    """Markdown (summary per method, then every matched run) and the deltas as a DataFrame; `by` pairs runs across
+    variants, protocols or presets (see `_matched`)."""
     frames, lines, kept = [], [], []
     for name, folder in (("A", results_a), ("B", results_b)):
         records, corrupt = read_all(folder)
@@ -99,12 +128,14 @@ def compare_results(results_a: str | Path, results_b: str | Path,
                         if corrupt else ""))
     lines += compare_check(*kept, results_a, results_b, allow_mixed)
     a, b = frames
-    deltas = compare_frames(a, b)
-    keyed = [set(map(tuple, frame[[*KEYS, "seed"]].astype(str).values)) for frame in frames]
+    deltas = compare_frames(a, b, by)
+    keyed = [set(map(tuple, frame[[k for k in KEYS if k != by] + ["seed"]].astype(str).values)) for frame in frames]
     lines.append(f"- matched: {len(deltas)} row(s); only in A: {len(keyed[0] - keyed[1])} run(s), only in B: "
                  f"{len(keyed[1] - keyed[0])} run(s) (a class whose seeds differ is compared by its seed means)")
     if deltas.empty:
         return "\n".join(["# bench compare: B - A", "", *lines, "", "No run in common."]) + "\n", deltas
+    if by:
+        lines += pairing_lines(deltas, by)
     features = set(deltas["fid_features_a"].dropna()) | set(deltas["fid_features_b"].dropna())
     label = fid_label(features)
     differ = deltas[deltas["fid_features_a"] != deltas["fid_features_b"]]

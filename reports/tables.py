@@ -1,6 +1,8 @@
 """Records -> the paper's tables: Table 1 (H, UA per forget class), Table 2 (FID or FD, RTE, memory with mean and
-standard deviation rows), preparation time, differences to SAFEMax paired by class and seed, and for CIFAR-10
-the paper's numbers beside this run's.
+standard deviation rows), preparation time, differences to a reference method paired by class and seed (SAFEMax
+when it has records, or the one asked for), and for CIFAR-10 the paper's numbers beside this run's.
+
+The tables show the methods and forget classes that have records, unless the report asks for others.
 
 One table per (preset, protocol). A per-class cell is the mean over seeds with its sd and bootstrap 95% CI
 (`reports.stats`); Table 2's μ row is over classes. Tables hold `Cell`s so that one structure renders as Markdown,
@@ -10,7 +12,9 @@ command that fills it.
 
 from __future__ import annotations
 
+import logging
 import math
+import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +27,12 @@ from reports import stats
 from reports.frame import DIRECTIONS, fid_label, runs_frame
 from reports.render import Cell, Table, add_stats_note, mark_best, stat_cell
 
-# Methods the paper compares; they get a column (or a missing-cell command) even before anyone runs them.
+log = logging.getLogger(__name__)
+
+# The methods the paper compares (its CIFAR-10 table); other tables show the methods that have records.
 PAPER_METHODS = ("sa", "salun", "safemax")
 METHOD_ORDER = ("original", "retrain", "sa", "salun", "erasediff", "sfron", "ga", "neggrad_plus", "safemax")
-DISPLAY = {"original": "Original", "retrain": "Retrain", "sa": "SA", "salun": "SalUn", "erasediff": "EraseDiff",
-           "sfron": "SFR-on", "ga": "GA", "neggrad_plus": "NegGrad+", "safemax": "SAFEMax"}
-REFERENCE = "safemax"  # the method paired comparisons subtract
+REFERENCE = "safemax"  # the method paired comparisons subtract when it has records and none is asked for
 # References, not unlearning methods: shown, never ranked (never bold).
 REFERENCE_METHODS = {"original", "retrain"}
 
@@ -67,7 +71,26 @@ PAIRED_METRICS = ["ua", "entropy", "fid", "retain_accuracy", "rte_min"]
 
 
 def method_label(method: str) -> str:
-    return DISPLAY.get(method, method)
+    """The method class's `display_name` (plug-ins registered in this process included), else its name."""
+    from methods import METHODS
+
+    cls = METHODS.get(method)
+    return getattr(cls, "display_name", "") or method
+
+
+def load_recorded_methods(records: list[dict]) -> None:
+    """Register the plug-in methods (`method-module:` extensions) the records were made with, so that tables name
+    them by their class's `display_name`; one that cannot be imported here keeps its plain name (logged)."""
+    from methods import METHODS, load_method
+
+    for record in records:
+        for item in (record.get("provenance") or {}).get("extensions") or ():
+            kind, _, path = str(item).partition(":")
+            if kind == "method-module" and record["method"] not in METHODS:
+                try:
+                    load_method(path)
+                except ValueError as exc:
+                    log.info("method %s keeps its plain name in the report: %s", record["method"], exc)
 
 
 def fmt(metric: str, value: float | None, sign: bool = False) -> str:
@@ -122,6 +145,16 @@ def class_spec(classes: list[int]) -> str:
     return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in parts)
 
 
+def global_options(extensions) -> list[str]:
+    """`bench.extensions` items -> the options that register them: --preset-file PATH, --method-module PKG.MOD:CLASS."""
+    options = []
+    for item in dict.fromkeys(extensions):
+        kind, _, value = str(item).partition(":")
+        if kind in ("preset-file", "method-module") and value:
+            options.append(f"--{kind} {shlex.quote(value)}")
+    return options
+
+
 @dataclass
 class Grid:
     """The (method, class, seed) runs one (preset, protocol) table should hold, and how to run the missing ones."""
@@ -135,10 +168,12 @@ class Grid:
     results_dir: str
     cache: str | None = None
     data_root: str | None = None
+    # `bench.extensions` items the records were made with: the commands register them again
+    extensions: tuple[str, ...] = ()
     commands: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def command(self, method: str, classes: list[int], seeds: list[int]) -> str:
-        parts = ["bench run", f"--preset {self.preset}", f"--protocol {self.protocol}", f"--methods {method}",
+        parts = ["bench", *global_options(self.extensions), "run", f"--preset {self.preset}", f"--protocol {self.protocol}", f"--methods {method}",
                  f"--classes {class_spec(classes)}", f"--seeds {','.join(map(str, seeds))}",
                  f"--results {self.results_dir}"]
         if self.cache:
@@ -175,9 +210,9 @@ def _cache_dir(df: pd.DataFrame, preset: str) -> str | None:
 
 
 def make_grid(df: pd.DataFrame, preset: str, protocol: str, results_dir: str, data_root: str | None = None,
-              methods: list[str] | None = None, classes: list[int] | None = None) -> Grid:
-    """Expected methods (found + the paper's, or `methods`), classes (all of the preset's, or `classes`) and seeds
-    (all found)."""
+              methods: list[str] | None = None, classes: list[int] | None = None, extensions=()) -> Grid:
+    """Expected methods (those with records, or `methods`), classes (those with records, or `classes`) and seeds
+    (all found); `extensions` (`bench.extensions` items) go into the commands that fill missing cells."""
     try:
         num_classes = get_preset(preset).num_classes
     except ValueError:  # a preset this checkout does not know: trust the records
@@ -185,10 +220,10 @@ def make_grid(df: pd.DataFrame, preset: str, protocol: str, results_dir: str, da
     names = dict(zip(df["class"], df["class_name"]))
     default = df[df["variant"] == "default"]
     seeds = sorted(set((default if len(default) else df)["seed"])) or [0]
-    expected = order_methods(methods if methods else set(df["method"]) | set(PAPER_METHODS))
-    shown = [c for c in range(num_classes) if classes is None or c in classes]
+    expected = order_methods(methods if methods else set(df["method"]))
+    shown = [c for c in range(num_classes) if (c in classes if classes is not None else c in names)]
     grid = Grid(preset, protocol, expected, shown, {c: names.get(c, str(c)) for c in range(num_classes)}, seeds,
-                results_dir, _cache_dir(df, preset), data_root)
+                results_dir, _cache_dir(df, preset), data_root, tuple(extensions))
     grid.fill_missing(set(zip(default["method"], default["class"], default["seed"])))
     return grid
 
@@ -332,6 +367,15 @@ def prepare_table(df: pd.DataFrame, grid: Grid) -> Table:
     return table
 
 
+def pick_reference(methods, asked: str | None = None) -> str | None:
+    """The method paired differences subtract: `asked`, else SAFEMax when it has records, else the first method in
+    table order; None when `asked` has no records here (or there are none)."""
+    found = order_methods(set(methods))
+    if asked:
+        return asked if asked in found else None
+    return REFERENCE if REFERENCE in found else (found[0] if found else None)
+
+
 def paired_table(df: pd.DataFrame, grid: Grid, reference: str = REFERENCE) -> Table | None:
     """Per method: the difference method - reference of each metric, paired by class and seed; a row over all
     classes (CI over classes of the per-class mean differences), then a row per class (CI over seeds)."""
@@ -392,7 +436,7 @@ def paper_table(df: pd.DataFrame, grid: Grid) -> Table:
                 published = paper["mu"][key] if key in paper["mu"] else sum(paper[key]) / len(paper[key])
             cells.append(Cell(published, fmt(key, published)))
             if method not in per_class.index.get_level_values(0):
-                cells.append(Cell(None, "missing", command=grid.command(method, grid.classes, grid.seeds)))
+                cells.append(Cell(None, "missing", command=grid.command(method, sorted(grid.class_names), grid.seeds)))
             elif key == "fid_sigma":
                 ours = per_class.loc[method]["fid"]
                 value = ours.std()
@@ -404,9 +448,11 @@ def paper_table(df: pd.DataFrame, grid: Grid) -> Table:
     return table
 
 
-def build_tables(df: pd.DataFrame, grid: Grid) -> list[Table]:
+def build_tables(df: pd.DataFrame, grid: Grid, reference: str | None = None) -> list[Table]:
+    """Tables 1-2, preparation, differences to `reference` (see `pick_reference`) and, for cifar10, the paper's."""
     tables = [table1(df, grid), table2(df, grid), prepare_table(df, grid)]
-    paired = paired_table(df, grid)
+    reference = pick_reference(set(default_runs(df)["method"]) & set(grid.methods), reference)
+    paired = paired_table(df, grid, reference) if reference else None
     if paired is not None:
         tables.append(paired)
     if grid.preset == "cifar10":
