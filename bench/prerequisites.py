@@ -185,6 +185,9 @@ def train_classifier(preset: Preset, cache: Cache, device: torch.device, *, seed
     log.info("classifier saved to %s: %s, test accuracy %.2f%% on %d images", path, origin, 100 * accuracy,
              len(test_data))
     log.info("classifier on noise: %s", describe_noise_check(noise))
+    if accuracy < preset.classifier_floor and "smoke test" not in source:
+        log.warning("test accuracy %.2f%% is below min_classifier_accuracy %.2f%% of preset %s: runs will refuse "
+                    "this classifier", 100 * accuracy, 100 * preset.classifier_floor, preset.name)
     return payload
 
 
