@@ -52,7 +52,7 @@ run-quick: install
 	$(BIN)/bench run --methods original,safemax --classes 0-9 --workers 2 $(ARGS)
 
 report: install
-	$(BIN)/bench report --results results --out results/report
+	$(BIN)/bench report --results results --report-dir results/report
 
 test: install system-packages
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

@@ -61,7 +61,43 @@ def _preset(name: str):
         _fail(str(exc))
 
 
-@click.group()
+# Options of `bench` itself that may also follow the subcommand: `bench run --method-module m:C` is
+# `bench --method-module m:C run` (flags, then options that take a value).
+GLOBAL_FLAGS = ("-v", "--verbose")
+GLOBAL_VALUES = ("--preset-file", "--method-module")
+
+
+def hoist_global_options(args: list[str], commands) -> list[str]:
+    """`args` with the global options found after the subcommand's name moved before it (up to a `--`)."""
+    position = next((i for i, arg in enumerate(args) if arg in commands
+                     and (i == 0 or args[i - 1] not in GLOBAL_VALUES)), None)
+    if position is None:
+        return args
+    moved, rest, index = [], [], position + 1
+    while index < len(args):
+        arg = args[index]
+        if arg == "--":
+            rest += args[index:]
+            break
+        if arg in GLOBAL_FLAGS or ("=" in arg and arg.split("=", 1)[0] in GLOBAL_VALUES):
+            moved.append(arg)
+        elif arg in GLOBAL_VALUES:
+            moved += args[index:index + 2]
+            index += 1
+        else:
+            rest.append(arg)
+        index += 1
+    return [*args[:position], *moved, args[position], *rest]
+
+
+class BenchGroup(click.Group):
+    """The `bench` group: global options are accepted before or after the subcommand."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, hoist_global_options(list(args), self.commands))
+
+
+@click.group(cls=BenchGroup)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 @click.option("--preset-file", "preset_files", multiple=True, type=click.Path(dir_okay=False),
               help="register a preset from a YAML file (see bench/extensions.py); repeatable")
@@ -70,7 +106,9 @@ def _preset(name: str):
 @click.version_option(package_name="unlearning-bench", prog_name="bench")
 @click.pass_context
 def main(ctx, verbose: bool, preset_files, method_modules) -> None:
-    """Benchmark machine unlearning methods on class-conditional diffusion models."""
+    """Benchmark machine unlearning methods on class-conditional diffusion models.
+
+    -v, --preset-file and --method-module may also follow the subcommand."""
     from bench.extensions import load_extensions
 
     _setup_logging(verbose)
@@ -86,11 +124,17 @@ def main(ctx, verbose: bool, preset_files, method_modules) -> None:
 
 @main.command("ls")
 @click.argument("method", required=False)
-@click.option("--preset", default="digits", show_default=True, help="the preset whose values METHOD resolves to")
+@click.option("--preset", default=None,
+              help="with METHOD: the preset whose values it resolves to [default: digits]; alone: print this "
+                   "preset's resolved configuration and protocols")
 def list_cmd(method, preset) -> None:
-    """List the registered methods and presets; with METHOD, its resolved configuration."""
+    """List the registered methods and presets; with METHOD, its resolved configuration; with --preset NAME alone,
+    the preset's."""
     if method:
-        _describe_method(method, _preset(preset))
+        _describe_method(method, _preset(preset or "digits"))
+        return
+    if preset:
+        _describe_preset(_preset(preset))
         return
     click.echo("methods:")
     for name, cls in METHODS.items():
@@ -98,6 +142,20 @@ def list_cmd(method, preset) -> None:
     click.echo("presets:")
     for name, preset_obj in PRESETS.items():
         click.echo(f"  {name:14s} {preset_obj.description}; protocols: {', '.join(preset_obj.protocols)}")
+
+
+def _describe_preset(preset) -> None:
+    """Every field of a preset (YAML, as a --preset-file writes it) and its protocols, the default one named."""
+    import yaml
+
+    fields = json.loads(json.dumps(preset.to_dict(), default=str))  # tuples -> lists for YAML
+    protocols = fields.pop("protocols")
+    click.echo(f"# preset {preset.name} (resolved); `bench --preset-file F` takes the same fields\n"
+               + yaml.safe_dump(fields, sort_keys=False).rstrip())
+    for name, protocol in protocols.items():
+        default = " (default)" if name == preset.default_protocol else ""
+        click.echo(f"\n# protocol {name}{default}\n" + yaml.safe_dump({"protocols": {name: protocol}},
+                                                                      sort_keys=False).rstrip())
 
 
 def _describe_method(name: str, preset) -> None:
@@ -308,7 +366,7 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
     if cluster is not None:
         results = str(Path(results).resolve())
     click.echo(f"{len(specs)} run(s): methods {', '.join(methods)} x classes {classes_spec} x seeds {seeds}; "
-               f"records under {results}/{preset_obj.name}/")
+               f"records under {results}/{preset_obj.name}/", err=as_json)  # --json: stdout holds the JSON only
     for note in filter(None, (scaling_note(attack_specs(specs[0], name)) for name in attack_names)):
         click.echo(note, err=as_json)
     try:
@@ -316,7 +374,7 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
             outcomes = run_local(specs, force=force, workers=workers, show_progress=not no_progress and not as_json)
         else:
             outcomes = _run_on_cluster(specs, cluster, config, jobs_folder or str(Path(results) / ".submitit"), force,
-                                       no_wait, not no_progress, results)
+                                       no_wait, not no_progress, results, as_json)
     except (CheckpointError, FileNotFoundError, ValueError, PrerequisitesFailed, FailedSubmissionError) as exc:
         _fail(str(exc))
     if outcomes is not None:
@@ -405,8 +463,9 @@ def _dry_run(specs, cluster: str | None, config: dict, force: bool, workers: int
 
 
 def _run_on_cluster(specs, cluster: str, config: dict, jobs_folder: str, force: bool, no_wait: bool,
-                    progress: bool, out: str):
-    """Submit, then wait and return the outcomes; with `no_wait`, say what was submitted and return None."""
+                    progress: bool, out: str, err: bool = False):
+    """Submit, then wait and return the outcomes; with `no_wait`, say what was submitted and return None.
+    `err`: say it on stderr (`--json` keeps stdout for the JSON)."""
     from bench.orchestrate import submit_runs, wait_runs
 
     submission = submit_runs(specs, cluster, config, jobs_folder, force=force, wait_prerequisites=not no_wait)
@@ -417,12 +476,13 @@ def _run_on_cluster(specs, cluster: str, config: dict, jobs_folder: str, force: 
             shown = ", ".join(f"array {array} ({arrays.count(array)} tasks)" for array in dict.fromkeys(arrays))
         else:
             shown = ", ".join(ids)
-        click.echo(f"submitted {len(ids)} run(s) to {cluster}: job {shown}; logs in {jobs_folder}")
+        click.echo(f"submitted {len(ids)} run(s) to {cluster}: job {shown}; logs in {jobs_folder}", err=err)
     if no_wait:
         if submission.prerequisites_jobs:
-            click.echo(f"the runs wait for job {', '.join(submission.prerequisites_jobs)} (base model, classifier)")
+            click.echo(f"the runs wait for job {', '.join(submission.prerequisites_jobs)} (base model, classifier)",
+                       err=err)
         status_folder = "" if Path(jobs_folder) == Path(out) / ".submitit" else f" --jobs-folder {jobs_folder}"
-        click.echo(f"check progress with: bench status --results {out}{status_folder}")
+        click.echo(f"check progress with: bench status --results {out}{status_folder}", err=err)
         return None
     return wait_runs(submission, progress=progress)
 
@@ -654,31 +714,48 @@ def status_cmd(out, jobs_folder, as_json, cache_dir) -> None:
 
 
 @main.command("report")
-@click.option("--results", default="results", show_default=True, help="results folder holding the records")
-@click.option("--out", default=None, help="where the report goes [default: RESULTS/report]")
+@click.option("--results", default="results", show_default=True, help="results folder holding the records (read)")
+@click.option("--report-dir", "out", default=None, help="where the report goes (written) [default: RESULTS/report]")
+@click.option("--out", "old_out", default=None, hidden=True,
+              help="deprecated name of --report-dir (in `bench run`, --out is the results folder)")
 @data_root_option
 @click.option("--no-figure1", is_flag=True, help="skip Figure 1 (latent entropy against t), which reads the data set")
 @click.option("--methods", "methods_spec", default=None,
-              help="comma-separated methods to keep, in the tables' order (e.g. sa,salun,safemax) [default: all]")
-@click.option("--classes", "classes_spec", default=None, help="forget classes to keep, e.g. 0-4 or 0,3,7 [default: all]")
+              help="comma-separated methods to show, in the tables' order (e.g. sa,salun,safemax), with a missing-run "
+                   "command for those without records [default: the methods that have records]")
+@click.option("--classes", "classes_spec", default=None,
+              help="forget classes to show, e.g. 0-9 or 0,3,7 [default: the classes that have records]")
+@click.option("--reference", default=None, metavar="METHOD",
+              help="the method the paired differences subtract [default: safemax if it has records, else the first "
+                   "method]")
 @click.option("--allow-mixed", is_flag=True,
               help="report records of one preset made from different base models or classifiers together (the page "
                    "says so) instead of refusing")
-def report_cmd(results, out, data_root, no_figure1, methods_spec, classes_spec, allow_mixed) -> None:
+def report_cmd(results, out, old_out, data_root, no_figure1, methods_spec, classes_spec, reference,
+               allow_mixed) -> None:
     """Tables (Markdown, CSV, LaTeX), figures, runs.csv/runs.jsonl and one self-contained report.html from the
-    records (and attack files); --methods/--classes keep a subset, for paper-sized tables."""
+    records (and attack files) under --results, written to --report-dir; --methods/--classes choose the tables'
+    columns and rows (e.g. the paper's grid, with commands for the runs it lacks)."""
     from bench.sweep import parse_classes
     from reports.build import build_report
 
+    if old_out:
+        click.echo("bench report: --out is deprecated here (it means the results folder in `bench run`); use "
+                   "--report-dir", err=True)
+        if out and Path(out) != Path(old_out):
+            _fail(f"--out {old_out} and --report-dir {out} disagree: give --report-dir only")
+        out = out or old_out
     out = out or str(Path(results) / "report")
     methods = [m.strip() for m in methods_spec.split(",") if m.strip()] if methods_spec else None
     try:
         classes = parse_classes(classes_spec, 10**6) if classes_spec else None
     except ValueError as exc:
         _fail(f"--classes: {exc}")
+    _check_records(results, methods, classes, reference)
+    extensions = (click.get_current_context().obj or {}).get("extensions", ())
     try:
         written = build_report(results, out, data_root=data_root, figure1=not no_figure1, methods=methods,
-                               classes=classes, allow_mixed=allow_mixed)
+                               classes=classes, reference=reference, extensions=extensions, allow_mixed=allow_mixed)
     except ValueError as exc:  # reports.mixing.MixedModels: the message lists the models and the fix
         _fail(str(exc))
     except OSError as exc:
@@ -687,26 +764,56 @@ def report_cmd(results, out, data_root, no_figure1, methods_spec, classes_spec, 
                f"{Path(out) / 'runs.csv'}, {Path(out) / 'runs.jsonl'})")
 
 
+def _check_records(results: str, methods, classes, reference: str | None) -> None:
+    """Before any report is written: `results` holds records (of `methods` and `classes`, when given) and one of
+    `reference`; read from the records' paths (<preset>/<protocol>/<method>/<variant>/class<k>/seed<s>)."""
+    from bench.records import RECORD_NAME, parse_run_dir
+
+    if not Path(results).is_dir():
+        _fail(f"--results {results}: no such folder; give the folder `bench run --results` wrote the records to")
+    found = []
+    for path in Path(results).rglob(RECORD_NAME):
+        try:
+            found.append(parse_run_dir(path.parent))
+        except ValueError:  # a stray record.json outside the layout: the reader reports it
+            continue
+    kept = [run for run in found if (not methods or run["method"] in methods)
+            and (classes is None or run["forget_class"] in classes)]
+    if not kept:
+        asked = " of the methods and classes asked for" if found else ""
+        _fail(f"no record{asked} under {results}: nothing to report (run `bench run --results {results}` first, "
+              "or give --results the folder that holds the records)")
+    if reference and reference not in {run["method"] for run in kept}:
+        _fail(f"--reference {reference}: no record of that method under {results}; choose from "
+              f"{', '.join(sorted({run['method'] for run in kept}))}")
+
+
 @main.command("compare")
 @click.argument("results_a", type=click.Path(exists=True, file_okay=False))
 @click.argument("results_b", type=click.Path(exists=True, file_okay=False))
 @click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
               help="also save every matched run (A, B and B - A per metric) as CSV")
+@click.option("--by", type=click.Choice(["variant", "protocol", "preset"]), default=None,
+              help="pair runs that differ in this (a --set variant, a protocol, a preset) and match on the other keys; "
+                   "A and B may be one folder [default: match on all keys]")
 @click.option("--allow-mixed", is_flag=True,
               help="compare A and B although they were made from different base models or classifiers (the output "
                    "says so); a folder that mixes them itself is refused all the same")
-def compare_cmd(results_a, results_b, csv_path, allow_mixed) -> None:
+def compare_cmd(results_a, results_b, csv_path, by, allow_mixed) -> None:
     """Metric deltas B - A between two results folders (UA, H, FID/FD, retained accuracy, RTE), per method,
-    variant, class and shared seed, with a summary per method: Markdown on stdout."""
-    from reports.compare import compare_results
+    variant, class and shared seed, with a summary per method: Markdown on stdout. With --by, runs of different
+    variants, protocols or presets are paired (e.g. `bench compare R R --by variant`)."""
+    from reports.compare import KEYS, compare_results
 
     try:
-        text, deltas = compare_results(results_a, results_b, allow_mixed=allow_mixed)
+        text, deltas = compare_results(results_a, results_b, by=by, allow_mixed=allow_mixed)
     except ValueError as exc:  # reports.mixing.MixedModels: the message lists the models and the fix
         _fail(str(exc))
     click.echo(text)
     if deltas.empty:
-        _fail(f"no run of {results_b} matches one of {results_a} (preset, protocol, method, variant, class)")
+        keys = ", ".join(k for k in KEYS if k != by)
+        _fail(f"no run of {results_b} matches one of {results_a} ({keys}, seed or seed means)"
+              + ("" if by else "; to pair runs across variants, protocols or presets, add --by variant|protocol|preset"))
     if csv_path:
         try:
             Path(csv_path).parent.mkdir(parents=True, exist_ok=True)

@@ -285,10 +285,10 @@ def run_local(specs: list[RunSpec], force: bool = False, workers: int = 1, progr
     if workers > 1 and len(todo) > 1:
         pool = WorkerPool(workers, force, show_progress)
         return in_spec_order(outcomes + pool.run(todo, progress), specs)
-    job = Job(force)
+    job, started = Job(force), time.perf_counter()
     try:
         for index, spec in enumerate(todo, 1):
-            log.info("[%d/%d] %s", index, len(todo), spec.describe())
+            log.info("[%d/%d] %s%s", index, len(todo), spec.describe(), eta(started, index - 1, len(todo)))
             outcomes.append(_run_guarded(job, spec))
             if progress:
                 progress(outcomes[-1])
@@ -410,6 +410,7 @@ class WorkerPool:
         outcomes: dict[int, Outcome] = {}
         held: dict = {}  # pipe -> (process, index of the run it holds)
         bar = progress_bar(total=len(todo), desc="sweep", unit="run", disable=not self.show_progress)
+        started = time.perf_counter()
 
         def hand_out(conn, process) -> None:
             """Give this worker the next run, or let it finish; one found dead fails that run and is replaced."""
@@ -437,7 +438,8 @@ class WorkerPool:
 
         def finish(index: int, outcome: Outcome) -> None:
             outcomes[index] = outcome
-            log.info("[%d/%d] %s: %s", len(outcomes), len(todo), outcome.spec.describe(), outcome.status)
+            log.info("[%d/%d] %s: %s%s", len(outcomes), len(todo), outcome.spec.describe(), outcome.status,
+                     eta(started, len(outcomes), len(todo)))
             if progress:
                 progress(outcome)
             failed = sum(o.status == "failed" for o in outcomes.values())
