@@ -43,14 +43,25 @@ def mixed_models(records: list[dict]) -> dict[str, Counter]:
     return {preset: counts for preset, counts in found.items() if len(counts) > 1}
 
 
+def _classifier_path(base: Path, preset: str) -> Path:
+    """Where the cache of base model `base` keeps the classifier of `preset` (beside it, for an unknown preset)."""
+    from bench.cache import Cache
+    from bench.config import get_preset
+
+    try:
+        return Cache(base.parent.parent).classifier_path(get_preset(preset))
+    except ValueError:
+        return base.with_name("classifier.pt")
+
+
 def _current(records: list[dict]) -> set[tuple[str, str]]:
     """(base id, classifier id) of the models in the caches the records' base models came from, as they are now."""
     from bench.cache import CheckpointError, load_file  # torch, only once mixing was found
 
     found = set()
-    for base in {r["base_model"].get("path") for r in records if r["base_model"].get("path")}:
+    for base, preset in {(r["base_model"].get("path"), r["preset"]) for r in records if r["base_model"].get("path")}:
         ids = []
-        for path in (Path(base), Path(base).with_name("classifier.pt")):
+        for path in (Path(base), _classifier_path(Path(base), preset)):
             try:
                 payload = load_file(path, "", mmap=True)
             except (OSError, CheckpointError):
