@@ -46,7 +46,7 @@ from bench.attack_algorithms import (
     relearn,
 )
 from bench.cache import Cache, CheckpointError
-from bench.checkpoints import file_sha256
+from bench.checkpoints import file_sha256, saved_model
 from bench.classifier import load_classifier
 from bench.config import get_preset
 from bench.device import Speed, device_name, memory_snapshot, pick_device, reset_peak_memory
@@ -264,12 +264,10 @@ def check_attacked(specs: list[AttackSpec]) -> None:
 
 
 def load_attacked_weights(run: RunSpec, record: dict) -> dict[str, torch.Tensor]:
-    """The run's saved weights, checked against the hash in its record."""
-    saved = record["artifacts"]["model"]
-    path = run.directory / saved["path"]
-    if not path.exists() or file_sha256(path) != saved["sha256"]:
-        raise CheckpointError(f"{path} is missing or does not match the hash in its record; run "
-                              f"`{run_command(run)} --force`")
+    """The run's saved weights (only ever from inside its folder), checked against the hash in its record."""
+    path, sha256 = saved_model(record, run.directory)
+    if file_sha256(path) != sha256:
+        raise CheckpointError(f"{path} does not match the hash in its record; run `{run_command(run)} --force`")
     return load_safetensors(str(path))
 
 

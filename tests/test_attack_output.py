@@ -138,3 +138,16 @@ def test_original_runs_on_a_cache_whose_samples_cannot_be_written(tiny_cache, tm
     assert [(r["method"], 0 <= r["metrics"]["ua"] <= 100) for r in records.read_all(out)[0]] == [("original", True)] * 2
     notes = [r.getMessage() for r in caplog.records if "samples are not cached" in r.getMessage()]
     assert len(notes) == 1 and str(cache / "tiny" / "samples") in notes[0], notes
+
+
+def test_an_attack_reads_the_model_only_from_inside_the_run_folder(saved_run, tmp_path):
+    """A record edited to point its model outside the run folder is refused, as `bench export` refuses it."""
+    spec, _ = saved_run
+    record = records.read_record(spec.directory / records.RECORD_NAME)
+    outside = tmp_path / "model.safetensors"
+    shutil.copy(spec.directory / "model.safetensors", outside)
+    edited = {**record, "artifacts": {**record["artifacts"], "model": {**record["artifacts"]["model"],
+                                                                        "path": str(outside)}}}
+    with pytest.raises(attacks.CheckpointError, match="points outside the run folder"):
+        attacks.load_attacked_weights(spec, edited)
+    assert attacks.load_attacked_weights(spec, record)  # the run's own model still loads
