@@ -173,7 +173,7 @@ def read_all(results: str | Path) -> tuple[list[dict], list[tuple[Path, str]]]:
         own = _own_folder(record, results)
         if own is None or path.parent.parts[-6:] != own.parts[-6:]:
             where = own.relative_to(results) if own is not None else "none (unsafe names)"
-            skipped.append((path, f"a copy: not in the run folder its fields name ({where}); skipped"))
+            skipped.append((path, f"a copy: not in the run folder its fields name ({where})"))
             continue
         first = kept.get(key := identity(record))
         if first is None:
@@ -183,7 +183,7 @@ def read_all(results: str | Path) -> tuple[list[dict], list[tuple[Path, str]]]:
         if path.parent == own and Path(first["path"]).parent != own:  # this one is in its run folder: keep it
             records[records.index(first)] = kept[key] = record
             record, first = first, record
-        skipped.append((Path(record["path"]), f"a second record of the run in {first['path']}; skipped"))
+        skipped.append((Path(record["path"]), f"a second record of the run in {first['path']}"))
     for path, problem in skipped:
         if problem.startswith(("a copy", "a second record")):
             log.warning("record %s skipped: %s", path, problem)
