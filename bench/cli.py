@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -95,6 +97,29 @@ class BenchGroup(click.Group):
 
     def parse_args(self, ctx, args):
         return super().parse_args(ctx, hoist_global_options(list(args), self.commands))
+
+    def invoke(self, ctx):
+        """SIGTERM is Ctrl-C; either one, where no sweep reported what finished, ends the command with 130 and a
+        line saying so (not click's "Aborted!" and 1): one rule for every command (`_exit_code`)."""
+        previous = _on_sigterm(_interrupt)
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted: what finished is kept; run the command again to resume the rest", err=True)
+            ctx.exit(130)
+        finally:
+            _on_sigterm(previous)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM (in the main thread only, where Python allows it); the previous handler."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 @click.group(cls=BenchGroup)
@@ -702,17 +727,18 @@ def status_cmd(out, jobs_folder, as_json, cache_dir) -> None:
         return
     width = max(len(r.method) for r in rows), max(len(r.variant) for r in rows), max(len(r.attack) for r in rows)
     attack = f"{'attack':{width[2]}}  " if width[2] else ""
-    click.echo(f"{'method':{width[0]}}  {'variant':{width[1]}}  {attack}class  seed  {'state':11} detail")
+    click.echo(f"{'method':{width[0]}}  {'variant':{width[1]}}  {attack}class  seed  {'state':{width[3]}} detail")
     for r in rows:
         attack = f"{r.attack:{width[2]}}  " if width[2] else ""
         click.echo(f"{r.method:{width[0]}}  {r.variant:{width[1]}}  {attack}{r.forget_class:5d}  {r.seed:4d}  "
-                   f"{r.state:11} {r.detail}")
+                   f"{r.state:{width[3]}} {r.detail}")
     runs, attacks = [r for r in rows if not r.attack], [r for r in rows if r.attack]
     click.echo(", ".join(f"{sum(r.state == s for r in runs)} {s}" for s in STATES))
     if attacks:
         click.echo("attacks: " + ", ".join(f"{sum(r.state == s for r in attacks)} {s}" for s in STATES))
 
 
+    width += (max(8, *(len(r.state) for r in rows)),)
 @main.command("report")
 @click.option("--results", default="results", show_default=True, help="results folder holding the records (read)")
 @click.option("--report-dir", "out", default=None, help="where the report goes (written) [default: RESULTS/report]")

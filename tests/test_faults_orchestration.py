@@ -176,6 +176,18 @@ def test_ctrl_c_of_an_attack_exits_130_and_status_shows_it_interrupted(saved_run
     assert not list(out.rglob(records.FAILURE_NAME))  # stopped, not failed
 
 
+def test_sigterm_of_a_run_exits_130_and_status_shows_it_interrupted(tiny_cache, tmp_path):
+    process = _start("run", *TINY, "--methods", "safemax", "--classes", "0", "--set", "safemax.iterations=100000",
+                     "--cache", tiny_cache, "--out", tmp_path)
+    folder = _spec(tmp_path, tiny_cache, "safemax", sets=("safemax.iterations=100000",)).directory
+    stdout, stderr = _stop(process, [folder], signal.SIGTERM)  # was: killed outright, nothing said
+    assert process.returncode == 130, stdout + stderr
+    assert "0 run(s) done" in stdout and "1 not finished (stopped)" in stdout, stdout
+    shown = _invoke("status", "--results", tmp_path).output
+    assert re.search(r"interrupted +stopped by Ctrl-C or SIGTERM", shown), shown
+    assert "0 failed, 0 missing, 1 interrupted" in shown, shown
+
+
 def test_an_interrupted_attack_of_bench_run_attacks_exits_130_with_the_run_done(tiny_cache, tmp_path, monkeypatch):
     def interrupted(spec, fresh=False):
         raise KeyboardInterrupt  # Ctrl-C in the attack, after the run's record
