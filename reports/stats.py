@@ -4,8 +4,9 @@ Pure functions of DataFrames (`reports.frame.runs_frame` rows). The units a stat
 - per (method, class) cell: the runs' seeds;
 - over classes (Table 2's μ rows, per-method summaries): each class's mean over its seeds is one unit, and the
   bootstrap resamples classes (with a single class, its seeds). n says how many classes and runs went in;
-- paired with a reference method (the report's `--reference`, SAFEMax by default): a pair shares class and seed; the difference method - reference is
-  resampled over seeds per class, over classes (of per-class mean differences) per method.
+- paired with a reference method (the report's `--reference`, SAFEMax by default): a pair shares class and seed;
+  the difference method - reference is resampled over seeds per class, over classes (of per-class mean
+  differences) per method.
 The interval is the percentile bootstrap (scipy.stats.bootstrap, 9,999 resamples, seeded): with n values it never
 leaves their range, so with 2-3 seeds it is narrow and should be read as such. With n = 1 there is no interval and
 no standard deviation (NaN); tables show "n=1" instead.
