@@ -337,3 +337,23 @@ def test_missing_prerequisites_are_built_by_one_job_the_array_waits_for(slurm_cl
     assert all(times(job_id)[0] >= times(prerequisites)[1] for job_id in runs)  # ISO times sort as text
     assert len(records.read_all(out)[0]) == 2
     assert (cache / "tiny" / "base.pt").is_file()
+
+
+@pytest.mark.slow
+def test_each_methods_array_gets_its_own_time_limit(slurm_cluster, tiny_cache, bench_cli, tmp_path):
+    config, out = tmp_path / "per-method.yaml", tmp_path / "results"
+    config.write_text((REPO / "slurm" / "clusters" / "local.yaml").read_text() + "methods: {safemax: {timeout_min: 7}}\n")
+    submitted = bench_cli("run", "--preset", "tiny", "--methods", "original,safemax", "--classes", "0", "--out", str(out),
+                          "--cache", tiny_cache, "--no-progress", "--cluster", "slurm", "--cluster-config", str(config),
+                          "--no-wait")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    (manifest,) = manifests(out)
+    jobs = {run["method"]: run["job_id"] for run in manifest["runs"]}
+    try:
+        limits = {method: wait_for(lambda job_id=job_id: slurm_cluster.run(
+            "sacct", "-n", "-X", "-P", "-o", "Timelimit", "-j", job_id, check=False).stdout.strip(), WAIT_S,
+            f"job {job_id} in sacct") for method, job_id in jobs.items()}
+    finally:
+        slurm_cluster.run("scancel", *{job_id.split("_")[0] for job_id in jobs.values()}, check=False)
+    assert limits == {"original": "00:10:00", "safemax": "00:07:00"}
+    assert jobs["original"].split("_")[0] != jobs["safemax"].split("_")[0]  # two arrays
