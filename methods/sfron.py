@@ -4,6 +4,8 @@
 Mask, once per base model and forget class: F = mean over batches of clip_1(g_b)^2, g_b the gradient of the
 guided (w = 2) noise loss of one batch, from the raw base weights in eval mode, over the forget class (F_f) and
 over the retained classes (F_r); the weights with (F_f + 1e-15) / (F_r + 1e-15) >= gamma (1.0) are salient.
+The Fisher's images are flipped once (p = 0.5), as the published `generate_fisher` reads them through
+`cifar10_fisher.yml` (`random_flip: true`); `fisher_hflip="none"` keeps them as stored.
 Iteration k of K: a forget step of adaptive-weighted gradient ascent, -alpha_k sum_i w^_i l_i with
 w_i = 1 / (sg[l_i]^lambda + 1e-8) normalised and alpha_k = 10 (1 + cos(pi k / K)) / 2, its gradient masked and
 then clipped; then a retain step of the retained images' noise loss at the new weights, unmasked. One Adam for
@@ -18,13 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from bench.config import Preset, TrainConfig, check_number
-from bench.data import ClassDataset
+from bench.config import Preset, TrainConfig, check_choice, check_number
+from bench.data import ClassDataset, flip_once
 from bench.diffusion import NoiseSchedule, guided_eps, noise_loss, noised, squared_error
 from bench.runner import Trainer
 from methods.base import Batch, UnlearningMethod, register
 
 FISHER_SEED = 4242  # the mask belongs to (base model, forget class), not to a run's seed
+FISHER_FLIP_SEED = 4252  # each Fisher image's flip (forget; retain + 1), apart from the order and noise streams
+FISHER_HFLIPS = ("once", "none")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,9 @@ class SFROnConfig(TrainConfig):
     mask_threshold: float = 1.0  # gamma of the paper (the mask script's help text calls it lambda)
     fisher_guidance: float = 2.0
     fisher_batch_size: int = 128
+    # once: each Fisher image flipped with p = 0.5, drawn once (the published `cifar10_fisher.yml`, `random_flip:
+    # true`); none: the images as stored (this harness before issue 24; presets whose data are never mirrored)
+    fisher_hflip: str = "once"
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,6 +55,7 @@ class SFROnConfig(TrainConfig):
         check_number("mask_threshold", self.mask_threshold, low=0)
         check_number("fisher_guidance", self.fisher_guidance, low=0)
         check_number("fisher_batch_size", self.fisher_batch_size, low=1, integer=True)
+        check_choice("fisher_hflip", self.fisher_hflip, FISHER_HFLIPS)
 
 
 def fisher_diagonal(model: nn.Module, schedule: NoiseSchedule, data: ClassDataset, batch_size: int, guidance: float,
@@ -92,26 +100,41 @@ class SFROn(UnlearningMethod):
 
     @classmethod
     def preset_defaults(cls, preset: Preset) -> dict:
-        """The base scaling, and the Fisher's batches of the preset's batch size (as published: the training one)."""
+        """The base scaling, and the Fisher's batches of the preset's batch size (as published: the training one);
+        the Fisher's images unflipped where the preset's are never flipped (as its training images, `hflip`)."""
         defaults = super().preset_defaults(preset)
-        return {"fisher_batch_size": preset.unlearn_batch_size, **defaults}
+        fisher = {"fisher_batch_size": preset.unlearn_batch_size}
+        if preset.pretrain.hflip == "none":  # a mirrored digit is another digit or none
+            fisher["fisher_hflip"] = "none"
+        return {**fisher, **defaults}
 
     def cache_key(self) -> str:
         config = self.config
         return (f"fisher-mask-class{self.ctx.forget_class}-gamma{config.mask_threshold}-w{config.fisher_guidance}-"
-                f"b{config.fisher_batch_size}-seed{FISHER_SEED}")
+                f"b{config.fisher_batch_size}-flip{config.fisher_hflip}-seed{FISHER_SEED}")
 
-    def prepare(self) -> dict[str, Tensor]:
-        """{"mask.<parameter>": bool}: the Fisher-ratio mask of the raw base weights, in eval mode."""
+    def fisher_images(self, data: ClassDataset, flip_seed: int) -> ClassDataset:
+        """The images a Fisher pass reads: flipped once from `flip_seed` (`fisher_hflip="once"`) or as stored."""
+        if self.config.fisher_hflip == "none":
+            return data
+        return flip_once(data, torch.Generator().manual_seed(flip_seed))
+
+    def fishers(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(F_f, F_r) of the raw base weights in eval mode, each over its images as `fisher_hflip` gives them."""
         ctx, config = self.ctx, self.config
-        forget, retain = ctx.train_data.forget(ctx.forget_class), ctx.train_data.retain(ctx.forget_class)
+        forget = self.fisher_images(ctx.train_data.forget(ctx.forget_class), FISHER_FLIP_SEED)
+        retain = self.fisher_images(ctx.train_data.retain(ctx.forget_class), FISHER_FLIP_SEED + 1)
         model = ctx.unet(ctx.base_weights).eval()
         settings = (config.fisher_batch_size, config.fisher_guidance)
         with ctx.stage("forget fisher", len(forget), "forget-class images"):
             fisher_forget = fisher_diagonal(model, ctx.schedule, forget, *settings, seed=FISHER_SEED)
         with ctx.stage("retain fisher", len(retain), "retained images"):
             fisher_retain = fisher_diagonal(model, ctx.schedule, retain, *settings, seed=FISHER_SEED + 1)
-        mask = fisher_ratio_mask(fisher_forget, fisher_retain, config.mask_threshold)
+        return fisher_forget, fisher_retain
+
+    def prepare(self) -> dict[str, Tensor]:
+        """{"mask.<parameter>": bool}: the Fisher-ratio mask of the raw base weights, in eval mode."""
+        mask = fisher_ratio_mask(*self.fishers(), self.config.mask_threshold)
         return {f"mask.{name}": value.cpu() for name, value in mask.items()}
 
     def mask(self) -> dict[str, Tensor]:

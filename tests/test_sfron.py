@@ -14,7 +14,8 @@ from bench.device import PLAIN
 from bench.perf import Bench, PerfOptions
 from bench.runner import Trainer, make_optimizer
 from bench.sweep import resolve_method_config
-from methods.sfron import SFROn, adaptive_objective, fisher_diagonal, fisher_ratio_mask
+from bench.data import ClassDataset
+from methods.sfron import FISHER_FLIP_SEED, SFROn, adaptive_objective, fisher_diagonal, fisher_ratio_mask
 
 CPU = torch.device("cpu")
 
@@ -134,9 +135,35 @@ def test_forget_weight_decays_from_ten_to_zero_on_a_cosine():
 def test_cache_key_names_the_class_and_every_mask_setting():
     bench = tiny_bench()
     keys = {make_method(bench, **values).cache_key() for values in
-            ({}, {"forget_class": 1}, {"mask_threshold": 2.0}, {"fisher_guidance": 0.0}, {"fisher_batch_size": 8})}
-    assert len(keys) == 5
+            ({}, {"forget_class": 1}, {"mask_threshold": 2.0}, {"fisher_guidance": 0.0}, {"fisher_batch_size": 8},
+             {"fisher_hflip": "once"})}
+    assert len(keys) == 6
+    # a mask prepared before issue 24 (no flip setting in its key) is never read as either setting's
+    old = "fisher-mask-class0-gamma1.0-w2.0-b16-seed4242"
+    assert old not in keys and make_method(bench, fisher_hflip="none").cache_key() != old
     assert make_method(bench, alpha=1.0, iterations=7).cache_key() == make_method(bench).cache_key()
+
+
+def test_fisher_images_are_flipped_once_from_a_fixed_seed_or_kept_as_stored():
+    bench = tiny_bench()
+    images = torch.zeros(400, 1, 2, 2)
+    images[:, :, :, 0] = 1.0  # the left column lit: a flipped image has it on the right
+    data = ClassDataset(images, torch.zeros(400, dtype=torch.long), ("a",), "test")
+    flipped = make_method(bench, fisher_hflip="once").fisher_images(data, FISHER_FLIP_SEED)
+    is_flipped = flipped.images[:, 0, 0, 1] == 1.0
+    assert bool((flipped.images[:, 0, 0, 0] != flipped.images[:, 0, 0, 1]).all())  # each as stored or mirrored
+    assert 0.4 < float(is_flipped.float().mean()) < 0.6
+    again = make_method(bench, fisher_hflip="once").fisher_images(data, FISHER_FLIP_SEED)
+    assert torch.equal(again.images, flipped.images)  # the mask belongs to (base model, class), not to a run
+    assert make_method(bench, fisher_hflip="none").fisher_images(data, FISHER_FLIP_SEED) is data
+
+
+def test_flipped_fisher_gives_another_mask_and_each_setting_is_reproducible(prepared):
+    bench = tiny_bench()
+    flipped = make_method(bench, forget_class=4, fisher_hflip="once").prepare()
+    assert any(not torch.equal(flipped[name], prepared[name]) for name in prepared)
+    assert all(torch.equal(flipped[name], mask) for name, mask in
+               make_method(bench, forget_class=4, fisher_hflip="once").prepare().items())
 
 
 def test_report_gives_the_mask_density(prepared):
@@ -149,7 +176,7 @@ def test_report_gives_the_mask_density(prepared):
 
 @pytest.mark.parametrize("field, value", [("alpha", -1.0), ("decay_alpha", "yes"), ("retain_weight", -1.0),
                                           ("weight_exponent", float("inf")), ("mask_threshold", -0.5),
-                                          ("fisher_batch_size", 0)])
+                                          ("fisher_batch_size", 0), ("fisher_hflip", "every_draw")])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SFROn.Config(**{field: value})
@@ -159,9 +186,15 @@ def test_cifar10_defaults_are_the_published_values_and_presets_scale_them():
     _, paper, changed = resolve_method_config(get_preset("cifar10"), "sfron")
     assert (paper.iterations, paper.batch_size, paper.lr, paper.grad_clip, paper.alpha, paper.decay_alpha,
             paper.retain_weight, paper.weight_exponent, paper.mask_threshold, paper.fisher_guidance,
-            paper.fisher_batch_size, paper.label_dropout, paper.ema, paper.hflip) == \
-        (150, 128, 1e-4, 1.0, 10.0, True, 1.0, 0.5, 1.0, 2.0, 128, 0.1, False, "once")
+            paper.fisher_batch_size, paper.label_dropout, paper.ema, paper.hflip, paper.fisher_hflip) == \
+        (150, 128, 1e-4, 1.0, 10.0, True, 1.0, 0.5, 1.0, 2.0, 128, 0.1, False, "once", "once")
     assert changed == {}
+    # digits are never mirrored: neither the training images nor the Fisher's
     _, digits, changed = resolve_method_config(get_preset("digits"), "sfron")
-    assert (digits.iterations, digits.batch_size, digits.fisher_batch_size, digits.hflip) == (15, 32, 32, "none")
-    assert set(changed) == {"iterations", "batch_size", "fisher_batch_size", "hflip"}
+    assert (digits.iterations, digits.batch_size, digits.fisher_batch_size, digits.hflip, digits.fisher_hflip) == \
+        (15, 32, 32, "none", "none")
+    assert set(changed) == {"iterations", "batch_size", "fisher_batch_size", "hflip", "fisher_hflip"}
+    _, fashion, _ = resolve_method_config(get_preset("fashion"), "sfron")
+    assert (fashion.hflip, fashion.fisher_hflip) == ("once", "once")
+    _, unflipped, _ = resolve_method_config(get_preset("cifar10"), "sfron", {"fisher_hflip": "none"}.items())
+    assert unflipped.fisher_hflip == "none"
