@@ -13,12 +13,15 @@ from torchvision.utils import save_image
 
 from bench.config import UNETS, DiffusionConfig, get_preset
 from bench.data import ClassDataset, to_uint8, training_batches
+from bench.device import PLAIN
+from bench.runner import Trainer, make_optimizer
 from bench.diffusion import NoiseSchedule, sample
 from bench.unet import NULL_CLASS, ConditionalUNet
 from methods import get_method
 from methods.gradient_ascent import GradientAscent
 from methods.sa import SelectiveAmnesia, diagonal_fisher
-from methods.salun import top_fraction_mask
+from methods.salun import SalUn, top_fraction_mask
+from methods.sfron import FISHER_FLIP_SEED, SFROn
 
 
 class Recording(torch.nn.Module):
@@ -44,14 +47,15 @@ def tiny_context(num_images: int = 64, seed: int = 0):
 def test_cifar10_defaults_are_the_published_values():
     preset = get_preset("cifar10")
     resolved = {name: dataclasses.replace(get_method(name).Config(), **get_method(name).preset_defaults(preset))
-                for name in ("sa", "salun", "ga", "retrain", "safemax")}
+                for name in ("sa", "salun", "ga", "retrain", "safemax", "sfron")}
     sa, salun, ga, retrain = resolved["sa"], resolved["salun"], resolved["ga"], resolved["retrain"]
     assert (sa.iterations, sa.batch_size, sa.lr, sa.lam, sa.gamma, sa.label_dropout, sa.hflip) == \
         (20_000, 128, 1e-4, 10.0, 1.0, 0.0, "every_draw")
     assert (sa.fim_label_dropout, sa.fim_inputs, sa.fim_timesteps, sa.prior_samples_per_class) == (0.1, "unit", 0, 500)
     assert (salun.iterations, salun.lr, salun.alpha, salun.sparsity, salun.pseudo, salun.hflip, salun.ema) == \
         (1000, 1e-4, 1e-3, 0.5, "next", "once", False)
-    assert (ga.variant, ga.alpha, ga.label_dropout, ga.iterations) == ("salun", 1e-3, 0.1, 1000)
+    assert (ga.variant, ga.alpha, ga.label_dropout, ga.iterations, ga.mask) == ("salun", 1e-3, 0.1, 1000, "none")
+    assert resolved["sfron"].fisher_hflip == "once"  # `cifar10_fisher.yml`: random_flip true
     assert (retrain.iterations, retrain.lr, retrain.hflip, retrain.ema_decay) == (800_000, 2e-4, "every_draw", 0.9999)
     assert all(p.image_conversion == "stretch" for p in preset.protocols.values())
 
@@ -173,6 +177,44 @@ def test_ga_variants(variant, retained, dropped):
     assert bool((forget_labels == NULL_CLASS).any()) == dropped
     if retained:
         assert torch.allclose(terms["loss"], -terms["forget"] + config.alpha * terms["retain"])
+
+
+def test_sfron_fisher_reads_each_image_flipped_once_as_published():
+    bench = tiny_context()
+    values = {**SFROn.preset_defaults(bench.preset), "fisher_hflip": "once"}
+    method = SFROn(dataclasses.replace(SFROn.Config(), **values), bench.context())
+    data = asymmetric_images(1000)
+    rate = float(flipped(method.fisher_images(data, FISHER_FLIP_SEED).images).float().mean())
+    assert abs(rate - 0.5) < 0.05
+    unflipped = SFROn(dataclasses.replace(method.config, fisher_hflip="none"), bench.context())
+    assert not bool(flipped(unflipped.fisher_images(data, FISHER_FLIP_SEED).images).any())
+
+
+def test_ga_saliency_mask_option_is_salun_mask_applied_after_clipping():
+    bench = tiny_context()
+    config = dataclasses.replace(GradientAscent.Config(), **GradientAscent.preset_defaults(bench.preset))
+    assert GradientAscent(config, bench.context()).cache_key() is None
+    assert GradientAscent(config, bench.context()).grad_mask() is None
+    masked = GradientAscent(dataclasses.replace(config, mask="saliency"), bench.context())
+    masked.prepared = masked.prepare()
+    salun_config = dataclasses.replace(SalUn.Config(), **SalUn.preset_defaults(bench.preset))
+    salun_mask = SalUn(salun_config, bench.context()).prepare()
+    assert masked.prepared.keys() == salun_mask.keys()
+    assert all(torch.equal(masked.prepared[name], salun_mask[name]) for name in salun_mask)
+    assert masked.cache_key() != GradientAscent(config, bench.context(1)).cache_key()
+    model = bench.model()
+    trainer = Trainer(model, make_optimizer(list(model.parameters()), 1e-4, PLAIN, torch.device("cpu")),
+                      torch.device("cpu"), PLAIN, 1.0, masked.grad_mask())
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    masked.update(0, trainer, next(masked.batches()))
+    moved = {name: ~torch.isclose(p.detach(), before[name], rtol=0, atol=0) for name, p in model.named_parameters()}
+    assert all(not bool(moved[name][~salun_mask[f"mask.{name}"]].any()) for name in moved)
+    assert any(bool(moved[name].any()) for name in moved)
+
+
+def test_ga_mask_option_is_checked():
+    with pytest.raises(ValueError, match="mask"):
+        GradientAscent.Config(mask="salun")
 
 
 def test_digits_lists_every_behaviour_it_changes():
