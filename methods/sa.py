@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from bench.config import TrainConfig, check_choice
+from bench.config import TrainConfig, check_choice, check_number
 from bench.data import ClassDataset, from_uint8, training_batches
 from bench.device import progress_bar, same_layout
 from bench.diffusion import NoiseSchedule, drop_labels, squared_error
@@ -48,6 +48,13 @@ class SAConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         check_choice("fim_inputs", self.fim_inputs, FIM_INPUTS)
+        check_number("lam", self.lam, low=0)  # a negative EWC weight pushes away from the base model
+        check_number("gamma", self.gamma, low=0)
+        check_number("prior_samples_per_class", self.prior_samples_per_class, low=1, integer=True)
+        check_number("fim_timesteps", self.fim_timesteps, low=0, integer=True)
+        check_number("fim_batch_size", self.fim_batch_size, low=1, integer=True)
+        check_number("fim_timestep_chunk", self.fim_timestep_chunk, low=1, integer=True)
+        check_number("fim_label_dropout", self.fim_label_dropout, low=0, high=1)
 
 
 def fisher_timesteps(schedule: NoiseSchedule, count: int, device) -> tuple[Tensor, float]:

@@ -205,3 +205,15 @@ def test_the_default_speed_uses_bf16_on_cuda_only_for_methods_the_bf16_study_cle
     assert Speed(amp=False).for_device(cuda, cls.bf16_measured).amp is False
     resolved = Speed().for_device(cuda, cls.bf16_measured)
     assert resolved.for_device(cuda) == resolved  # resolving again (the sampler does) changes nothing
+
+
+@pytest.mark.parametrize("item, message", [
+    ("sa.lam=-1", "sa.lam must be >= 0"),
+    ("sa.gamma=-0.5", "sa.gamma must be >= 0"),
+    ("sa.prior_samples_per_class=0", "sa.prior_samples_per_class must be >= 1"),
+    ("sa.fim_label_dropout=2", "sa.fim_label_dropout must be <= 1"),
+])
+def test_sa_fields_are_checked_before_any_work(item, message):
+    """A negative EWC weight would push the model away from the base model and still write a record."""
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        parse_sets([item], ["sa"])
