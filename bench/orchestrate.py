@@ -557,7 +557,7 @@ def wait_runs(submission: Submission, progress: bool = True) -> list[Outcome]:
     outcomes = list(submission.known)
     for finished in wait_all(submission.jobs, submission.todo, progress=progress, poll_s=2.0, refresh_s=10.0):
         if finished.failed:
-            outcomes.append(Outcome(finished.item, "failed", error=short_error(finished.outcome),
+            outcomes.append(Outcome(finished.item, "failed", error=job_error(finished.item, finished.outcome),
                                     log_path=str(finished.log_path)))
         else:
             outcomes.append(dataclasses.replace(finished.outcome, log_path=str(finished.log_path)))
@@ -565,6 +565,15 @@ def wait_runs(submission: Submission, progress: bool = True) -> list[Outcome]:
 
 
 def short_error(error: BaseException | str) -> str:
+def job_error(spec: RunSpec | AttackSpec, error: BaseException | str) -> str:
+    """`short_error`, or the job's `failure.json` (type, message and where it was raised) when it tells of this very
+    error (a debug job's error is the exception itself: its message alone)."""
+    text, failure = short_error(error), records.read_failure(spec.directory) or {}
+    if failure.get("where") and failure.get("error") in (text, f"{type(error).__name__}: {text}"):
+        return f"{failure['error']} at {failure['where']}"
+    return text
+
+
     """The last line of a job's traceback (`Type: message`), or the first line of a scheduler error."""
     text = str(error)
     if "failed during processing with trace" in text:

@@ -111,9 +111,10 @@ def test_a_plugin_methods_failure_names_its_own_file_and_line(tiny_cache, tmp_pa
     (tmp_path / "plug" / "brokenmethod.py").write_text(BROKEN)
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "plug"), os.environ.get("PYTHONPATH", "")])}
     where = f"{tmp_path / 'plug' / 'brokenmethod.py'}:11 in loss"
-    for out, workers in ((tmp_path / "here", "1"), (tmp_path / "workers", "2")):  # in this process, in workers
+    for out, how in ((tmp_path / "here", ()), (tmp_path / "workers", ("--workers", "2")),
+                     (tmp_path / "jobs", ("--cluster", "debug"))):  # in this process, in workers, as submitit jobs
         result = bench_cli("--method-module", "brokenmethod:Broken", "run", *TINY, "--methods", "broken", "--classes",
-                           "0,1", "--workers", workers, "--cache", tiny_cache, "--out", str(out), env=env)
+                           "0,1", *how, "--cache", tiny_cache, "--out", str(out), env=env)
         assert result.returncode == 1, result.stdout + result.stderr
         failed = [line for line in result.stderr.splitlines() if line.startswith("FAILED")]
         assert len(failed) == 2 and all(where in line for line in failed), result.stderr
