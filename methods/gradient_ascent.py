@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from bench.config import TrainConfig, check_choice
+from bench.config import TrainConfig, check_choice, check_number
 from bench.diffusion import noise_loss
 from methods.base import Batch, UnlearningMethod, register
 from methods.salun import SalUn, SalUnConfig, saliency_scores, top_fraction_mask
@@ -42,6 +42,7 @@ class GradientAscentConfig(TrainConfig):
         super().__post_init__()
         check_choice("variant", self.variant, GA_VARIANTS)
         check_choice("mask", self.mask, GA_MASKS)
+        check_number("alpha", self.alpha, low=0)
 
 
 @register
@@ -97,6 +98,10 @@ class GradientAscent(UnlearningMethod):
 class NegGradPlusConfig(TrainConfig):
     gamma: float = 0.1  # weight of the (negated) forget loss
     label_dropout: float = 0.1  # on the retained term, as in pretraining
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_number("gamma", self.gamma, low=0)  # negative: a second retain term, not unlearning
 
 
 @register

@@ -35,6 +35,9 @@ class SalUnConfig(TrainConfig):
         check_number("sparsity", self.sparsity, low=0, high=1)
         if self.sparsity == 1:
             raise ValueError("sparsity must be < 1 (1 would mask every weight), got 1")
+        check_number("alpha", self.alpha, low=0)
+        check_number("mask_guidance", self.mask_guidance, low=0)
+        check_number("mask_batch_size", self.mask_batch_size, low=1, integer=True)
 
 
 def pseudo_labels(forget_class: int, count: int, num_classes: int, mode: str, generator: torch.Generator | None,

@@ -212,8 +212,13 @@ def test_the_default_speed_uses_bf16_on_cuda_only_for_methods_the_bf16_study_cle
     ("sa.gamma=-0.5", "sa.gamma must be >= 0"),
     ("sa.prior_samples_per_class=0", "sa.prior_samples_per_class must be >= 1"),
     ("sa.fim_label_dropout=2", "sa.fim_label_dropout must be <= 1"),
+    ("salun.alpha=-1", "salun.alpha must be >= 0"),
+    ("salun.mask_batch_size=0", "salun.mask_batch_size must be >= 1"),
+    ("ga.alpha=-1", "ga.alpha must be >= 0"),
+    ("neggrad_plus.gamma=-0.1", "neggrad_plus.gamma must be >= 0"),
 ])
-def test_sa_fields_are_checked_before_any_work(item, message):
-    """A negative EWC weight would push the model away from the base model and still write a record."""
+def test_method_fields_are_checked_before_any_work(item, message):
+    """A negative weight (SA's EWC, a retain or forget weight) would turn the method into another one and still
+    write a record."""
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        parse_sets([item], ["sa"])
+        parse_sets([item], [item.split(".")[0]])
