@@ -25,6 +25,7 @@ from bench.classifier import load_classifier
 from bench.config import get_preset
 from bench.device import Speed, device_name, memory_snapshot, pick_device, reset_peak_memory
 from bench.evaluate import Sampler, evaluate, fid_scorer, grid_image, noise_probabilities
+from bench.flops import Clock, Ledger, ledger
 from bench.prerequisites import load_base, load_classifier_payload, load_preparation, make_context
 from bench.runner import EMA, Resume, train
 from bench.sweep import RunSpec, resolve_method_config, resolve_protocol
@@ -62,7 +63,7 @@ def code_fingerprints(cls: type, preset: str) -> dict:
 
 def run_one(spec: RunSpec) -> dict:
     """Unlearn, evaluate and write the record of one run; returns the record."""
-    started = time.perf_counter()
+    started, clock = time.perf_counter(), Clock()
     preset, cache_dir = get_preset(spec.preset), Cache(spec.cache, spec.data_root)
     cls, config, scaled = resolve_method_config(preset, spec.method, spec.method_overrides)
     protocol = resolve_protocol(preset, spec)
@@ -85,7 +86,8 @@ def run_one(spec: RunSpec) -> dict:
         every = preset.checkpoint_every if config.iterations > preset.checkpoint_every else None
         resume = Resume(spec.directory / PARTIAL_NAME, every, {"noise": ctx.noise_generator}, method)
         result = train(model, method.batches(), method.update, config, device, speed=speed, ema=ema,
-                       grad_mask=method.grad_mask(), resume=resume, progress=spec.progress, desc=spec.describe())
+                       grad_mask=method.grad_mask(), resume=resume, progress=spec.progress, desc=spec.describe(),
+                       step_kind=method.step_kind)
     memory = result.memory if result else memory_snapshot(device)
     if ema is not None:
         ema.copy_to(model)
@@ -95,11 +97,14 @@ def run_one(spec: RunSpec) -> dict:
         sample_cache = cache_dir.path(preset, "samples", base["id"] + ("-ema" if config.ema else "-raw"))
     sampler = Sampler(model, ctx.schedule, protocol, preset, device, spec.seed, sample_cache, spec.progress,
                       speed)
-    fid = fid_scorer(protocol, ctx.train_data, spec.forget_class, classifier, cache_dir.path(preset, "fid-reference"),
-                     device, spec.progress)
-    shape = (preset.unet.in_channels, preset.unet.image_size, preset.unet.image_size)
-    noise_probs = noise_probabilities(classifier, shape, protocol.noise_samples, spec.seed)
-    evaluation = evaluate(sampler, classifier, spec.forget_class, fid, noise_probs)
+    eval_clock = Clock()
+    with ledger() as eval_flops:  # what the evaluation executed: sampling (none where cached), classifier, FID features
+        fid = fid_scorer(protocol, ctx.train_data, spec.forget_class, classifier,
+                         cache_dir.path(preset, "fid-reference"), device, spec.progress)
+        shape = (preset.unet.in_channels, preset.unet.image_size, preset.unet.image_size)
+        noise_probs = noise_probabilities(classifier, shape, protocol.noise_samples, spec.seed)
+        evaluation = evaluate(sampler, classifier, spec.forget_class, fid, noise_probs)
+    eval_cost = eval_clock.stop()
 
     artifacts = {"samples": "samples.png"}
     directory = spec.directory
@@ -117,6 +122,11 @@ def run_one(spec: RunSpec) -> dict:
         "prepare_total_s": sum(prepare.values()),
         "eval_s": evaluation.seconds,
         "total_s": time.perf_counter() - started,
+        # Cost that travels between machines (bench.flops): FLOPs executed, CPU seconds, and the load it ran under.
+        "flops": run_flops(result.flops if result else None, eval_flops),
+        "train_cpu_s": result.cpu_seconds if result else 0.0,
+        "eval_cpu_s": eval_cost["cpu_s"],
+        **{key: value for key, value in clock.stop().items() if key != "wall_s"},
     }
     record = records.make_record(
         preset=preset.name, dataset=ctx.train_data.source, protocol=dataclasses.asdict(protocol), method=spec.method,
@@ -143,6 +153,15 @@ def run_one(spec: RunSpec) -> dict:
     (directory / PARTIAL_NAME).unlink(missing_ok=True)
     (directory / records.FAILURE_NAME).unlink(missing_ok=True)
     return record
+
+
+def run_flops(train_flops: dict | None, eval_flops: Ledger) -> dict:
+    """The record's FLOPs: the unlearning loop (total and per kind of step; 0 without one) and the evaluation."""
+    train_total = train_flops["total"] if train_flops else 0
+    return {"train": train_total, "train_steps": (train_flops or {}).get("kinds", {}),
+            "evaluate": eval_flops.total, "evaluate_parts": dict(eval_flops.flops),
+            "total": None if train_total is None else train_total + eval_flops.total,
+            "counter": "torch.utils.flop_counter.FlopCounterMode (2 per multiply-add; matmul, conv, attention)"}
 
 
 def save_model(model: torch.nn.Module, directory: Path, preset, spec: RunSpec, base: dict) -> dict:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench import records
+from bench.classifier import build_classifier, predict
 from bench.config import Preset, get_preset
 from bench.data import ClassDataset
 from bench.device import (
@@ -40,6 +41,7 @@ from bench.device import (
 )
 from bench.diffusion import NoiseSchedule, sample
 from bench.evaluate import Sampler
+from bench.flops import ledger
 from bench.runner import EMA, Trainer, make_optimizer, train
 from bench.sweep import parse_sets
 from bench.unet import ConditionalUNet, count_parameters
@@ -235,11 +237,16 @@ def time_step(bench: Bench, name: str, variant: str, prepared: dict) -> dict:
     fresh_memory(device)
     speed = VARIANTS[variant].for_device(device, type(method).bf16_measured)  # `default`: what `bench run` uses
     result = train(model, method.batches(), method.update, config, device, speed=speed, ema=ema,
-                   grad_mask=method.grad_mask(), time_steps=True, desc=f"perf {name}", progress=False)
+                   grad_mask=method.grad_mask(), time_steps=True, desc=f"perf {name}", progress=False,
+                   step_kind=method.step_kind, count_flops=True)  # random data: its draws may be replayed
     measured = result.step_seconds[opts.warmup:]
     median, mean = statistics.median(measured), statistics.fmean(measured)
+    # FLOPs of the timed iterations (whole periods) over their time: what the step achieves, unrolls and all
+    kinds = result.flops["kinds"].values() if result.flops.get("total") is not None else []
+    per_iteration = sum(k["flops_per_step"] * k["steps"] for k in kinds) / result.steps if kinds else None
     return {"workload": f"{name} step", "method": name, "variant": variant, "unit": "s / iteration",
             "value": median, "mean_s": mean, "p10": _quantile(measured, 0.1), "p90": _quantile(measured, 0.9),
+            "flops_per_iteration": per_iteration, "flops_per_s": per_iteration / mean if per_iteration else None,
             "iterations": len(measured), "period": period, "first_step_s": result.first_step_seconds,
             "final_loss": result.final_losses.get("loss"), **result.memory,
             # the mean over whole periods: a run's time, unrolls and all (the median is a typical iteration)
@@ -261,13 +268,45 @@ def time_sampler(bench: Bench, variant: str) -> dict:
 
     fresh_memory(device)
     _, first = timed(device, lambda: run(2))  # compile or graph capture happens here
-    _, seconds = timed(device, lambda: run(opts.sample_steps))
+    with ledger() as book:
+        _, seconds = timed(device, lambda: run(opts.sample_steps))
     rate = opts.sample_batch * opts.sample_steps / seconds
     paper = get_preset("cifar10").protocol("paper")
     full = (cfg.num_classes - 1) * paper.retain_samples_per_class * paper.sampler_steps
     return {"workload": "sampler", "method": "-", "variant": variant, "unit": "image-steps / s", "value": rate,
-            "first_step_s": first, "measured_on": f"batch {opts.sample_batch} x {opts.sample_steps} steps",
+            "flops_per_s": book.total / seconds, "first_step_s": first,
+            "measured_on": f"batch {opts.sample_batch} x {opts.sample_steps} steps",
             **memory_snapshot(device), "paper_scale_s": full / rate}
+
+
+def time_features(bench: Bench) -> dict:
+    """Images per second through the evaluation classifier (UA's probabilities and FD's features in one pass)."""
+    opts, device, cfg = bench.options, bench.device, bench.preset.unet
+    classifier = build_classifier(bench.preset.classifier, cfg.in_channels, cfg.num_classes, cfg.image_size)
+    classifier = classifier.to(device).eval()
+    images = torch.rand(opts.sample_batch * 4, cfg.in_channels, cfg.image_size, cfg.image_size,
+                        generator=torch.Generator().manual_seed(opts.seed)) * 2 - 1
+    predict(classifier, images[:8])  # first-call set-up
+    with ledger() as book:
+        _, seconds = timed(device, lambda: predict(classifier, images))
+    return {"workload": "classifier (UA, FD features)", "method": "-", "variant": "default", "unit": "images / s",
+            "value": len(images) / seconds, "flops_per_s": book.total / seconds,
+            "measured_on": f"{len(images)} images", **memory_snapshot(device)}
+
+
+def peak_flops(device: torch.device, size: int = 2048) -> dict:
+    """This machine's practical FP32 peak: a large matrix product on one CPU thread (or the GPU), best of 5."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        a = torch.randn(size, size, device=device, generator=torch.Generator(device).manual_seed(0))
+        timed(device, lambda: a @ a)
+        best = min(timed(device, lambda: a @ a)[1] for _ in range(5))
+    finally:
+        torch.set_num_threads(threads)
+    where = "one CPU thread" if device.type == "cpu" else device_name(device)
+    return {"flops_per_s": 2 * size**3 / best, "measured_on": f"fp32 {size}x{size} matmul on {where}, best of 5"}
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -353,13 +392,17 @@ def run_perf(options: PerfOptions) -> dict:
         rows += [guarded(f"{name} step", variant, time_step, bench, name, variant, prepared)
                  for variant in options.variants]
     rows += [guarded("sampler", variant, time_sampler, bench, variant) for variant in options.sampler_variants]
+    rows.append(guarded("classifier (UA, FD features)", "default", time_features, bench))
+    peak = peak_flops(device)
     for row in rows:
         row["target"], row["meets_target"] = target_check(row, preset, device)
+        if row.get("flops_per_s"):
+            row["peak_fraction"] = row["flops_per_s"] / peak["flops_per_s"]
     return {"preset": preset.name, "device": device_name(device), "device_type": device.type,
             "torch": torch.__version__, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "unet_parameters": count_parameters(bench.model()), "unet": dataclasses.asdict(preset.unet),
             "batch": {"forget": bench.batch_size, "retain": bench.batch_size}, "note": NOTE,
-            "options": dataclasses.asdict(options),
+            "options": dataclasses.asdict(options), "peak": peak, "threads": torch.get_num_threads(),
             "variants": {name: dataclasses.asdict(VARIANTS[name].for_device(device))
                          for name in dict.fromkeys((*options.variants, *options.sampler_variants))},
             "rows": rows}
@@ -385,8 +428,8 @@ def _target_text(kind: str, value: float) -> str:
             "max_paper_s": f"<= {value / 60:.0f} min at paper counts"}[kind]
 
 
-COLUMNS = ("workload", "variant", "median", "unit", "first step s", "peak GPU alloc GiB", "peak GPU reserved GiB",
-           "target", "meets", "anchor (H200)", "at paper counts")
+COLUMNS = ("workload", "variant", "median", "unit", "GFLOP/s", "% of peak", "first step s", "peak GPU alloc GiB",
+           "peak GPU reserved GiB", "target", "meets", "anchor (H200)", "at paper counts")
 
 
 def markdown(result: dict) -> str:
@@ -401,7 +444,10 @@ def markdown(result: dict) -> str:
              f"- steps: {steps}; the first step (torch.compile time, if any) is reported apart",
              "- variants: " + "; ".join(f"`{name}` = {Speed(**flags).describe()}"
                                         for name, flags in result["variants"].items()),
-             f"- process peak RSS: {max(r.get('peak_process_mib', 0) for r in result['rows']):,.0f} MiB", "",
+             f"- process peak RSS: {max(r.get('peak_process_mib', 0) for r in result['rows']):,.0f} MiB",
+             f"- FLOPs: FlopCounterMode's count (matmul, conv, attention); peak "
+             f"{result['peak']['flops_per_s'] / 1e9:,.1f} GFLOP/s ({result['peak']['measured_on']}); the run used "
+             f"{result['threads']} thread(s)", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in result["rows"]]
     if result.get("checks"):
@@ -419,7 +465,11 @@ def _cells(row: dict) -> list[str]:
     anchor = ANCHORS.get("sampler" if row["workload"] == "sampler" else method, "") if "step" in row["workload"] \
         or row["workload"] == "sampler" else ""
     meets = {True: "yes", False: "no", None: ""}[row.get("meets_target")]
-    return [row["workload"], row["variant"], _number(row["value"]), row["unit"], _number(row.get("first_step_s")),
+    gflops = row.get("flops_per_s")
+    fraction = row.get("peak_fraction")
+    return [row["workload"], row["variant"], _number(row["value"]), row["unit"],
+            _number(gflops / 1e9) if gflops else "n/a", f"{100 * fraction:.0f}%" if fraction else "n/a",
+            _number(row.get("first_step_s")),
             _number(row.get("peak_gpu_allocated_gib")), _number(row.get("peak_gpu_reserved_gib")),
             row.get("target", ""), meets, anchor, _duration(row.get("paper_scale_s"))]
 

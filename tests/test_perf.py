@@ -48,7 +48,12 @@ def test_perf_at_tiny_size_writes_a_row_per_method_variant_and_the_sampler(tmp_p
         assert "error" not in row, (key, row)
         assert math.isfinite(row["value"]) and row["value"] > 0, (key, row)
     assert all(rows[(f"{m} step", "default")]["iterations"] == 20 for m in DEFAULT_METHODS)
+    # Every timed step, the sampler and the classifier report achieved FLOP/s against the measured peak
+    assert report["peak"]["flops_per_s"] > 0 and "one CPU thread" in report["peak"]["measured_on"]
+    for key in [*expected, ("classifier (UA, FD features)", "default")]:
+        assert rows[key]["flops_per_s"] > 0 and rows[key]["peak_fraction"] > 0, (key, rows[key])
     table = md_path.read_text()
+    assert "GFLOP/s" in table and "% of peak" in table
     assert report["torch"] in table and "cpu" in table and "random weights and random data" in table
     assert sum(line.startswith("| ") for line in table.splitlines()) == len(rows) + 1  # + the header
     assert table in result.output
