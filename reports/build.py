@@ -8,8 +8,9 @@ Layout of the output:
   <out>/<preset>/<protocol>/figures/<figure>.{png,pdf}
   <out>/<preset>/<protocol>/missing_runs.sh          the `bench run` commands that fill the missing cells
 Tables: table1, table2, prepare, paired (differences to SAFEMax), paper (cifar10), robustness_relearn and
-robustness_embedding (when attack files exist). Figures: samples_class<k>, sweep_*, cost, tradeoff, per_class,
-noise_prediction, relearn_curves and attack_success (when attack files exist).
+robustness_embedding (when attack files exist), matched_compute (when a sweep exists). Figures: samples_class<k>,
+sweep_*, cost, tradeoff, per_class, noise_prediction, relearn_curves and attack_success (when attack files exist),
+budget_curves (when the records hold a sweep of a numeric hyperparameter: `reports.budget`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bench.config import get_preset
 from bench.records import read_all
 from reports import figures as figs
 from reports import robustness
+from reports.budget import budget_outputs
 from reports.frame import write_tidy
 from reports.html import FigureEntry, Section, Subsection, page
 from reports.mixing import MixedModels, describe, mixed_models, refusal
@@ -78,6 +80,17 @@ def _robustness(attacks: pd.DataFrame, runs: pd.DataFrame, grid: Grid, folder: P
     return Subsection("robustness", "Robustness", lines, tables, entries)
 
 
+def _budget(runs: pd.DataFrame, grid: Grid, folder: Path, label: str, written: dict[str, Path]) -> Subsection | None:
+    """Budget curves and the matched-compute table, where the records hold a sweep of a numeric field (issue 25)."""
+    tables, figures = budget_outputs(runs, grid)
+    if not figures:
+        return None
+    entries = _write(tables, figures, folder, label, written)
+    lines = ["Runs that differ in one numeric hyperparameter (a `--set METHOD.FIELD=a,b,c` sweep, such as "
+             "scripts/budget_study.py's budgets): their metrics against the swept value or the FLOPs it cost."]
+    return Subsection("budget", "Budget curves", lines, tables, entries)
+
+
 def _section(runs: pd.DataFrame, records: list[dict], attacks: pd.DataFrame, preset: str, protocol: str,
              results_dir: str, data_root: str | None, out: Path, written: dict[str, Path],
              methods: list[str] | None, classes: list[int] | None, reference: str | None = None,
@@ -94,6 +107,9 @@ def _section(runs: pd.DataFrame, records: list[dict], attacks: pd.DataFrame, pre
                           + "\n".join(commands) + "\n")
         _add(written, {"script": script})
     section = Section(preset, protocol, tables, entries, runs, commands, _facts(runs, records))
+    budget = _budget(runs, grid, folder, f"{preset}-{protocol}", written)
+    if budget is not None:
+        section.subsections.append(budget)
     if len(attacks):
         section.subsections.append(_robustness(attacks, runs, grid, folder, f"{preset}-{protocol}", written))
     return section

@@ -209,8 +209,8 @@ def cost_figure(df: pd.DataFrame, grid: Grid) -> Figure:
     methods = [m for m in grid.methods if m in set(default["method"])]
     runs = {m: default[default["method"] == m] for m in methods}
     stages = sorted({s for found in default["prepare_stages"] for s in found})
-    fig, (ax_time, ax_prep, ax_mem) = plt.subplots(1, 3, layout="constrained", sharey=True,
-                                                   figsize=(10.0, 0.32 * len(methods) + 1.3))
+    fig, (ax_time, ax_flops, ax_prep, ax_mem) = plt.subplots(1, 4, layout="constrained", sharey=True,
+                                                             figsize=(13.0, 0.32 * len(methods) + 1.3))
     palette = sns.color_palette("deep", len(stages) + 2)
     labels = [method_label(m) for m in methods]
     rte = [stats.summarize(runs[m]["rte_min"]) for m in methods]
@@ -230,6 +230,8 @@ def cost_figure(df: pd.DataFrame, grid: Grid) -> Figure:
     ax_time.set_xlabel("RTE, minutes")
     ratio = f"; × = RTE / {method_label(REFERENCE)}'s" if reference > 0 else ""
     ax_time.set_title(f"(a) unlearning run{ratio}", fontsize=8)
+    counted = _flops_panel(ax_flops, [stats.summarize(runs[m]["train_tflops"]) for m in methods], methods, palette[0],
+                           labels)
     lefts = np.zeros(len(methods))
     for index, stage in enumerate(stages):
         widths = np.array([runs[m]["prepare_stages"].map(lambda found, s=stage: found.get(s, 0.0)).mean() / 60
@@ -242,7 +244,7 @@ def cost_figure(df: pd.DataFrame, grid: Grid) -> Figure:
     else:
         ax_prep.text(0.5, 0.5, "no preparation stages", transform=ax_prep.transAxes, ha="center", fontsize=7)
     ax_prep.set_xlabel("preparation, minutes")
-    ax_prep.set_title("(b) preparation (once per base model)", fontsize=8)
+    ax_prep.set_title("(c) preparation (once per base model)", fontsize=8)
     memory = [stats.summarize(runs[m]["memory_gib"]) for m in methods]
     kinds = ["/".join(sorted(set(runs[m]["memory_kind"]))) for m in methods]
     colors = [palette[-1] if kind == "GPU" else "0.6" for kind in kinds]
@@ -253,17 +255,45 @@ def cost_figure(df: pd.DataFrame, grid: Grid) -> Figure:
         ax_mem.annotate(kind, (found.mean, position), xytext=(3, 0), textcoords="offset points", va="center", fontsize=6)
     ax_mem.margins(x=0.15)
     ax_mem.set_xlabel("peak memory, GiB")
-    ax_mem.set_title("(c) GPU: CUDA allocated; RSS: process", fontsize=8)
+    ax_mem.set_title("(d) GPU: CUDA allocated; RSS: process", fontsize=8)
     title = "Runtime and memory"
     fig.suptitle(f"{title} — {grid.preset}/{grid.protocol}", fontsize=9)
     runs_n = sorted({s.n for s in rte})
     caption = ("(a) Unlearning runtime (RTE, preparation excluded): mean over forget classes and seeds with its 95% "
                f"bootstrap CI over runs (n = {', '.join(map(str, runs_n))} runs per method), annotated with its ratio "
-               f"to {method_label(REFERENCE)}'s mean RTE. (b) Preparation stages (priors, Fisher information, saliency "
-               "masks), stacked: computed once per base model and reused by every run. (c) Peak memory: GPU = peak "
+               f"to {method_label(REFERENCE)}'s mean RTE. (b) FLOPs of the unlearning loop (torch's FlopCounterMode: "
+               "matrix products, convolutions, attention), with their ratio to "
+               f"{method_label(REFERENCE)}'s: the machine- and load-independent cost"
+               f"{'' if counted else ' (none of these records counted FLOPs: made before they were counted)'}; "
+               "preparation not counted. (c) Preparation stages (priors, Fisher information, saliency "
+               "masks), stacked: computed once per base model and reused by every run. (d) Peak memory: GPU = peak "
                "allocated CUDA memory, RSS = peak resident memory of the whole process (CPU runs). Linear axes from "
                "0." + _single_note(rte))
     return Figure("cost", title, caption, fig)
+
+
+def _flops_panel(ax, flops: list, methods: list[str], color, labels: list[str]) -> bool:
+    """Train TFLOPs per method with the ratio to the reference's; False where no record counted them."""
+    if all(s.n == 0 for s in flops):
+        ax.text(0.5, 0.5, "FLOPs not recorded", transform=ax.transAxes, ha="center", fontsize=7)
+        ax.set_xlabel("unlearning TFLOPs")
+        return False
+    _hbars(ax, flops, color, labels)
+    reference = flops[methods.index(REFERENCE)].mean if REFERENCE in methods else math.nan
+    for position, found in enumerate(flops):
+        if found.n == 0:
+            text = "n/a"
+        elif found.mean == 0:
+            text = "no training"
+        else:
+            text = f"{found.mean / reference:.2g}×" if reference > 0 else f"{found.mean:.3g}"
+        ax.annotate(text, (found.mean if found.n else 0.0, position), xytext=(3, 0), textcoords="offset points",
+                    ha="left", va="center", fontsize=6)
+    ax.margins(x=0.18)
+    ax.set_xlabel("unlearning TFLOPs")
+    ratio = f"; × = FLOPs / {method_label(REFERENCE)}'s" if reference > 0 else ""
+    ax.set_title(f"(b) unlearning FLOPs{ratio}", fontsize=8)
+    return True
 
 
 def _original_line(ax, found: dict, methods: list[str], fid_name: str) -> str:
@@ -275,6 +305,31 @@ def _original_line(ax, found: dict, methods: list[str], fid_name: str) -> str:
     ax.annotate("Original", (level, 1), xycoords=("data", "axes fraction"), xytext=(2, -8),
                 textcoords="offset points", fontsize=6, color="0.3")
     return f" Dotted line: Original's {fid_name} (it forgets nothing, so it is drawn as a line, not a point)."
+
+
+OUTLIER_FACTOR = 5.0  # an FD this many times the methods' median puts the forgetting-vs-retention x-axis on a log scale
+
+
+def _fd_axis(ax, found: dict, methods: list[str], fid_name: str) -> str:
+    """Linear from 0 when the FDs are alike; a log axis, the outliers named on it, when one method's FD is more than
+    OUTLIER_FACTOR x the median (GA's 209 against 6-17), so that the other methods stay apart. Returns the caption's
+    sentence about it."""
+    means = {m: found[(m, "fid")].mean for m in methods}
+    highs = [found[(m, "fid")].high if found[(m, "fid")].has_interval else means[m] for m in methods]
+    lows = [found[(m, "fid")].low if found[(m, "fid")].has_interval else means[m] for m in methods]
+    median = float(np.median(list(means.values())))
+    outliers = [m for m, value in means.items() if median > 0 and value > OUTLIER_FACTOR * median]
+    if not outliers or min(lows) <= 0:
+        ax.set_xlim(left=0, right=max(highs) * 1.1)
+        return ""
+    ax.set_xscale("log")
+    ax.set_xlim(min(lows) / 1.25, max(highs) * 1.25)
+    for method in outliers:
+        ax.annotate(f"{method_label(method)}: {means[method]:.3g}", (means[method], 0), xycoords=("data", "axes fraction"),
+                    xytext=(0, 4), textcoords="offset points", ha="center", fontsize=6, color="0.3")
+    named = ", ".join(f"{method_label(m)} {means[m]:.3g}" for m in outliers)
+    return (f" The {fid_name} axis is logarithmic because {named} is more than {OUTLIER_FACTOR:g}x the methods' median "
+            f"({median:.3g}); on a linear axis the other methods would sit on top of each other.")
 
 
 def tradeoff_figure(df: pd.DataFrame, grid: Grid) -> Figure:
@@ -301,8 +356,7 @@ def tradeoff_figure(df: pd.DataFrame, grid: Grid) -> Figure:
         note = _original_line(ax, found, methods, fid_name)
         ax.set_xlabel(f"{fid_name} on retained classes ↓")
         ax.set_ylabel(name)
-        ax.set_xlim(left=0, right=max([found[(m, "fid")].high for m in methods if found[(m, "fid")].has_interval]
-                                      + [found[(m, "fid")].mean for m in methods]) * 1.1)
+        axis_note = _fd_axis(ax, found, methods, fid_name)
         ax.margins(y=0.1)
     # Legend markers of one size (the axes' markers scale with RTE).
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=palette[m], markersize=6,
@@ -314,7 +368,7 @@ def tradeoff_figure(df: pd.DataFrame, grid: Grid) -> Figure:
     caption = (f"One point per method: mean over forget classes (each the mean of its seeds) of UA (left) or H "
                f"(right) against {fid_name} on retained classes; bars: 95% bootstrap CI over classes (n = "
                f"{', '.join(map(str, n_classes))}). Marker area grows with the mean RTE (largest: {largest:.2g} min). "
-               f"Hollow marker: Retrain, the reference to match.{note} Best is the upper left.")
+               f"Hollow marker: Retrain, the reference to match.{note} Best is the upper left.{axis_note}")
     return Figure("tradeoff", title, caption, fig)
 
 

@@ -18,7 +18,8 @@ import pandas as pd
 from bench.metrics import HIGHER_IS_BETTER
 
 # Directions of the derived columns, beside the metrics' own.
-DIRECTIONS = {**HIGHER_IS_BETTER, "rte_min": False, "memory_gib": False, "prepare_min": False, "std": False}
+DIRECTIONS = {**HIGHER_IS_BETTER, "rte_min": False, "memory_gib": False, "prepare_min": False, "std": False,
+              "train_tflops": False, "eval_tflops": False}
 # The Fréchet distance of the small presets uses the evaluation classifier's features: not an FID, never called one.
 FID_LABELS = {"classifier": "FD (classifier features)", "inception": "FID"}
 
@@ -66,7 +67,21 @@ def _row(record: dict) -> dict:
         "fid_features": record["protocol"].get("fid_features", record["classifier"].get("fid_features")),
         "base_model_path": record["base_model"].get("path"), "base_model_id": record["base_model"].get("id"),
         "classifier_id": record["classifier"].get("id"),
+        **_cost(timings),
     }
+
+
+def _tera(value) -> float:
+    return value / 1e12 if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _cost(timings: dict) -> dict:
+    """FLOPs of the unlearning loop and of the evaluation (TFLOPs) and the 1-minute load average at the run's
+    start (`bench.flops`); NaN where a record predates them or its FLOPs were not counted (torch.compile)."""
+    flops = timings.get("flops") if isinstance(timings.get("flops"), dict) else {}
+    load = (timings.get("load_average") or {}).get("start") if isinstance(timings.get("load_average"), dict) else None
+    return {"train_tflops": _tera(flops.get("train")), "eval_tflops": _tera(flops.get("evaluate")),
+            "load_1m": float(load[0]) if load else math.nan}
 
 
 def runs_frame(records: list[dict]) -> pd.DataFrame:

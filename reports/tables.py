@@ -66,7 +66,7 @@ PAPER_CIFAR10 = {
 }
 
 METRIC_FORMAT = {"entropy": "{:.3f}", "ua": "{:.2f}", "fid": "{:.2f}", "memory_gib": "{:.2f}", "auc": "{:.2f}",
-                 "steps_to_relearn": "{:.0f}", "budget": "{:.0f}"}
+                 "steps_to_relearn": "{:.0f}", "budget": "{:.0f}", "train_tflops": "{:.3g}", "eval_tflops": "{:.3g}"}
 PAIRED_METRICS = ["ua", "entropy", "fid", "retain_accuracy", "rte_min"]
 
 
@@ -312,8 +312,8 @@ def _class_stat_rows(table: Table, df: pd.DataFrame, grid: Grid, metrics: list[s
                        "with one class, over its seeds). σ: sample sd over classes of the per-class means.")
 
 
-def table2(df: pd.DataFrame, grid: Grid) -> Table:
-    metrics = ["fid", "rte_min", "memory_gib"]
+def table2(df: pd.DataFrame, grid: Grid, reference: str | None = None) -> Table:
+    metrics = ["fid", "rte_min", "train_tflops", "eval_tflops", "memory_gib"]
     label = fid_label(df["fid_features"])
     table = Table(
         "table2", "Table 2. Evaluation of retention and efficiency",
@@ -321,16 +321,62 @@ def table2(df: pd.DataFrame, grid: Grid) -> Table:
         f"per forget class over {_seeds_text(grid)}, then μ and σ over the forget classes that have records; preset "
         f"{grid.preset}, protocol {grid.protocol}. GPU GiB: peak allocated GPU memory; RSS GiB "
         "(CPU runs, no GPU figure): peak resident memory of the whole process during the run, the Python "
-        f"and torch runtime included (the original model's row shows that floor). {fid_note(df)} Bold: best mean "
-        "per row among unlearning methods.",
+        f"and torch runtime included (the original model's row shows that floor). {fid_note(df)} {FLOPS_NOTE} "
+        "Bold: best mean per row among unlearning methods.",
         "Class", [(method_label(m), [(f"{label} ↓", "fid"), ("RTE (min) ↓", "rte_min"),
+                                     ("train TFLOPs ↓", "train_tflops"), ("eval TFLOPs", "eval_tflops"),
                                      (_memory_label(df, m), "memory_gib")]) for m in grid.methods],
         rank_groups=[m not in REFERENCE_METHODS for m in grid.methods])
     _per_class_rows(table, df, grid, metrics)
     _class_stat_rows(table, df, grid, metrics)
     mark_best(table, directions(df))
     add_stats_note(table, "seeds")
+    table.notes += [note for note in (cost_ratios(df, grid, reference), load_note(df)) if note]
     return table
+
+
+FLOPS_NOTE = ("TFLOPs: floating-point operations counted by torch's FlopCounterMode (matrix products, convolutions, "
+              "attention; 2 per multiply-add), of the unlearning loop (train; preparation not counted: n/a) and of "
+              "the evaluation (sampling, classifier, FD features; sampling not counted where samples were cached). "
+              "Unlike RTE they do not depend on the machine or its load; n/a: a record made before FLOPs were "
+              "counted.")
+
+
+def _ratio(value: float, reference: float) -> str:
+    if not (text_ok(value) and text_ok(reference)) or reference <= 0:
+        return "n/a"
+    return "no training" if value == 0 else f"{value / reference:.2g}×"
+
+
+def cost_ratios(df: pd.DataFrame, grid: Grid, reference: str | None) -> str:
+    """Each method's mean RTE and mean train FLOPs over its default runs, as ratios to the reference's."""
+    default = default_runs(df[df["class"].isin(grid.classes)])
+    means = default.groupby("method")[["rte_min", "train_tflops"]].mean()
+    if reference not in means.index:
+        return ""
+    ref = means.loc[reference]
+    parts = [f"{method_label(m)} {_ratio(means.loc[m, 'rte_min'], ref['rte_min'])} in time, "
+             f"{_ratio(means.loc[m, 'train_tflops'], ref['train_tflops'])} in FLOPs"
+             for m in grid.methods if m in means.index and m != reference]
+    return (f"Cost relative to {method_label(reference)} (mean over its runs of RTE and of train FLOPs): "
+            + "; ".join(parts) + ".") if parts else ""
+
+
+LOAD_SPREAD = 2.0  # runs whose 1-minute load averages at start differ more than this factor (and by >= 1) were timed apart
+
+
+def load_note(df: pd.DataFrame) -> str:
+    """A warning when the runs were timed under clearly different machine loads: RTE ratios then mix speed and load."""
+    loads = df["load_1m"].dropna() if "load_1m" in df else pd.Series(dtype=float)
+    if len(loads) < 2:
+        return ""
+    low, high = float(loads.min()), float(loads.max())
+    if high - low < 1.0 or high <= LOAD_SPREAD * max(low, 0.01):
+        return ""
+    busiest = df.loc[df["load_1m"].idxmax()]
+    return (f"Timed under different loads: the 1-minute load average at the runs' start ranged from {low:.2f} to "
+            f"{high:.2f} (highest: {method_label(busiest['method'])}, class {busiest['class']}, seed "
+            f"{busiest['seed']}). RTE comparisons between these runs mix speed with load; compare TFLOPs.")
 
 
 def text_ok(value) -> bool:
@@ -450,8 +496,8 @@ def paper_table(df: pd.DataFrame, grid: Grid) -> Table:
 
 def build_tables(df: pd.DataFrame, grid: Grid, reference: str | None = None) -> list[Table]:
     """Tables 1-2, preparation, differences to `reference` (see `pick_reference`) and, for cifar10, the paper's."""
-    tables = [table1(df, grid), table2(df, grid), prepare_table(df, grid)]
     reference = pick_reference(set(default_runs(df)["method"]) & set(grid.methods), reference)
+    tables = [table1(df, grid), table2(df, grid, reference), prepare_table(df, grid)]
     paired = paired_table(df, grid, reference) if reference else None
     if paired is not None:
         tables.append(paired)

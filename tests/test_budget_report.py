@@ -84,3 +84,109 @@ def test_the_plan_sets_what_the_preset_would_run_at_each_fraction_and_never_abov
     assert [p.method for p in points][:1] == ["original"] and len(points) == 1 + 2 * 4
     variants = {p.specs[0].variant for p in points}
     assert {"iterations=30", "gamma=1.0,iterations=1000"} <= variants
+
+
+# --- the report: real records of a tiny sweep -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sweep_results(tmp_path_factory, tiny_cache):
+    """SAFEMax on the tiny preset at iterations 1, 2, 4 (a sweep) and at its default (3), classes 0 and 1."""
+    from tests.conftest import run_bench
+
+    results = tmp_path_factory.mktemp("budget-sweep")
+    common = ("--preset", "tiny", "--methods", "safemax", "--classes", "0,1", "--device", "cpu", "--no-progress",
+              "--cache", tiny_cache, "--results", str(results))
+    for extra in (("--set", "safemax.iterations=1,2,4"), ()):
+        done = run_bench("run", *common, *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return results
+
+
+def test_bench_report_draws_budget_curves_and_the_matched_compute_table_from_a_sweep(sweep_results, tmp_path):
+    from tests.conftest import run_bench
+
+    out = tmp_path / "report"
+    done = run_bench("report", "--results", str(sweep_results), "--report-dir", str(out), "--no-figure1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    folder = out / "tiny" / "paper"
+    assert (folder / "figures" / "budget_curves.png").stat().st_size > 0
+    matched = (folder / "tables" / "matched_compute.md").read_text()
+    # SAFEMax's own curve passes through its default run (3 iterations): the point nearest its FLOPs, ratio 1.
+    row = next(line for line in matched.splitlines() if line.startswith("| SAFEMax"))
+    assert row.split("|")[2].strip() == "3" and row.split("|")[4].strip() == "1×", row
+    assert "Budget curves" in (out / "report.html").read_text()
+    table2 = (folder / "tables" / "table2.md").read_text()
+    assert "train TFLOPs" in table2 and "eval TFLOPs" in table2
+
+
+def test_runs_without_a_sweep_give_no_budget_curves(sweep_results):
+    from bench.records import read_all
+    from reports.budget import find_curves
+    from reports.frame import runs_frame
+
+    records = read_all(sweep_results)[0]
+    assert find_curves(runs_frame([r for r in records if r["variant"] == "default"])) == []
+    curves = find_curves(runs_frame(records))
+    assert [(c.method, c.axis, sorted(c.runs["_x"].unique())) for c in curves] == [("safemax", "iterations", [1, 2, 3, 4])]
+
+
+def test_table2_shows_flops_and_their_ratio_and_old_records_read_as_na(sweep_results):
+    import copy
+
+    from bench.records import read_all
+    from reports.frame import runs_frame
+    from reports.tables import build_tables, make_grid
+
+    records = [r for r in read_all(sweep_results)[0] if r["variant"] == "default"]
+    assert records[0]["timings"]["flops"]["train"] > 0
+    other = copy.deepcopy(records)
+    for record in other:  # a second method at twice the FLOPs
+        record["method"], record["timings"]["flops"]["train"] = "salun", 2 * record["timings"]["flops"]["train"]
+    old = copy.deepcopy(records)
+    for record in old:  # a record made before FLOPs and loads were recorded
+        record["method"] = "ga"
+        del record["timings"]["flops"], record["timings"]["load_average"]
+    df = runs_frame(records + other + old)
+    table2 = build_tables(df, make_grid(df, "tiny", "paper", "R"))[1]
+    columns = [metric for _, _, metric in table2.columns]
+    ga_flops = [cells[i].text for _, cells in table2.rows[:1] for i, m in enumerate(columns) if m == "train_tflops"]
+    assert ga_flops[1] == "n/a"  # method order: salun, ga, safemax
+    ratios = next(note for note in table2.notes if note.startswith("Cost relative to SAFEMax"))
+    assert "SalUn" in ratios and "2× in FLOPs" in ratios and "GA" in ratios and "n/a in FLOPs" in ratios
+
+
+def test_runs_timed_under_clearly_different_loads_are_named(sweep_results):
+    import copy
+
+    from bench.records import read_all
+    from reports.frame import runs_frame
+    from reports.tables import load_note
+
+    records = copy.deepcopy(read_all(sweep_results)[0])
+    for index, record in enumerate(records):
+        record["timings"]["load_average"] = {"start": [0.5 if index else 6.0, 0, 0], "end": [0.5, 0, 0]}
+    note = load_note(runs_frame(records))
+    assert "different loads" in note and "0.50 to 6.00" in note
+    for record in records:
+        record["timings"]["load_average"]["start"][0] = 1.1
+    assert load_note(runs_frame(records)) == ""
+
+
+def test_the_tradeoff_axis_goes_logarithmic_and_names_an_outlier_fd(sweep_results):
+    import copy
+
+    from bench.records import read_all
+    from reports.figures import tradeoff_figure
+    from reports.frame import runs_frame
+    from reports.tables import make_grid
+
+    base = [r for r in read_all(sweep_results)[0] if r["variant"] == "default"]
+    records = []
+    for method, fd in (("safemax", 6.0), ("salun", 16.0), ("sa", 9.0), ("ga", 209.0)):
+        for record in copy.deepcopy(base):
+            record["method"], record["metrics"]["fid"] = method, fd + record["forget_class"] * 0.1
+            records.append(record)
+    df = runs_frame(records)
+    figure = tradeoff_figure(df, make_grid(df, "tiny", "paper", "R"))
+    assert figure.figure.axes[0].get_xscale() == "log"
+    assert "logarithmic because GA 209" in figure.caption
