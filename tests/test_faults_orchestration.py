@@ -105,18 +105,19 @@ class Broken(GradientAscent):
 '''
 
 
+@pytest.mark.slow
 def test_a_plugin_methods_failure_names_its_own_file_and_line(tiny_cache, tmp_path, bench_cli):
     (tmp_path / "plug").mkdir()
     (tmp_path / "plug" / "brokenmethod.py").write_text(BROKEN)
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "plug"), os.environ.get("PYTHONPATH", "")])}
     where = f"{tmp_path / 'plug' / 'brokenmethod.py'}:11 in loss"
-    for out, how in ((tmp_path / "here", ()), (tmp_path / "workers", ("--workers", "2")),
-                     (tmp_path / "jobs", ("--cluster", "debug"))):  # in this process, in workers, as submitit jobs
-        result = bench_cli("--method-module", "brokenmethod:Broken", "run", *TINY, "--methods", "broken", "--classes",
-                           "0,1", *how, "--cache", tiny_cache, "--out", str(out), env=env)
+    for out, how in ((tmp_path / "here", ("--classes", "0")), (tmp_path / "workers", ("--classes", "0,1", "--workers",
+                      "2")), (tmp_path / "jobs", ("--classes", "0", "--cluster", "debug"))):  # here, workers, jobs
+        result = bench_cli("--method-module", "brokenmethod:Broken", "run", *TINY, "--methods", "broken", *how,
+                           "--cache", tiny_cache, "--out", str(out), env=env)
         assert result.returncode == 1, result.stdout + result.stderr
         failed = [line for line in result.stderr.splitlines() if line.startswith("FAILED")]
-        assert len(failed) == 2 and all(where in line for line in failed), result.stderr
+        assert failed and all(where in line for line in failed), result.stderr
         failure = json.loads(next(out.rglob(records.FAILURE_NAME)).read_text())
         assert failure["where"] == where and failure["traceback"][-1] == where
         assert len(failure["traceback"]) <= 5 and "the loss of a broken method" in failure["traceback_text"]
@@ -156,6 +157,7 @@ def _stop(process: subprocess.Popen, folders: list[Path], how: signal.Signals) -
             process.communicate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("attack", "options", "classes", "workers"), [
     ("relearn", ("--schedule", "0,100000"), "0,1", "2"),
     ("embedding", ("--steps", "100000", "--targets", "embedding"), "0", "1"),
@@ -176,6 +178,7 @@ def test_ctrl_c_of_an_attack_exits_130_and_status_shows_it_interrupted(saved_run
     assert not list(out.rglob(records.FAILURE_NAME))  # stopped, not failed
 
 
+@pytest.mark.slow
 def test_sigterm_of_a_run_exits_130_and_status_shows_it_interrupted(tiny_cache, tmp_path):
     process = _start("run", *TINY, "--methods", "safemax", "--classes", "0", "--set", "safemax.iterations=100000",
                      "--cache", tiny_cache, "--out", tmp_path)
