@@ -173,6 +173,7 @@ def test_ctrl_c_of_an_attack_exits_130_and_status_shows_it_interrupted(saved_run
     count = len(folders)
     assert f"attacks: 0 done, 0 skipped, 0 busy, 0 failed, {count} interrupted" in stdout, stdout + stderr
     assert len([line for line in stderr.splitlines() if line.startswith("interrupted")]) == count, stderr
+    assert "leaked semaphore" not in stderr  # nor from the workers it stopped
     shown = _invoke("status", "--results", out).output
     assert f"attacks: 0 done, 0 stale, 0 running, 0 failed, 0 missing, {count} interrupted" in shown, shown
     assert not list(out.rglob(records.FAILURE_NAME))  # stopped, not failed
