@@ -726,6 +726,7 @@ def status_cmd(out, jobs_folder, as_json, cache_dir) -> None:
         click.echo(f"nothing submitted or recorded under {out}")
         return
     width = max(len(r.method) for r in rows), max(len(r.variant) for r in rows), max(len(r.attack) for r in rows)
+    width += (max(8, *(len(r.state) for r in rows)),)
     attack = f"{'attack':{width[2]}}  " if width[2] else ""
     click.echo(f"{'method':{width[0]}}  {'variant':{width[1]}}  {attack}class  seed  {'state':{width[3]}} detail")
     for r in rows:
@@ -738,7 +739,6 @@ def status_cmd(out, jobs_folder, as_json, cache_dir) -> None:
         click.echo("attacks: " + ", ".join(f"{sum(r.state == s for r in attacks)} {s}" for s in STATES))
 
 
-    width += (max(8, *(len(r.state) for r in rows)),)
 @main.command("report")
 @click.option("--results", default="results", show_default=True, help="results folder holding the records (read)")
 @click.option("--report-dir", "out", default=None, help="where the report goes (written) [default: RESULTS/report]")

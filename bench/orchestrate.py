@@ -564,7 +564,6 @@ def wait_runs(submission: Submission, progress: bool = True) -> list[Outcome]:
     return in_spec_order(outcomes, [o.spec for o in submission.known] + submission.todo)
 
 
-def short_error(error: BaseException | str) -> str:
 def job_error(spec: RunSpec | AttackSpec, error: BaseException | str) -> str:
     """`short_error`, or the job's `failure.json` (type, message and where it was raised) when it tells of this very
     error (a debug job's error is the exception itself: its message alone)."""
@@ -574,6 +573,7 @@ def job_error(spec: RunSpec | AttackSpec, error: BaseException | str) -> str:
     return text
 
 
+def short_error(error: BaseException | str) -> str:
     """The last line of a job's traceback (`Type: message`), or the first line of a scheduler error."""
     text = str(error)
     if "failed during processing with trace" in text:
