@@ -22,7 +22,7 @@ import pandas as pd
 import seaborn as sns
 
 from reports import stats
-from reports.figures import Figure, yerr
+from reports.figures import Figure, _xscale, yerr
 from reports.frame import fid_label
 from reports.render import Cell, Table, add_stats_note
 from reports.tables import REFERENCE, Grid, default_runs, method_label, order_methods, summary_cell
@@ -131,13 +131,11 @@ def budget_figure(df: pd.DataFrame, curves: list[Curve], grid: Grid) -> Figure:
             ax.axvline(target, color="0.3", linestyle=":", linewidth=1)
         ax.set_ylabel(name.format(fid=fid_name), fontsize=8)
         ax.set_xlabel("unlearning TFLOPs" if flops else _axis_name(curves))
-    positive = [x for x in every_x if _numeric(x) and x > 0]
-    if positive and max(positive) > 10 * min(positive):
-        for ax in axes.flat:
-            ax.set_xscale("log")
+    for ax in axes.flat:  # symlog where the values span decades (zero stays on the axis)
+        _xscale(ax, [float(x) for x in every_x if _numeric(x)])
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=7, frameon=False)
-    title = "Budget curves"
+    title = "Budget curves" if _axis_name(curves) == "iterations" else f"Curves against {_axis_name(curves)}"
     fig.suptitle(f"{title} — {grid.preset}/{grid.protocol}", fontsize=9)
     runs_n = sorted({int(n) for c in curves for n in _points(c)["n"]})
     axis_text = ("unlearning FLOPs (torch's FlopCounterMode; each point's iterations written beside it on the UA "
@@ -147,7 +145,8 @@ def budget_figure(df: pd.DataFrame, curves: list[Curve], grid: Grid) -> Figure:
                "(fields the preset derives from the iterations, like EraseDiff's outer steps and the EMA decay, move "
                "with them; another swept field gives one line per value). Mean over the runs at each value (forget "
                f"classes x seeds, n = {', '.join(map(str, runs_n))}) with its 95% bootstrap CI over runs.")
-    return Figure("budget_curves", title, caption, fig)
+    axis = _axis_name(curves)
+    return Figure("budget_curves" if axis == "iterations" else f"budget_curves_{axis}", title, caption, fig)
 
 
 def _axis_name(curves: list[Curve]) -> str:
@@ -206,6 +205,9 @@ def budget_outputs(df: pd.DataFrame, grid: Grid) -> tuple[list[Table], list[Figu
     curves = find_curves(runs) if len(runs) else []
     if not curves:
         return [], []
-    table = matched_table(runs, curves, grid)
-    return ([table] if table is not None else []), [budget_figure(runs, curves, grid)]
+    budgets = [c for c in curves if c.axis == "iterations"]  # matched compute compares budgets, not other fields
+    table = matched_table(runs, budgets, grid) if budgets else None
+    axes = sorted({c.axis for c in curves}, key=lambda axis: (axis != "iterations", axis))
+    return ([table] if table is not None else []), [budget_figure(runs, [c for c in curves if c.axis == axis], grid)
+                                                    for axis in axes]
 

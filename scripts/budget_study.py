@@ -138,7 +138,10 @@ def bench_command(point: Point, args) -> list[str]:
 
 def run(args) -> int:
     points = plan(args.preset, args.methods, args.fractions, args.classes, args.seeds, args.results)
-    log = {"protocol": protocol_facts(args), "capped": {}}
+    log_path = Path(args.results) / LOG_NAME
+    earlier = json.loads(log_path.read_text()).get("capped", {}) if log_path.exists() else {}
+    # A method run now gets its cap entry anew; the others keep theirs from earlier calls.
+    log = {"protocol": protocol_facts(args), "capped": {m: v for m, v in earlier.items() if m not in args.methods}}
     failed = 0
     for method in ["original", *args.methods]:
         mine = [p for p in points if p.method == method]
@@ -150,11 +153,11 @@ def run(args) -> int:
                 log["capped"][method] = {"fraction": fraction, "iterations": at[0].iterations,
                                          "predicted_s": round(predicted, 1), "cap_s": args.max_run_seconds}
                 print(f"{method}: curve stops below fraction {fraction} ({at[0].iterations} iterations): predicted "
-                      f"RTE {predicted:.0f} s > cap {args.max_run_seconds:.0f} s")
+                      f"RTE {predicted:.3g} s > cap {args.max_run_seconds:g} s")
                 break
             for point in at:
                 todo = len(point.specs) - len(point.done)
-                label = _label(point) + (f", predicted RTE {predicted:.0f} s" if predicted is not None else "")
+                label = _label(point) + (f", predicted RTE {predicted:.3g} s" if predicted is not None else "")
                 if args.dry_run:
                     print(f"{label}: {todo} of {len(point.specs)} run(s) to do  [{' '.join(point.sets()) or 'default'}]")
                     continue
@@ -168,7 +171,7 @@ def run(args) -> int:
               "nothing written")
         return 0
     Path(args.results).mkdir(parents=True, exist_ok=True)
-    (Path(args.results) / LOG_NAME).write_text(json.dumps(log, indent=1) + "\n")
+    log_path.write_text(json.dumps(log, indent=1) + "\n")
     return 1 if failed else 0
 
 
@@ -286,7 +289,7 @@ def choose(method: str, configs: list[Configuration], original_retain_accuracy: 
     fewest = min(c.iterations for c in candidates)
     chosen = min((c for c in candidates if c.iterations == fewest),
                  key=lambda c: (round(c.fid / FD_TIE), _distance(c.value, default_value), _order(c.value)))
-    text = (f"forgets: the fewest iterations with UA within {UA_TOLERANCE:.0f} points of the best admissible UA "
+    text = (f"the fewest iterations with UA within {UA_TOLERANCE:.0f} points of the best admissible UA "
             f"({best:.1f}%) and retained accuracy >= {floor:.1f}%")
     return Choice(method, "forgets", chosen, best, original_retain_accuracy, _capped(text, chosen, configs, capped),
                   configs)
@@ -341,7 +344,7 @@ def select(args) -> int:
         chosen = choice.chosen
         where = "-" if chosen is None else f"fraction {chosen.fraction:g} ({chosen.iterations} iterations" + (
             f", {HYPERPARAMETERS[choice.method][0]} {chosen.value:g})" if chosen.value is not None else ")")
-        print(f"{choice.method}: {where}: {choice.text}")
+        print(f"{choice.method}: {choice.status}: {where}: {choice.text}")
     print(f"written: {out / 'budget-selection.json'}, {out / 'budget-selection.md'}")
     return 0
 

@@ -190,3 +190,28 @@ def test_the_tradeoff_axis_goes_logarithmic_and_names_an_outlier_fd(sweep_result
     figure = tradeoff_figure(df, make_grid(df, "tiny", "paper", "R"))
     assert figure.figure.axes[0].get_xscale() == "log"
     assert "logarithmic because GA 209" in figure.caption
+
+
+def test_the_study_runs_its_grid_through_bench_run_stops_at_the_cpu_cap_resumes_and_selects(tiny_cache, tmp_path):
+    import subprocess
+
+    results = str(tmp_path / "study")
+    common = ["--preset", "tiny", "--methods", "safemax", "--fractions", "0.001,0.002", "--classes", "0", "--seeds",
+              "0", "--results", results]
+
+    def script(*args):
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "budget_study.py"), *args], capture_output=True,
+                              text=True, timeout=300, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+    done = script("run", *common, "--cache", tiny_cache, "--device", "cpu", "--max-run-seconds", "1e-9")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "safemax: curve stops below fraction 0.002 (2 iterations)" in done.stdout
+    ran = sorted(p.parent.parent.parent.name for p in Path(results).rglob("record.json"))
+    assert ran == ["default", "iterations=1"]  # original, and SAFEMax at fraction 0.001; 0.002 over the cap
+    again = script("run", *common, "--cache", tiny_cache, "--device", "cpu", "--max-run-seconds", "1e-9")
+    assert again.returncode == 0 and "run(s)" not in again.stdout.split("curve stops")[0]  # nothing left to run
+    chosen = script("select", *common)
+    assert chosen.returncode == 0, chosen.stderr[-2000:]
+    summary = json.loads((Path(results) / "budget-selection.json").read_text())["methods"]["safemax"]
+    assert summary["chosen"]["iterations"] == 1 and "CPU cap" in summary["text"]
+    assert summary["method_defaults"] == {"iterations": 1}
