@@ -145,6 +145,18 @@ def main(ctx, verbose: bool, preset_files, method_modules) -> None:
     except (ValueError, ImportError) as exc:
         _fail(str(exc))
     ctx.obj = {"extensions": extensions}
+    _take_threads()
+
+
+def _take_threads() -> None:
+    """As many torch CPU threads as the machine can give now (bench.device.choose_threads), said when fewer."""
+    import torch
+
+    from bench.device import choose_threads
+
+    threads, why = choose_threads()
+    torch.set_num_threads(threads)
+    (log.info if "busy" in why else log.debug)("using %d CPU thread(s) (%s)", threads, why)
 
 
 @main.command("ls")

@@ -35,7 +35,7 @@ from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, fin
 from bench.cache import Cache, load_file
 from bench.cluster import make_executor, resources, submit_all, submit_grouped, wait_all
 from bench.config import get_preset
-from bench.device import progress_bar
+from bench.device import choose_threads, progress_bar
 from bench.experiment import run_one
 from bench.extensions import load_extensions
 from bench.prerequisites import Prerequisites, build, missing, prerequisites_for
@@ -394,7 +394,7 @@ class WorkerPool:
     def __init__(self, workers: int, force: bool, show_progress: bool = True):
         self.workers, self.force, self.show_progress = workers, force, show_progress
         self.context = multiprocessing.get_context("spawn")  # no fork of a process that runs OpenMP threads
-        self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.threads, self.why_threads = choose_threads(workers)  # fewer where other programs keep cores busy
 
     def _spawn(self) -> tuple:
         ours, theirs = self.context.Pipe()
@@ -405,7 +405,8 @@ class WorkerPool:
         return ours, process
 
     def run(self, todo: list[RunSpec], progress=None) -> list[Outcome]:
-        log.info("running %d run(s) in %d worker processes, %d thread(s) each", len(todo), self.workers, self.threads)
+        log.info("running %d run(s) in %d worker processes, %d thread(s) each (%s)", len(todo), self.workers,
+                 self.threads, self.why_threads)
         waiting = list(enumerate(todo))[::-1]  # popped from the end: spec order
         outcomes: dict[int, Outcome] = {}
         held: dict = {}  # pipe -> (process, index of the run it holds)

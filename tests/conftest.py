@@ -18,6 +18,8 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# Commands invoked in this process (click's CliRunner) choose their threads from this, as subprocesses do.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 SHARED_KEYS = Path(__file__).parent / "data" / "sa-state-dict-keys.txt"
 

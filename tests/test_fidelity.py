@@ -14,8 +14,8 @@ from torchvision.utils import save_image
 from bench.config import UNETS, DiffusionConfig, get_preset
 from bench.data import ClassDataset, to_uint8, training_batches
 from bench.device import PLAIN
-from bench.runner import Trainer, make_optimizer
 from bench.diffusion import NoiseSchedule, sample
+from bench.runner import Trainer, make_optimizer
 from bench.unet import NULL_CLASS, ConditionalUNet
 from methods import get_method
 from methods.gradient_ascent import GradientAscent

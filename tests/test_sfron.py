@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from bench.config import get_preset
+from bench.data import ClassDataset
 from bench.device import PLAIN
 from bench.perf import Bench, PerfOptions
 from bench.runner import Trainer, make_optimizer
 from bench.sweep import resolve_method_config
-from bench.data import ClassDataset
 from methods.sfron import FISHER_FLIP_SEED, SFROn, adaptive_objective, fisher_diagonal, fisher_ratio_mask
 
 CPU = torch.device("cpu")
