@@ -242,7 +242,7 @@ def test_a_record_with_a_wrong_typed_field_is_failed_and_run_again(original_resu
     (path,) = out.rglob(records.RECORD_NAME)
     path.write_text(json.dumps({**json.loads(path.read_text()), "metrics": None}))  # valid JSON, wrong type
     shown = _invoke("status", "--results", out).output
-    assert "'metrics' is NoneType, not dict" in shown and "0 done, 0 running, 1 failed" in shown
+    assert "'metrics' is NoneType, not dict" in shown and "0 done, 0 stale, 0 running, 1 failed" in shown
     report = _invoke("report", "--results", out, "--no-figure1")
     assert report.exit_code == 0 and _clean_exit(report), report.output
     rerun = _invoke("run", *TINY, "--methods", "original", "--classes", "0", "--cache", cache, "--out", out)
