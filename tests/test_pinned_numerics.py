@@ -77,6 +77,8 @@ LOSSES = {
 OPTIONS = {
     # SFR-on's published Fisher (issue 24): each image flipped once; the default on cifar10 and fashion
     "sfron-flipped-fisher": ("sfron", {"fisher_hflip": "once"}),
+    # GA run as the published README's command (`--mask_path`): SalUn's mask, applied after clipping (issue 24)
+    "ga-saliency-mask": ("ga", {"mask": "saliency"}),
 }
 OPTION_LOSSES = {
     "sfron-flipped-fisher": [
@@ -84,6 +86,13 @@ OPTION_LOSSES = {
          "retain": 70.14246368408203, "forget_grad_norm": 2045.686279296875, "retain_grad_norm": 293.7419738769531},
         {"loss": -279.49420166015625, "alpha": 5.0, "forget": 69.96479034423828, "forget_adaptive": 69.14926147460938,
          "retain": 66.25211334228516, "forget_grad_norm": 1106.4432373046875, "retain_grad_norm": 295.4125671386719},
+    ],
+    # the mask's preparation draws from the same generators first, so step 1 differs from plain GA's
+    "ga-saliency-mask": [
+        {"loss": -69.48175048828125, "forget": 69.54769897460938, "retain": 65.94749450683594,
+         "grad_norm": 286.03509521484375},
+        {"loss": -67.92323303222656, "forget": 67.9948959350586, "retain": 71.66375732421875,
+         "grad_norm": 294.2134094238281},
     ],
 }
 
