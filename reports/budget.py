@@ -75,9 +75,9 @@ def find_curves(df: pd.DataFrame) -> list[Curve]:
         axis = "iterations" if "iterations" in numeric else min(
             numeric, key=lambda k: (sum(not _follows(runs, f, k) for f in varying if f != k), k))
         others = [f for f in varying if f != axis and not _follows(runs, f, axis)]
-        series = runs["hyperparameters"].map(lambda hp: tuple((f, hp.get(f)) for f in others))
+        series = runs["hyperparameters"].map(lambda hp, others=others: tuple((f, hp.get(f)) for f in others))
         for values, group in runs.groupby(series, sort=True):
-            x = group["hyperparameters"].map(lambda hp: hp.get(axis))
+            x = group["hyperparameters"].map(lambda hp, axis=axis: hp.get(axis))
             if x.nunique() < 2:
                 continue
             label = method_label(method) + (f" ({', '.join(f'{f}={v}' for f, v in values)})" if values else "")

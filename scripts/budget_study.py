@@ -375,8 +375,9 @@ def markdown(choices: list[Choice], summary: dict) -> str:
         lines += ["| fraction | iterations | value | UA % | RA % | FD | runs | admissible | candidate | chosen |",
                   "|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|:-:|"]
         for c in choice.configurations:
+            runs = f"{c.runs}{'' if c.complete else ' (incomplete)'}"
             lines.append(f"| {c.fraction:g} | {c.iterations} | {'' if c.value is None else f'{c.value:g}'} | "
-                         f"{c.ua:.1f} | {c.retain_accuracy:.1f} | {c.fid:.2f} | {c.runs}{'' if c.complete else ' (incomplete)'} | "
+                         f"{c.ua:.1f} | {c.retain_accuracy:.1f} | {c.fid:.2f} | {runs} | "
                          f"{'yes' if c.admissible else ''} | {'yes' if c.candidate else ''} | "
                          f"{'**yes**' if c is choice.chosen else ''} |")
         lines.append("")
