@@ -117,6 +117,7 @@ def tidy_row(record: dict) -> dict:
         "noise_top_class": noise.get("top_class"), "noise_top_fraction": _round(noise.get("top_fraction")),
         **_scalars("", {k: v for k, v in timings.items() if k != "prepare_s"}),
         **_scalars("prepare.", {f"{stage}_s": seconds for stage, seconds in stages.items()}),
+        **_scalars("flops.", {k: v for k, v in (timings.get("flops") or {}).items() if k in ("train", "evaluate", "total")}),
         **_scalars("", record["memory"]),
         **_scalars("hp.", record["hyperparameters"]),
         **_scalars("protocol.", {k: v for k, v in protocol.items() if k != "name"}),

@@ -117,6 +117,7 @@ def test_bench_report_draws_budget_curves_and_the_matched_compute_table_from_a_s
     assert "Budget curves" in (out / "report.html").read_text()
     table2 = (folder / "tables" / "table2.md").read_text()
     assert "train TFLOPs" in table2 and "eval TFLOPs" in table2
+    assert {"flops.train", "flops.evaluate"} <= set((out / "runs.csv").read_text().splitlines()[0].split(","))
 
 
 def test_runs_without_a_sweep_give_no_budget_curves(sweep_results):
