@@ -23,7 +23,7 @@ from bench.cache import Cache
 from bench.checkpoints import file_sha256, model_metadata, write_safetensors
 from bench.classifier import load_classifier
 from bench.config import get_preset
-from bench.device import Speed, device_name, memory_snapshot, pick_device, reset_peak_memory
+from bench.device import Speed, device_name, memory_snapshot, pick_device, reset_peak_memory, usable_cores
 from bench.evaluate import Sampler, evaluate, fid_scorer, grid_image, noise_probabilities
 from bench.flops import Clock, Ledger, ledger
 from bench.prerequisites import load_base, load_classifier_payload, load_preparation, make_context
@@ -51,7 +51,7 @@ def provenance() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"git_commit": commit or None, "versions": versions, "python": platform.python_version(),
-            "hostname": platform.node()}
+            "hostname": platform.node(), "cores": usable_cores()}
 
 
 def code_fingerprints(cls: type, preset: str) -> dict:

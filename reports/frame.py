@@ -68,6 +68,7 @@ def _row(record: dict) -> dict:
         "base_model_path": record["base_model"].get("path"), "base_model_id": record["base_model"].get("id"),
         "classifier_id": record["classifier"].get("id"),
         **_cost(timings),
+        "cores": record["provenance"].get("cores") or math.nan,  # usable cores where the run ran (newer records)
     }
 
 

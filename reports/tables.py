@@ -366,17 +366,21 @@ LOAD_SPREAD = 2.0  # runs whose 1-minute load averages at start differ more than
 
 
 def load_note(df: pd.DataFrame) -> str:
-    """A warning when the runs were timed under clearly different machine loads: RTE ratios then mix speed and load."""
+    """A warning when the runs were timed under clearly different machine loads, or on a machine busier than its
+    cores: RTE then mixes speed with load."""
     loads = df["load_1m"].dropna() if "load_1m" in df else pd.Series(dtype=float)
-    if len(loads) < 2:
+    if loads.empty:
         return ""
     low, high = float(loads.min()), float(loads.max())
-    if high - low < 1.0 or high <= LOAD_SPREAD * max(low, 0.01):
-        return ""
+    over = df[df["load_1m"] > df["cores"]] if "cores" in df else df.iloc[:0]
+    busy = (f" {len(over)} of {len(loads)} runs started with more runnable processes than the machine's cores "
+            f"(load above {int(over['cores'].min())}): their RTE is inflated." if len(over) else "")
+    if len(loads) < 2 or high - low < 1.0 or high <= LOAD_SPREAD * max(low, 0.01):
+        return ("Timed on a busy machine:" + busy + " Compare TFLOPs.") if busy else ""
     busiest = df.loc[df["load_1m"].idxmax()]
     return (f"Timed under different loads: the 1-minute load average at the runs' start ranged from {low:.2f} to "
             f"{high:.2f} (highest: {method_label(busiest['method'])}, class {busiest['class']}, seed "
-            f"{busiest['seed']}). RTE comparisons between these runs mix speed with load; compare TFLOPs.")
+            f"{busiest['seed']}).{busy} RTE comparisons between these runs mix speed with load; compare TFLOPs.")
 
 
 def text_ok(value) -> bool:

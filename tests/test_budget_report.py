@@ -170,7 +170,12 @@ def test_runs_timed_under_clearly_different_loads_are_named(sweep_results):
     assert "different loads" in note and "0.50 to 6.00" in note
     for record in records:
         record["timings"]["load_average"]["start"][0] = 1.1
+        record["provenance"]["cores"] = 2
     assert load_note(runs_frame(records)) == ""
+    for record in records:  # alike, but more runnable processes than cores: every RTE is inflated
+        record["timings"]["load_average"]["start"][0] = 3.0
+    note = load_note(runs_frame(records))
+    assert note.startswith("Timed on a busy machine:") and f"{len(records)} of {len(records)} runs" in note
 
 
 def test_the_tradeoff_axis_goes_logarithmic_and_names_an_outlier_fd(sweep_results):
