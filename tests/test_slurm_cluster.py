@@ -303,7 +303,7 @@ def test_preempted_long_run_is_requeued_and_resumes_from_its_checkpoint(slurm_cl
     run_dir = out / "tiny" / "paper" / "retrain" / "iterations=120" / "class0" / "seed0"
     wait_for((run_dir / "partial.pt").exists, WAIT_S, "the run's first checkpoint")
     running = CliRunner().invoke(main, ["status", "--out", str(out)])
-    assert "0 done, 1 running" in running.output, running.output
+    assert "0 done, 0 stale, 1 running" in running.output, running.output
 
     slurm_cluster.run("scancel", "--signal=USR2", job_id)  # what SLURM sends before preemption or the time limit
     wait_for(lambda: slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%T").stdout.strip() == "PENDING",
