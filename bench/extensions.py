@@ -12,7 +12,7 @@ A preset file holds the fields of `bench.config.Preset`, any of which may be lef
     description: digits with a wider UNet
     unet: {ch: 32}               # fields replaced in the base preset's UNetConfig
     pretrain: {iterations: 2000}
-    protocols: {paper: {sampler_steps: 50}}
+    protocols: {paper: {sampler_steps: 50}, quick: {forget_samples: 100}}  # a new name starts from the default
     iteration_scale: 0.2
     min_classifier_accuracy: 0.9 # no run evaluates with a classifier below this test accuracy
     base_model: digits           # optional: say that this preset reuses digits' base model (checked)
@@ -159,8 +159,9 @@ def _protocols(base: Preset, value, path: Path) -> dict[str, Protocol]:
     if not isinstance(value, dict):
         raise ValueError(f"--preset-file {path}: protocols must map names to protocol fields")
     protocols = dict(base.protocols)
+    start = base.protocol(None)  # a new protocol starts from the base preset's default one, at the preset's scale
     for name, fields in value.items():
-        current = protocols.get(name, Protocol(name))
+        current = protocols.get(name, start)
         where = f"--preset-file {path}: protocols.{name}"
         protocols[name] = _replace(Protocol, current, {**(fields or {}), "name": name}, where)
     return protocols

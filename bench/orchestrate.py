@@ -145,13 +145,24 @@ def finished_record(spec: RunSpec, ids: tuple[str | None, str | None] | None = N
     try:
         record = records.read_record(path)
     except records.CorruptRecord as exc:
-        log.warning("corrupt record, will re-run %s: %s", spec.describe(), exc)
+        _warn_once("corrupt record, will re-run %s: %s", spec.describe(), exc)
         return None
     reason = stale_reason(record, spec, ids if ids is not None else current_ids(spec))
     if reason:
-        log.warning("stale record %s: %s; running it again", path, reason)
+        _warn_once("stale record %s: %s; running it again", path, reason)
         return None
     return record
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str, *args) -> None:
+    """A warning about a record, said once per process (the sweep, then the run under its claim, both look)."""
+    text = message % args
+    if text not in _WARNED:
+        _WARNED.add(text)
+        log.warning("%s", text)
 
 
 def run_claimed(spec: RunSpec, force: bool = False, job_id: str | None = None) -> Outcome:

@@ -132,3 +132,17 @@ def test_no_run_starts_from_an_untrained_base_model(tmp_path, tiny_cache):
                     "--results", str(tmp_path / "results"), "--device", "cpu", "--no-progress")
     assert result.exit_code == 1 and "was trained for 0 steps: no base model to unlearn from" in result.output
     assert not _records(tmp_path)
+
+
+def test_a_new_protocol_starts_from_the_base_presets_default_protocol(tmp_path):
+    """`protocols: {fast: {sampler_steps: 3}}` on tiny keeps tiny's sample counts (not the paper's CIFAR-10 ones)."""
+    from bench.config import get_preset
+    from bench.extensions import load_preset_file
+
+    path = tmp_path / "twop.yaml"
+    path.write_text("name: twoprotocols\nbase: tiny\nprotocols:\n  fast: {sampler_steps: 3}\n")
+    preset, tiny = load_preset_file(path), get_preset("tiny")
+    fast, paper = preset.protocol("fast"), tiny.protocol(None)
+    assert fast.name == "fast" and fast.sampler_steps == 3
+    assert (fast.forget_samples, fast.retain_samples_per_class) == (paper.forget_samples, paper.retain_samples_per_class)
+    assert preset.protocol("paper") == paper
