@@ -68,6 +68,18 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, by: str | None = None) -> p
     return _matched(a, b, by)
 
 
+def one_direction(deltas: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Within one folder, each pair of values once: `default` (or the paper's protocol) as A, else the smaller value,
+    instead of A -> B and B -> A both."""
+    first = {"variant": "default", "protocol": "paper"}.get(by)
+
+    def order(value) -> tuple:
+        return (value != first, str(value))
+
+    keep = [order(left) < order(right) for left, right in zip(deltas[f"{by}_a"], deltas[f"{by}_b"])]
+    return deltas[keep]
+
+
 def pairing_lines(deltas: pd.DataFrame, by: str) -> list[str]:
     """What `by` paired: one line per (A's value, B's value) with its count of rows."""
     counts = deltas.groupby([f"{by}_a", f"{by}_b"], sort=True).size()
@@ -129,6 +141,8 @@ def compare_results(results_a: str | Path, results_b: str | Path, by: str | None
     lines += compare_check(*kept, results_a, results_b, allow_mixed)
     a, b = frames
     deltas = compare_frames(a, b, by)
+    if by and Path(results_a).resolve() == Path(results_b).resolve():
+        deltas = one_direction(deltas, by)
     keyed = [set(map(tuple, frame[[k for k in KEYS if k != by] + ["seed"]].astype(str).values)) for frame in frames]
     lines.append(f"- matched: {len(deltas)} row(s); only in A: {len(keyed[0] - keyed[1])} run(s), only in B: "
                  f"{len(keyed[1] - keyed[0])} run(s) (a class whose seeds differ is compared by its seed means)")

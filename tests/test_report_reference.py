@@ -139,4 +139,5 @@ def test_compare_by_variant_pairs_a_protocol_variant_with_the_default_runs(folde
     assert ("paired by variant (matching preset, protocol, method, class, seed): A's 'default' with B's "
             "'protocol.sampler_steps=3': 2 row(s)") in text
     assert "SAFEMax (default → protocol.sampler_steps=3)" in text
+    assert "with B's 'default'" not in text  # one folder: each pair once, the default runs as A
     assert "Original (" not in text  # original has no other variant to pair with
