@@ -150,10 +150,15 @@ def find_sweeps(df: pd.DataFrame) -> list[tuple[str, int, str, pd.DataFrame]]:
 
 
 def _xscale(ax, values) -> None:
-    """Symlog when the swept values span decades (lambda 0, 1, 50, 100): zero stays on the axis."""
+    """Logarithmic when the swept values span decades: log where all are positive (budgets in FLOPs), symlog where
+    zero is among them (lambda 0, 1, 50, 100), which then starts at zero (no empty negative half)."""
     positive = [v for v in values if isinstance(v, (int, float)) and v > 0]
     if positive and all(isinstance(v, (int, float)) and v >= 0 for v in values) and max(positive) > 10 * min(positive):
-        ax.set_xscale("symlog", linthresh=min(positive))
+        if len(positive) == len(values):
+            ax.set_xscale("log")
+        else:
+            ax.set_xscale("symlog", linthresh=min(positive))
+            ax.set_xlim(left=0)
 
 
 def sweep_figure(method: str, forget_class: int, param: str, runs: pd.DataFrame, grid: Grid) -> Figure:
