@@ -213,9 +213,8 @@ def predict(classifier: nn.Module, images: Tensor, batch_size: int | None = None
     classifier.eval()
     device = next(classifier.parameters()).device
     probs, feats = [], []
-    one = images[:1].to(device).float()
-    count_forward("classifier", classifier, len(images), lambda: _logits_and_embedding(classifier, one),
-                  tuple(images.shape[1:]))
+    count_forward("classifier", classifier, len(images),
+                  lambda: _logits_and_embedding(classifier, images[:1].to(device).float()), tuple(images.shape[1:]))
     for chunk in images.split(batch_size):
         logits, embedding = _logits_and_embedding(classifier, chunk.to(device).float())
         probs.append(F.softmax(logits, dim=1).cpu())

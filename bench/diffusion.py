@@ -191,8 +191,9 @@ def sample(
     """
     device = labels.device
     seq = schedule.sampler_steps(steps)
-    one = (torch.zeros((1, *shape), device=device), torch.zeros(1, dtype=torch.long, device=device), labels[:1])
-    count_forward("sampler", model, len(seq) * len(labels) * (1 if guidance == 0 else 2), lambda: model(*one), shape)
+    count_forward("sampler", model, len(seq) * len(labels) * (1 if guidance == 0 else 2),
+                  lambda: model(torch.zeros((1, *shape), device=device), torch.zeros(1, dtype=torch.long, device=device),
+                                labels[:1]), shape)
     predict = guided_predictor(model, labels, (len(labels), *shape), guidance, (speed or PLAIN).for_device(device))
     x = torch.randn((len(labels), *shape), generator=generator, device=device)
     for t_now, t_prev in zip(reversed(seq), reversed([-1] + seq[:-1])):

@@ -172,8 +172,8 @@ def inception_features(model: nn.Module, images: Tensor, batch_size: int = 200, 
     pytorch-fid's InceptionV3 resizes to 299x299 and rescales [0, 1] to [-1, 1] itself.
     """
     device = next(model.parameters()).device
-    one = to_unit_range(images[:1].to(device), quantize)
-    count_forward("inception", model, len(images), lambda: model(one), tuple(images.shape[1:]))
+    count_forward("inception", model, len(images), lambda: model(to_unit_range(images[:1].to(device), quantize)),
+                  tuple(images.shape[1:]))
     chunks = []
     for start in tqdm(range(0, len(images), batch_size), desc="inception features", disable=not progress):
         batch = to_unit_range(images[start : start + batch_size].to(device), quantize)

@@ -308,10 +308,12 @@ def train(
             for group, lr in zip(optimizer.param_groups, nominal_lrs):
                 group["lr"] = lr * config.lr_factor(step)
         batch = to_device(next(batches), device)
-        kind = step_kind(step, batch) if step_kind is not None else batch_kind(batch)
         terms = update(step, trainer, batch)
         if ema is not None:
             ema.update(model)
+        if not tally.enabled:  # no kind to work out on every step when nothing is counted
+            return terms, None
+        kind = step_kind(step, batch) if step_kind is not None else batch_kind(batch)
         if not tally.add(kind):
             return terms, None
         return terms, lambda: tally.measured(kind, _step_flops(trainer, update, step, batch, generators, extra))

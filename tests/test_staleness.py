@@ -122,7 +122,7 @@ def test_status_marks_a_record_of_an_older_base_model_stale_and_run_redoes_only_
 # -- issue 26 item 1: a record holds its method's code fingerprint --------------------------------------------------
 def test_a_built_in_methods_fingerprint_names_its_files_by_module_path():
     code = fingerprint.method_code(get_method("safemax"))
-    assert sorted(code["files"]) == ["methods/base.py", "methods/safemax.py"]  # not /work/... : any checkout
+    assert sorted(code["files"]) == ["methods/base.py", "methods/safemax.py"]  # module paths: any checkout
     assert code == fingerprint.method_code(get_method("safemax"))
 
 
