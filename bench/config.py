@@ -254,6 +254,9 @@ class Preset:
     default_protocol: str = "paper"
     # Per-method values this preset replaces (scaled sample counts, fewer Fisher timesteps...), recorded.
     method_defaults: dict[str, dict] = field(default_factory=dict)
+    # Where a method's budget (its iterations in method_defaults) was chosen: a study and its rule, in a sentence
+    # every record of the method carries (`budget.chosen_by`). A method without one runs at iteration_scale.
+    budget_sources: dict[str, str] = field(default_factory=dict)
     # The evaluation classifier's test accuracy below which no run evaluates with it (UA and FID would mean
     # nothing); None: halfway between chance (1 / classes) and 100%.
     min_classifier_accuracy: float | None = None
@@ -263,7 +266,8 @@ class Preset:
             raise ValueError(f"name must be an identifier (letters, digits, _ and -), got {self.name!r}")
         for name, kind in (("description", str), ("dataset", str), ("default_protocol", str),
                            ("unet", UNetConfig), ("pretrain", TrainConfig), ("classifier", ClassifierConfig),
-                           ("diffusion", DiffusionConfig), ("protocols", dict), ("method_defaults", dict)):
+                           ("diffusion", DiffusionConfig), ("protocols", dict), ("method_defaults", dict),
+                           ("budget_sources", dict)):
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
         check_choice("dataset", self.dataset, tuple(DATASETS))
@@ -290,6 +294,13 @@ class Preset:
         for method, values in self.method_defaults.items():
             if not isinstance(values, dict):
                 raise ValueError(f"method_defaults.{method} must be a mapping of field: value, got {values!r}")
+        for method, source in self.budget_sources.items():
+            if not isinstance(source, str) or not source.strip():
+                raise ValueError(f"budget_sources.{method} must say in words where its budget comes from, "
+                                 f"got {source!r}")
+            if "iterations" not in self.method_defaults.get(method, {}):
+                raise ValueError(f"budget_sources.{method} names a source, but method_defaults.{method} sets no "
+                                 "iterations: the budget it describes is not the one that runs")
 
     @property
     def classifier_floor(self) -> float:

@@ -28,7 +28,7 @@ from bench.evaluate import Sampler, evaluate, fid_scorer, grid_image, noise_prob
 from bench.flops import Clock, Ledger, ledger
 from bench.prerequisites import load_base, load_classifier_payload, load_preparation, make_context
 from bench.runner import EMA, Resume, train
-from bench.sweep import RunSpec, resolve_method_config, resolve_protocol
+from bench.sweep import RunSpec, budget_choice, resolve_method_config, resolve_protocol
 from bench.unet import ConditionalUNet
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ def run_one(spec: RunSpec) -> dict:
         forget_class_name=ctx.train_data.class_names[spec.forget_class], seed=spec.seed,
         hyperparameters=method.hyperparameters(), method_report=method.report(),
         overrides={"method": dict(spec.method_overrides), "protocol": dict(spec.protocol_overrides)},
-        scaled_from_paper=scaled, metrics=evaluation.metrics, timings=timings, memory=memory,
+        scaled_from_paper=scaled, budget=budget_choice(preset, spec.method, config, spec.method_overrides),
+        metrics=evaluation.metrics, timings=timings, memory=memory,
         losses={"final": result.final_losses if result else {}, "history": result.loss_history if result else []},
         base_model={"path": str(cache_dir.base_path(preset)), "id": base["id"], "step": base["step"],
                     "source": base.get("source")},

@@ -37,7 +37,7 @@ SCHEMA: dict[str, type | tuple[type, ...]] = {
     "forget_class": int, "forget_class_name": str, "seed": int, "hyperparameters": dict, "overrides": dict,
     "scaled_from_paper": dict, "metrics": dict, "higher_is_better": dict, "timings": dict, "memory": dict,
     "losses": dict, "base_model": dict, "classifier": dict, "fid": dict, "speed": dict, "provenance": dict,
-    "artifacts": dict, "method_report": dict,
+    "artifacts": dict, "method_report": dict, "budget": dict,
 }
 NUMBER = (int, float)
 # Fields inside `metrics` and `timings` that every table reads: finite numbers.
@@ -95,7 +95,8 @@ def problems(record) -> list[str]:
     found = []
     for key, kind in SCHEMA.items():
         if key not in record:
-            if key not in ("forget_class_name", "higher_is_better", "speed", "artifacts", "dataset", "method_report"):
+            if key not in ("forget_class_name", "higher_is_better", "speed", "artifacts", "dataset", "method_report",
+                           "budget"):
                 found.append(f"no {key!r}")
         elif not isinstance(record[key], kind) or (kind is int and isinstance(record[key], bool)):
             found.append(f"{key!r} is {type(record[key]).__name__}, not {getattr(kind, '__name__', kind)}")

@@ -100,6 +100,27 @@ def resolve_method_config(preset: Preset, method: str, overrides=()) -> tuple[ty
     return cls, config, changes
 
 
+def budget_choice(preset: Preset, method: str, config: TrainConfig, overrides=()) -> dict:
+    """Which rule set this run's iterations, for its record: the user's --set, the study the preset names
+    (`budget_sources`), the preset's pretraining (retrain), or the paper's count times `iteration_scale`."""
+    cls, paper = get_method(method), get_method(method).Config()
+    if config.iterations == 0:
+        chosen_by, how = "none", "no unlearning iterations"
+    elif "iterations" in dict(overrides):
+        chosen_by, how = "override", f"--set {method}.iterations={config.iterations}"
+    elif method in preset.budget_sources:
+        chosen_by, how = "study", preset.budget_sources[method]
+    elif cls.from_scratch:
+        chosen_by, how = "pretraining", f"the preset's pretraining recipe ({preset.pretrain.iterations} iterations)"
+    elif preset.iteration_scale != 1.0:
+        chosen_by = "iteration_scale"
+        how = f"the paper's {paper.iterations} iterations x the preset's iteration_scale {preset.iteration_scale:g}"
+    else:
+        chosen_by, how = "paper", f"the paper's {paper.iterations} iterations"
+    return {"iterations": config.iterations, "paper_iterations": paper.iterations, "chosen_by": chosen_by,
+            "how": how}
+
+
 def parse_classes(spec: str, num_classes: int) -> list[int]:
     """'0-9', '0,3,7' or a mix like '0-2,5'; every class must exist in the preset."""
     classes: list[int] = []

@@ -221,3 +221,33 @@ def test_the_study_runs_its_grid_through_bench_run_stops_at_the_cpu_cap_resumes_
     summary = json.loads((Path(results) / "budget-selection.json").read_text())["methods"]["safemax"]
     assert summary["chosen"]["iterations"] == 1 and "CPU cap" in summary["text"]
     assert summary["method_defaults"] == {"iterations": 1}
+
+
+def test_every_budget_names_the_rule_that_chose_it():
+    """A record says why it ran so many iterations: a named study, the user's --set, the preset's scaling, the
+    pretraining recipe (retrain) or nothing to run (original); the digits preset's study entries are checked."""
+    import dataclasses
+
+    from bench.config import get_preset
+    from bench.sweep import budget_choice, resolve_method_config
+
+    tiny = get_preset("tiny")
+    study = dataclasses.replace(tiny, method_defaults={**tiny.method_defaults, "salun": {"iterations": 7}},
+                                budget_sources={"salun": "study X, rule Y"})
+    cases = {("salun", ()): ("study", "study X, rule Y", 7),
+             ("salun", (("iterations", 5),)): ("override", "--set salun.iterations=5", 5),
+             ("safemax", ()): ("iteration_scale", "the paper's 1000 iterations x the preset's iteration_scale 0.003", 3),
+             ("retrain", ()): ("pretraining", "the preset's pretraining recipe (30 iterations)", 30),
+             ("original", ()): ("none", "no unlearning iterations", 0)}
+    for (method, overrides), (chosen_by, how, iterations) in cases.items():
+        _, config, _ = resolve_method_config(study, method, overrides)
+        assert budget_choice(study, method, config, overrides) == {
+            "iterations": iterations, "paper_iterations": type(config)().iterations, "chosen_by": chosen_by,
+            "how": how}, (method, overrides)
+    with pytest.raises(ValueError, match="budget_sources.sa names a source, but method_defaults.sa sets no"):
+        dataclasses.replace(tiny, method_defaults={}, budget_sources={"sa": "a study"})
+    digits = get_preset("digits")
+    for method, source in digits.budget_sources.items():
+        assert "docs/budget-study" in source, (method, source)
+        _, config, _ = resolve_method_config(digits, method)
+        assert config.iterations == digits.method_defaults[method]["iterations"]

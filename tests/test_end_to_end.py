@@ -97,6 +97,9 @@ def test_safemax_record_says_what_was_scaled_from_the_paper(first_run):
     assert record["scaled_from_paper"]["batch_size"] == {"paper": 128, "preset": 16}
     assert record["timings"]["rte_s"] > 0 and record["timings"]["iterations"] == 3
     assert record["timings"]["rte_s"] <= record["timings"]["total_s"]
+    # Which rule set the budget: tiny names no study, so the paper's count times its iteration_scale.
+    assert record["budget"] == {"iterations": 3, "paper_iterations": 1000, "chosen_by": "iteration_scale",
+                                "how": "the paper's 1000 iterations x the preset's iteration_scale 0.003"}
 
 
 def test_rerun_skips_finished_runs_without_rewriting_them(first_run):
