@@ -11,6 +11,7 @@ import dataclasses
 import os
 import resource
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,26 +33,46 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def runnable_now(samples: int = 5, interval_s: float = 0.05) -> float | None:
+    """How many other threads want a CPU at this moment: the median over `samples` readings of the runnable count
+    in /proc/loadavg, less this process's own; None where there is no /proc (macOS, Windows)."""
+    readings = []
+    for index in range(samples):
+        try:
+            with open("/proc/loadavg") as handle:
+                readings.append(int(handle.read().split()[3].split("/")[0]) - 1)  # "R/T": R counts the reader
+        except (OSError, IndexError, ValueError):
+            return None
+        if index + 1 < samples:
+            time.sleep(interval_s)
+    return float(sorted(readings)[len(readings) // 2])
+
+
 def choose_threads(processes: int = 1) -> tuple[int, str]:
     """CPU threads for each of `processes` processes about to start here, and why.
 
     $OMP_NUM_THREADS, where set, wins. Otherwise the usable cores are split between the processes, less the cores
-    other programs keep busy (the 1-minute load average, read before ours start): OpenMP threads that outnumber
-    the free cores spin against each other, which made pretraining 8x slower beside three busy processes.
+    other programs keep busy: OpenMP threads that outnumber the free cores spin against each other, which made
+    pretraining 8x slower beside three busy processes. Busy is the smaller of the 1-minute load average and the
+    threads runnable right now: the average alone still counts, for a minute, work that has just ended (the
+    install before `make run`, the previous sweep), and gave a quiet machine's pretraining one thread.
     """
     cores = usable_cores()
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     share = max(1, cores // processes)
     try:
-        busy = os.getloadavg()[0]
+        average = os.getloadavg()[0]
     except (AttributeError, OSError):
         return share, f"{cores} cores / {processes} process(es)"
+    now = runnable_now()
+    busy = average if now is None else min(average, now)
+    load = f"load {average:.1f}" + ("" if now is None else f", {now:.0f} runnable now")
     free = max(1, int(cores - busy + 0.5))
     if free >= cores or free // processes >= share:
-        return share, f"{cores} cores / {processes} process(es), load {busy:.1f}"
+        return share, f"{cores} cores / {processes} process(es), {load}"
     threads = max(1, free // processes)
-    return threads, f"{cores} cores / {processes} process(es), load {busy:.1f}: other programs are busy"
+    return threads, f"{cores} cores / {processes} process(es), {load}: other programs are busy"
 
 
 def pick_device(name: str | None = None) -> torch.device:

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from bench import device
 from bench.device import choose_threads
 
 
@@ -15,8 +16,10 @@ def four_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
 
 
-def _load(monkeypatch, one_minute: float) -> None:
+def _load(monkeypatch, one_minute: float, now: float | None = None) -> None:
+    """A 1-minute load average and the runnable threads at this moment (default: the same)."""
     monkeypatch.setattr(os, "getloadavg", lambda: (one_minute, one_minute, one_minute))
+    monkeypatch.setattr(device, "runnable_now", lambda: one_minute if now is None else now)
 
 
 def test_an_idle_machine_splits_its_cores_between_the_workers(four_cores, monkeypatch):
@@ -39,3 +42,21 @@ def test_omp_num_threads_wins(four_cores, monkeypatch):
     _load(monkeypatch, 7.0)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert choose_threads(1) == (3, "OMP_NUM_THREADS")
+
+
+def test_work_that_has_just_ended_does_not_count(four_cores, monkeypatch):
+    """The load average still holds the install or sweep that ended a moment ago; nothing runs now: all cores."""
+    _load(monkeypatch, 3.0, now=0.0)
+    threads, why = choose_threads(1)
+    assert threads == 4 and "busy" not in why and "0 runnable now" in why
+    _load(monkeypatch, 3.0, now=3.0)  # and work that goes on does count
+    assert choose_threads(1)[0] == 1
+
+
+def test_runnable_now_reads_this_machine():
+    """On Linux, the runnable count of /proc/loadavg less the reader; None elsewhere."""
+    now = device.runnable_now(samples=2, interval_s=0.0)
+    if os.path.exists("/proc/loadavg"):
+        assert now is not None and now >= 0
+    else:
+        assert now is None
