@@ -28,17 +28,22 @@ def summary_text(records: list[dict]) -> str:
 
 
 def efficiency(df: pd.DataFrame, reference: str = "safemax") -> pd.DataFrame:
-    """Per (method, variant): mean RTE, its ratio to the reference method's, preparation time, peak memory."""
+    """Per (method, variant): mean RTE and unlearning TFLOPs, their ratios to the reference method's, preparation
+    time, peak memory. A ratio in FLOPs holds on any machine; one in seconds only under the same load."""
     grouped = df.groupby(["method", "variant"], sort=False)
-    table = grouped.agg(rte_s=("rte_s", "mean"), prepare_s=("prepare_total_s", "mean"),
-                        peak_gpu_gib=("peak_gpu_gib", "max"), peak_rss_mib=("peak_rss_mib", "max")).reset_index()
-    base = table[(table.method == reference) & (table.variant == "default")]["rte_s"]
-    table["rte_vs_" + reference] = table["rte_s"] / float(base.iloc[0]) if len(base) and base.iloc[0] > 0 else None
+    table = grouped.agg(rte_s=("rte_s", "mean"), train_tflops=("train_tflops", "mean"),
+                        prepare_s=("prepare_total_s", "mean"), peak_gpu_gib=("peak_gpu_gib", "max"),
+                        peak_rss_mib=("peak_rss_mib", "max")).reset_index()
+    base = table[(table.method == reference) & (table.variant == "default")]
+    for column, name in (("rte_s", "rte_vs_"), ("train_tflops", "tflops_vs_")):
+        value = float(base[column].iloc[0]) if len(base) else float("nan")
+        table[name + reference] = table[column] / value if value > 0 else None
     return table
 
 
 def efficiency_text(df: pd.DataFrame) -> str:
     table = efficiency(df).dropna(axis=1, how="all")
-    note = ("RTE: wall time of the unlearning loop; prep: priors, Fisher, masks (computed once, reused by later runs); "
-            "peak RSS is the whole worker process.")
+    note = ("RTE: wall time of the unlearning loop; train_tflops: the FLOPs it executed (ratios in FLOPs hold on any "
+            "machine); prep: priors, Fisher, masks (computed once, reused by later runs); peak RSS is the whole worker "
+            "process.")
     return f"Efficiency (mean over runs):\n{table.to_string(index=False)}\n{note}"

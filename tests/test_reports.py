@@ -178,3 +178,17 @@ def test_page_renders_offline_in_chromium(report, tmp_path):
     _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1400,2400", page.as_uri())
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (2400, 1400) and pixels.std() > 20, "blank screenshot"
+
+
+def test_run_summary_gives_cost_ratios_in_flops_and_seconds(report):
+    """The summary `bench run` prints ends with each method's unlearning TFLOPs and both ratios to SAFEMax."""
+    from reports.frame import runs_frame
+    from reports.summary import efficiency, efficiency_text
+
+    runs = [r for r in report["records"] if r["variant"] == "default"]
+    table = efficiency(runs_frame(runs)).set_index("method")
+    flops = {r["method"]: r["timings"]["flops"]["train"] / 1e12 for r in runs}
+    assert table.loc["safemax", "train_tflops"] == pytest.approx(flops["safemax"]) and flops["safemax"] > 0
+    assert table.loc["safemax", "tflops_vs_safemax"] == 1.0 and table.loc["safemax", "rte_vs_safemax"] == 1.0
+    assert table.loc["original", "tflops_vs_safemax"] == 0.0
+    assert "train_tflops" in efficiency_text(runs_frame(runs))
