@@ -120,6 +120,7 @@ def tidy_row(record: dict) -> dict:
         **_scalars("prepare.", {f"{stage}_s": seconds for stage, seconds in stages.items()}),
         **_scalars("flops.", {k: v for k, v in (timings.get("flops") or {}).items() if k in ("train", "evaluate", "total")}),
         **_scalars("", record["memory"]),
+        **_scalars("budget.", {k: v for k, v in (record.get("budget") or {}).items() if k in ("chosen_by", "how")}),
         **_scalars("hp.", record["hyperparameters"]),
         **_scalars("protocol.", {k: v for k, v in protocol.items() if k != "name"}),
         "base_model_id": record["base_model"].get("id"), "base_model_step": record["base_model"].get("step"),

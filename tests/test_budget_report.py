@@ -118,6 +118,12 @@ def test_bench_report_draws_budget_curves_and_the_matched_compute_table_from_a_s
     table2 = (folder / "tables" / "table2.md").read_text()
     assert "train TFLOPs" in table2 and "eval TFLOPs" in table2
     assert {"flops.train", "flops.evaluate"} <= set((out / "runs.csv").read_text().splitlines()[0].split(","))
+    # which rule chose each run's budget: the sweep's values are the user's --set, the default run the preset's
+    import pandas as pd
+
+    runs = pd.read_csv(out / "runs.csv")
+    chosen = dict(zip(runs["variant"], runs["budget.chosen_by"]))
+    assert chosen["default"] == "iteration_scale" and chosen["iterations=1"] == "override", chosen
 
 
 def test_runs_without_a_sweep_give_no_budget_curves(sweep_results):
