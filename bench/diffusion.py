@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from bench.config import DiffusionConfig
 from bench.device import PLAIN, Speed, autocast
-from bench.flops import count_forward
+from bench.flops import count_forward, count_gradient
 from bench.unet import NULL_CLASS
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,20 @@ def guided_eps(model: EpsModel, x: Tensor, t: Tensor, labels: Tensor, guidance: 
     both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, NULL_CLASS)]))
     cond, uncond = both.chunk(2)
     return (1 + guidance) * cond - guidance * uncond
+
+
+def count_noise_gradients(name: str, model: nn.Module, passes: int, shape: tuple[int, ...],
+                          guidance: float = 0.0) -> None:
+    """Count `passes` gradients of the (guided) noise loss, one image each, into the open FLOP ledger (`bench.flops`):
+    the Fisher and saliency passes of preparations. Counted once per model, shape and guidance, on zeros."""
+    device = next(model.parameters()).device
+
+    def one_pass() -> None:
+        x = torch.zeros((1, *shape), device=device)
+        t = torch.zeros(1, dtype=torch.long, device=device)
+        guided_eps(model, x, t, torch.zeros(1, dtype=torch.long, device=device), guidance).square().sum().backward()
+
+    count_gradient(name, model, passes, one_pass, (tuple(shape), float(guidance)))
 
 
 def guided_predictor(model: EpsModel, labels: Tensor, shape: tuple[int, ...], guidance: float,

@@ -99,10 +99,22 @@ class Ledger:
     images: dict[str, int] = field(default_factory=dict)
     _per_image: dict[tuple, int] = field(default_factory=dict)
 
-    def add(self, name: str, key: tuple, images: int, one_image: Callable[[], object]) -> None:
+    def add(self, name: str, key: tuple, images: int, one_image: Callable[[], object],
+            module: torch.nn.Module | None = None) -> None:
+        """`images` x the FLOPs of `one_image()`, counted the first time `key` is seen. With `module`, `one_image`
+        runs a backward pass too: gradients are on, and the module's parameter gradients are put back after it."""
         if key not in self._per_image:
-            with torch.no_grad():
-                self._per_image[key] = counted_flops(one_image)[1]
+            if module is None:
+                with torch.no_grad():
+                    self._per_image[key] = counted_flops(one_image)[1]
+            else:
+                params = list(module.parameters())
+                kept = [p.grad for p in params]
+                try:
+                    self._per_image[key] = counted_flops(one_image)[1]
+                finally:
+                    for p, g in zip(params, kept):
+                        p.grad = g
         self.flops[name] = self.flops.get(name, 0) + images * self._per_image[key]
         self.images[name] = self.images.get(name, 0) + images
 
@@ -132,6 +144,16 @@ def count_forward(name: str, module: torch.nn.Module, images: int, one_image: Ca
     book = _OPEN.get()
     if book is not None and images > 0:
         book.add(name, (id(module), tuple(shape)), images, one_image)
+
+
+def count_gradient(name: str, module: torch.nn.Module, passes: int, one_pass: Callable[[], object],
+                   key: tuple) -> None:
+    """Add `passes` forward + backward passes of `module` to the open ledger (a Fisher, a saliency mask): `one_pass()`
+    runs one on one image, without drawing from any generator, the first time `key` is seen (its gradients are put
+    back). FLOPs grow linearly with the batch, so a per-sample pass (vmap) costs the same. No ledger: nothing."""
+    book = _OPEN.get()
+    if book is not None and passes > 0:
+        book.add(name, (id(module), "gradient", *key), passes, one_pass, module=module)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from bench.data import ClassDataset, infinite_batches
 from bench.device import PLAIN, Speed, device_name, pick_device
 from bench.diffusion import NoiseSchedule, noise_loss
 from bench.evaluate import Sampler, classifier_key, fid_scorer, reference_images
+from bench.flops import ledger
 from bench.runner import EMA, Resume, default_update, train
 from bench.sweep import RunSpec, resolve_method_config, resolve_protocol
 from bench.unet import ConditionalUNet
@@ -260,6 +261,7 @@ def load_preparation(method: UnlearningMethod, cache: Cache, base_id: str) -> di
         raise CheckpointError(f"{method.name}'s preparation is not cached at {path}; build it with `bench prepare "
                               f"{spec}` (with the run's --set options), or run `bench run`, which builds it first")
     method.prepared = stored["tensors"]
+    method.prepared_flops = stored.get("flops")  # None: cached before preparations counted their FLOPs
     return dict(stored["timings"])
 
 
@@ -273,11 +275,13 @@ def build_preparation(method: UnlearningMethod, cache: Cache, base_id: str, job_
             return False
         log.info("preparing %s (%s) once: %s", method.name, method.cache_key(), path)
         method.ctx.timings.clear()
-        tensors = method.prepare()
+        with ledger() as flops:  # the sampler's forwards (SA's priors) and the Fisher and saliency passes
+            tensors = method.prepare()
         for name, tensor in tensors.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise ValueError(f"{method.name}'s preparation computed non-finite values in {name}")
-        atomic_save({"tensors": tensors, "timings": dict(method.ctx.timings), "key": method.cache_key()}, path)
+        atomic_save({"tensors": tensors, "timings": dict(method.ctx.timings), "key": method.cache_key(),
+                     "flops": {"total": flops.total, "parts": dict(flops.flops)}}, path)
         return True
 
 

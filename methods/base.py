@@ -106,6 +106,7 @@ class UnlearningMethod:
         self.config = config
         self.ctx = ctx
         self.prepared: dict[str, Tensor] = {}  # what `prepare` computed, set by the harness before training
+        self.prepared_flops: dict | None = None  # {"total", "parts"} the preparation executed, set with `prepared`
 
     @classmethod
     def preset_defaults(cls, preset: Preset) -> dict:

@@ -19,7 +19,7 @@ from torch.func import functional_call, grad, vmap
 from bench.config import TrainConfig, check_choice, check_number
 from bench.data import ClassDataset, from_uint8, training_batches
 from bench.device import progress_bar, same_layout
-from bench.diffusion import NoiseSchedule, drop_labels, squared_error
+from bench.diffusion import NoiseSchedule, count_noise_gradients, drop_labels, squared_error
 from bench.unet import NULL_CLASS
 from methods.base import Batch, UnlearningMethod, register
 
@@ -85,6 +85,7 @@ def diagonal_fisher(model: nn.Module, schedule: NoiseSchedule, images: Tensor, l
         return squared_error(noise, eps).sum()
 
     per_sample_grad = vmap(grad(image_loss), in_dims=(None, 0, 0, 0, None))
+    count_noise_gradients("fisher", model, len(images) * len(timesteps), tuple(images.shape[1:]))
     fisher = {name: torch.zeros_like(p) for name, p in params.items()}
     for start in progress_bar(iterable=range(0, len(images), batch_size), desc="fisher", disable=not progress,
                               leave=False):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bench.config import TrainConfig, check_choice, check_number
-from bench.diffusion import drop_labels, guided_eps, noise_loss, noised, squared_error
+from bench.diffusion import count_noise_gradients, drop_labels, guided_eps, noise_loss, noised, squared_error
 from methods.base import Batch, Context, UnlearningMethod, register
 
 PSEUDO = ("next", "random")
@@ -58,6 +58,7 @@ def saliency_scores(model: nn.Module, ctx: Context, batch_size: int, guidance: f
     params = dict(model.named_parameters())
     total = {name: torch.zeros_like(p) for name, p in params.items()}
     forget = ctx.train_data.forget(ctx.forget_class)
+    count_noise_gradients("saliency", model, len(forget), tuple(forget.images.shape[1:]), guidance)
     generator = torch.Generator(ctx.device).manual_seed(4242)
     for start in range(0, len(forget), batch_size):
         x0 = forget.images[start : start + batch_size].to(ctx.device)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from bench.config import Preset, TrainConfig, check_choice, check_number
 from bench.data import ClassDataset, flip_once
-from bench.diffusion import NoiseSchedule, guided_eps, noise_loss, noised, squared_error
+from bench.diffusion import NoiseSchedule, count_noise_gradients, guided_eps, noise_loss, noised, squared_error
 from bench.runner import Trainer
 from methods.base import Batch, UnlearningMethod, register
 
@@ -67,6 +67,7 @@ def fisher_diagonal(model: nn.Module, schedule: NoiseSchedule, data: ClassDatase
     fisher = [torch.zeros_like(p) for p in params]
     batches = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).split(batch_size)
     generator = torch.Generator(device).manual_seed(seed)
+    count_noise_gradients("fisher", model, len(data), tuple(data.images.shape[1:]), guidance)
     for index in batches:
         x0, labels = data.images[index].to(device), data.labels[index].to(device)
         t, noise, x_t = noised(schedule, x0, generator)

@@ -19,7 +19,8 @@ from bench.metrics import HIGHER_IS_BETTER
 
 # Directions of the derived columns, beside the metrics' own.
 DIRECTIONS = {**HIGHER_IS_BETTER, "rte_min": False, "memory_gib": False, "prepare_min": False, "std": False,
-              "train_tflops": False, "eval_tflops": False}
+              "train_tflops": False, "eval_tflops": False,
+              "prepare_tflops": False}
 # The Fréchet distance of the small presets uses the evaluation classifier's features: not an FID, never called one.
 FID_LABELS = {"classifier": "FD (classifier features)", "inception": "FID"}
 
@@ -82,6 +83,7 @@ def _cost(timings: dict) -> dict:
     flops = timings.get("flops") if isinstance(timings.get("flops"), dict) else {}
     load = (timings.get("load_average") or {}).get("start") if isinstance(timings.get("load_average"), dict) else None
     return {"train_tflops": _tera(flops.get("train")), "eval_tflops": _tera(flops.get("evaluate")),
+            "prepare_tflops": _tera(flops.get("prepare")),
             "load_1m": float(load[0]) if load else math.nan}
 
 
@@ -118,7 +120,8 @@ def tidy_row(record: dict) -> dict:
         "noise_top_class": noise.get("top_class"), "noise_top_fraction": _round(noise.get("top_fraction")),
         **_scalars("", {k: v for k, v in timings.items() if k != "prepare_s"}),
         **_scalars("prepare.", {f"{stage}_s": seconds for stage, seconds in stages.items()}),
-        **_scalars("flops.", {k: v for k, v in (timings.get("flops") or {}).items() if k in ("train", "evaluate", "total")}),
+        **_scalars("flops.", {k: v for k, v in (timings.get("flops") or {}).items()
+                                if k in ("train", "evaluate", "prepare", "total")}),
         **_scalars("", record["memory"]),
         **_scalars("budget.", {k: v for k, v in (record.get("budget") or {}).items() if k in ("chosen_by", "how")}),
         **_scalars("hp.", record["hyperparameters"]),

@@ -336,7 +336,8 @@ def table2(df: pd.DataFrame, grid: Grid, reference: str | None = None) -> Table:
 
 
 FLOPS_NOTE = ("TFLOPs: floating-point operations counted by torch's FlopCounterMode (matrix products, convolutions, "
-              "attention; 2 per multiply-add), of the unlearning loop (train; preparation not counted: n/a) and of "
+              "attention; 2 per multiply-add), of the unlearning loop (train; the preparation's are in the preparation "
+              "table) and of "
               "the evaluation (sampling, classifier, FD features; sampling not counted where samples were cached). "
               "Unlike RTE they do not depend on the machine or its load; n/a: a record made before FLOPs were "
               "counted.")
@@ -392,9 +393,12 @@ def prepare_table(df: pd.DataFrame, grid: Grid) -> Table:
     default = default_runs(df)
     stages = sorted({stage for found in default["prepare_stages"] for stage in found})
     columns = [(f"{stage} (min)", "prepare_min") for stage in stages] + [
-        ("preparation (min)", "prepare_min"), ("RTE (min)", "rte_min"), ("total (min)", "rte_min"), ("runs", "n")]
+        ("preparation (min)", "prepare_min"), ("preparation TFLOPs", "prepare_tflops"), ("RTE (min)", "rte_min"),
+        ("total (min)", "rte_min"), ("runs", "n")]
     table = Table("prepare", "Preparation time", "Preparation stages (priors, Fisher information, saliency "
-                  "masks...) are timed apart from the unlearning run (RTE), as the paper reports SA's FIM apart; "
+                  "masks...) are timed apart from the unlearning run (RTE), as the paper reports SA's FIM apart; their "
+                  "TFLOPs are the sampler's forwards and the Fisher and saliency passes, one image each (n/a: "
+                  "cached before preparations counted FLOPs; 0: nothing to prepare); "
                   "a stage is computed once per base model and reused, so its time repeats across runs. Mean over "
                   f"forget classes and seeds; preset {grid.preset}, protocol {grid.protocol}.",
                   "Method", [("", columns)])
@@ -408,7 +412,9 @@ def prepare_table(df: pd.DataFrame, grid: Grid) -> Table:
         for stage in stages:
             value = runs["prepare_stages"].map(lambda found, s=stage: found.get(s, math.nan)).mean() / 60
             cells.append(Cell(value, fmt("prepare_min", value)) if text_ok(value) else Cell(None, "–"))
+        flops = runs["prepare_tflops"].mean() if "prepare_tflops" in runs else math.nan
         cells += [summary_cell("prepare_min", stats.summarize(runs["prepare_min"])),
+                  Cell(flops, f"{flops:.3g}") if text_ok(flops) else Cell(None, "n/a"),
                   summary_cell("rte_min", stats.summarize(runs["rte_min"])),
                   summary_cell("rte_min", stats.summarize(runs["prepare_min"] + runs["rte_min"])),
                   Cell(float(len(runs)), str(len(runs)))]

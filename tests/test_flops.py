@@ -103,3 +103,32 @@ def test_no_ledger_counts_nothing_and_costs_no_forward():
     model.register_forward_hook(lambda *_: calls.append(1))
     sample(model, NoiseSchedule(PRESET.diffusion), torch.tensor([0]), SHAPE, steps=2, eta=1.0, guidance=0.0)
     assert len(calls) == 2  # the sampler's own forwards only
+
+
+@pytest.mark.parametrize("method", ["sa", "salun", "sfron"])
+def test_preparation_ledger_equals_the_counter_and_changes_nothing(tiny_cache, method):
+    """A preparation's FLOPs (SA's priors and Fisher, SalUn's saliency, SFR-on's two Fishers), counted per image,
+    equal FlopCounterMode over the whole preparation, and counting leaves what it computes bit for bit the same.
+
+    SA's Fisher takes per-sample gradients with vmap; over n > 1 images vmap runs them as grouped convolutions that
+    the counter puts at about 2n one-image passes (n = 4: 7.9x). The ledger counts the n passes the Fisher needs,
+    which the counter confirms where vmap holds one image (fim_batch_size=1)."""
+    from bench.cache import Cache
+    from bench.prerequisites import load_base, make_context
+    from bench.sweep import resolve_method_config
+
+    preset, cache = get_preset("tiny"), Cache(tiny_cache)
+    base = load_base(preset, cache)
+
+    def prepare():
+        cls, config, _ = resolve_method_config(preset, method, (("fim_batch_size", 1),) if method == "sa" else ())
+        return cls(config, make_context(preset, cache, base, 3, 0, torch.device("cpu"), False)).prepare()
+
+    with ledger() as book:
+        counted = prepare()
+    with FlopCounterMode(display=False) as counter:
+        plain = prepare()
+    assert book.total == counter.get_total_flops() > 0, dict(book.flops)
+    assert counted.keys() == plain.keys() and all(torch.equal(counted[k], plain[k]) for k in plain)
+    assert set(book.flops) == ({"sampler", "fisher"} if method == "sa" else {"saliency" if method == "salun" else
+                                                                            "fisher"})
