@@ -55,7 +55,7 @@ report: install
 	$(BIN)/bench report --results results --report-dir results/report
 
 test: install system-packages
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 lint: install
 	$(BIN)/ruff check bench methods reports tests scripts
