@@ -345,7 +345,7 @@ PRESETS: dict[str, Preset] = {
     "digits": Preset(
         name="digits",
         description="scikit-learn's bundled 8x8 digits (1,797 images); the whole sweep runs on a laptop CPU",
-        # Iterations are 1/10 of the paper's (SAFEMax, SalUn, GA, NegGrad+ 100; SA 2,000), batches 32 + 32.
+        # Iterations: the budget study's choice per method (method_defaults below); batches 32 + 32.
         dataset="digits",
         unet=UNETS["digits"],
         # Pretraining (and `retrain`) lets the learning rate fall to 0 over the last 30% of its 1,000 iterations. At
@@ -377,8 +377,36 @@ PRESETS: dict[str, Preset] = {
         # the original); at 0.001 every class but 8 (the classifier's noise class) reached UA >= 87% at retained
         # FID +41%: the EWC trade-off, which the paper also shows (SA's FID above SAFEMax's). Mean UA over three
         # base models at 0.001: 78-88%; where it is low SA's samples are noise the classifier is unsure of (README).
-        method_defaults={"sa": {"prior_samples_per_class": 100, "fim_timesteps": 50, "fim_batch_size": 8,
-                                "fim_timestep_chunk": 50, "lam": 0.001}},
+        #
+        # Budgets: chosen per method by the budget study of 2026-12-06 (docs/budget-study.md: protocol and rule,
+        # written before its numbers; docs/budget-study/selection.md: every configuration's UA, retained accuracy
+        # and FD on calibration classes 1 and 5, seeds 0-1), not by iteration_scale. Each entry's iterations (and
+        # the fields the scaling derives from them: EraseDiff's outer steps, the EMA decay) is the configuration the
+        # rule chose; GA's alpha and NegGrad+'s gamma were swept with them. budget_sources says so in every record.
+        method_defaults={
+            "sa": {"prior_samples_per_class": 100, "fim_timesteps": 50, "fim_batch_size": 8,
+                   "fim_timestep_chunk": 50, "lam": 0.001,
+                   "iterations": 600, "ema_decay": 0.996672},  # study: forgets at 0.03x (UA 99.4%; 97.8% at 2,000)
+            "safemax": {"iterations": 100},  # study: forgets at 0.1x (UA 99.1%)
+            "salun": {"iterations": 100},  # study: forgets at 0.1x (UA 100%)
+            "neggrad_plus": {"iterations": 300, "gamma": 0.1},  # study: forgets at 0.3x (UA 98.4%; 0% at 100)
+            "erasediff": {"iterations": 288, "outer_steps": 36, "ema_decay": 0.99},  # study: never forgets (26.1%)
+            "sfron": {"iterations": 150},  # study: never forgets classes 1 and 5 (UA 30.4% at the paper's 150)
+            "ga": {"iterations": 30, "alpha": 1.0},  # study: no budget forgets and keeps retention (31.5% at RA 96%)
+        },
+        budget_sources={
+            method: f"budget study 2026-12-06 (docs/budget-study.md, docs/budget-study/selection.md): {verdict}"
+            for method, verdict in {
+                "sa": "forgets; the fewest iterations with UA within 5 points of the best (0.03x the paper's)",
+                "safemax": "forgets; the fewest iterations with UA within 5 points of the best (0.1x the paper's)",
+                "salun": "forgets; the fewest iterations with UA within 5 points of the best (0.1x the paper's)",
+                "neggrad_plus": "forgets; the fewest iterations with UA within 5 points of the best (0.3x the "
+                                "paper's, gamma 0.1 of 0.03-1)",
+                "erasediff": "does not forget at any budget tried; the largest (the paper's 288 outer steps)",
+                "sfron": "does not forget at any budget tried; the largest (the paper's 150 iterations)",
+                "ga": "no budget keeps retention while forgetting; the largest that keeps it (0.03x the paper's, "
+                      "alpha 1.0 of 0.001-1)",
+            }.items()},
     ),
     "fashion": Preset(
         name="fashion",

@@ -102,7 +102,8 @@ def resolve_method_config(preset: Preset, method: str, overrides=()) -> tuple[ty
 
 def budget_choice(preset: Preset, method: str, config: TrainConfig, overrides=()) -> dict:
     """Which rule set this run's iterations, for its record: the user's --set, the study the preset names
-    (`budget_sources`), the preset's pretraining (retrain), or the paper's count times `iteration_scale`."""
+    (`budget_sources`), the preset's own `method_defaults`, the preset's pretraining (retrain), or the paper's count
+    times `iteration_scale`."""
     cls, paper = get_method(method), get_method(method).Config()
     if config.iterations == 0:
         chosen_by, how = "none", "no unlearning iterations"
@@ -110,6 +111,8 @@ def budget_choice(preset: Preset, method: str, config: TrainConfig, overrides=()
         chosen_by, how = "override", f"--set {method}.iterations={config.iterations}"
     elif method in preset.budget_sources:
         chosen_by, how = "study", preset.budget_sources[method]
+    elif "iterations" in preset.method_defaults.get(method, {}):
+        chosen_by, how = "preset", f"the preset's method_defaults ({config.iterations} iterations)"
     elif cls.from_scratch:
         chosen_by, how = "pretraining", f"the preset's pretraining recipe ({preset.pretrain.iterations} iterations)"
     elif preset.iteration_scale != 1.0:

@@ -75,9 +75,13 @@ def test_incomplete_configurations_are_not_on_the_curve_and_no_original_means_no
 
 
 def test_the_plan_sets_what_the_preset_would_run_at_each_fraction_and_never_above_the_paper():
-    assert study.budget_overrides("digits", "safemax", 0.1) == {}  # the preset's own fraction: its default run
-    assert study.budget_overrides("digits", "erasediff", 1.0) == {"iterations": 288, "outer_steps": 36,
-                                                                  "ema_decay": 0.99}
+    # The preset's own budget (the study's choice: SAFEMax 0.1x, EraseDiff 1.0x) is its default run; the other
+    # fractions are read from the preset as it was before the choice (iteration_scale 0.1, no budgets).
+    assert study.budget_overrides("digits", "safemax", 0.1) == {}
+    assert study.budget_overrides("digits", "erasediff", 1.0) == {}
+    assert study.budget_overrides("digits", "erasediff", 0.1) == {"iterations": 32, "outer_steps": 4,
+                                                                  "ema_decay": 0.913517}
+    assert study.budget_overrides("digits", "sa", 0.1) == {"iterations": 2000, "ema_decay": 0.999}
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
         study.budget_overrides("digits", "safemax", 1.5)
     points = study.plan("digits", ["neggrad_plus"], (0.03, 1.0), CLASSES, SEEDS, "/tmp/nowhere")
@@ -244,7 +248,8 @@ def test_every_budget_names_the_rule_that_chose_it():
              ("salun", (("iterations", 5),)): ("override", "--set salun.iterations=5", 5),
              ("safemax", ()): ("iteration_scale", "the paper's 1000 iterations x the preset's iteration_scale 0.003", 3),
              ("retrain", ()): ("pretraining", "the preset's pretraining recipe (30 iterations)", 30),
-             ("original", ()): ("none", "no unlearning iterations", 0)}
+             ("original", ()): ("none", "no unlearning iterations", 0),
+             ("sa", ()): ("preset", "the preset's method_defaults (3 iterations)", 3)}
     for (method, overrides), (chosen_by, how, iterations) in cases.items():
         _, config, _ = resolve_method_config(study, method, overrides)
         assert budget_choice(study, method, config, overrides) == {
