@@ -63,9 +63,20 @@ def budget_overrides(preset_name: str, method: str, fraction: float) -> dict:
         raise ValueError(f"fraction {fraction}: the study runs fractions in (0, 1] of the paper's iterations")
     preset = get_preset(preset_name)
     _, own, _ = resolve_method_config(preset, method)
-    _, scaled, _ = resolve_method_config(dataclasses.replace(preset, iteration_scale=fraction), method)
+    _, scaled, _ = resolve_method_config(unchosen(preset, fraction), method)
     return {name: getattr(scaled, name) for name in BUDGET_FIELDS
             if hasattr(scaled, name) and getattr(scaled, name) != getattr(own, name)}
+
+
+def unchosen(preset, fraction: float | None = None):
+    """`preset` as it was before any study chose its budgets: method_defaults without the budget fields and the
+    swept hyperparameters, no budget_sources; with `fraction`, at iteration_scale = fraction. The plan's fractions
+    and the rule's "published default" are read from it, so a study can be rerun after its choice is applied."""
+    swept = {method: field for method, (field, _) in HYPERPARAMETERS.items()}
+    defaults = {method: {k: v for k, v in values.items() if k not in BUDGET_FIELDS and k != swept.get(method)}
+                for method, values in preset.method_defaults.items()}
+    scale = preset.iteration_scale if fraction is None else fraction
+    return dataclasses.replace(preset, method_defaults=defaults, budget_sources={}, iteration_scale=scale)
 
 
 @dataclass
@@ -78,10 +89,27 @@ class Point:
     value: float | None  # the swept hyperparameter's value; None for a method without one
     overrides: dict
     specs: list = field(default_factory=list)
+    config: dict = field(default_factory=dict)  # the resolved hyperparameters, as records hold them
 
     @property
-    def done(self) -> list:
-        return [s for s in self.specs if (s.directory / records.RECORD_NAME).exists()]
+    def done(self) -> list[dict]:
+        """The records of this configuration, one per (class, seed) of the plan, found by their hyperparameters in
+        any variant folder of the method: after the preset adopts a budget, the run it chose is the `default`
+        variant while its study records sit under the `--set` folder they were made in (and an old `default`
+        folder holds another configuration)."""
+        wanted = {(s.forget_class, s.seed) for s in self.specs}
+        method_folder = self.specs[0].directory.parents[2]  # .../<method>/<variant>/class<k>/seed<s>
+        found = {}
+        for path in sorted(method_folder.glob(f"*/class*/seed*/{records.RECORD_NAME}")):
+            try:
+                record = records.read_record(path)
+            except records.CorruptRecord as exc:
+                print(f"skipped: {exc}", file=sys.stderr)
+                continue
+            key = (record["forget_class"], record["seed"])
+            if key in wanted and key not in found and record["hyperparameters"] == self.config:
+                found[key] = record
+        return [found[key] for key in sorted(found)]
 
     def sets(self) -> list[str]:
         return [f"{self.method}.{name}={value}" for name, value in self.overrides.items()]
@@ -109,15 +137,15 @@ def plan(preset_name: str, methods, fractions, classes, seeds, results: str) -> 
 def _point(preset, method, fraction, iterations, value, overrides, classes, seeds, results) -> Point:
     sets = [f"{method}.{k}={v}" for k, v in overrides.items()]
     specs = build_specs(preset, [method], list(classes), list(seeds), parse_sets(sets, [method]), results=results)
-    return Point(method, fraction, iterations, value, overrides, specs)
+    _, config, _ = resolve_method_config(preset, method, tuple(overrides.items()))
+    return Point(method, fraction, iterations, value, overrides, specs, json.loads(json.dumps(dataclasses.asdict(config))))
 
 
 def seconds_per_iteration(points: list[Point]) -> float | None:
     """Median RTE per iteration over the finished runs of `points`; None before any."""
     found = []
     for point in points:
-        for spec in point.done:
-            record = json.loads((spec.directory / records.RECORD_NAME).read_text())
+        for record in point.done:
             rte = (record.get("timings") or {}).get("rte_s")
             if rte and point.iterations:
                 found.append(rte / point.iterations)
@@ -307,12 +335,7 @@ def study_rows(points: list[Point]) -> list[dict]:
     """One row per finished run of the plan: its configuration and the metrics the rule reads."""
     rows = []
     for point in points:
-        for spec in point.done:
-            try:
-                record = records.read_record(spec.directory / records.RECORD_NAME)
-            except records.CorruptRecord as exc:
-                print(f"skipped: {exc}", file=sys.stderr)
-                continue
+        for record in point.done:
             metrics = record["metrics"]
             rows.append({"method": point.method, "fraction": point.fraction, "iterations": point.iterations,
                          "value": point.value, "class": record["forget_class"], "seed": record["seed"],
@@ -332,7 +355,7 @@ def select(args) -> int:
     preset = get_preset(args.preset)
     for method in args.methods:
         name = HYPERPARAMETERS.get(method, (None,))[0]
-        default = getattr(resolve_method_config(preset, method)[1], name) if name else None
+        default = getattr(resolve_method_config(unchosen(preset), method)[1], name) if name else None
         configs = configurations([r for r in rows if r["method"] == method], args.classes, args.seeds)
         choices.append(choose(method, configs, ra0, default, method in capped))
     summary = {"rule": RULE, "protocol": protocol_facts(args), "capped": capped, "original_retain_accuracy": ra0,

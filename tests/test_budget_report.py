@@ -262,3 +262,21 @@ def test_every_budget_names_the_rule_that_chose_it():
         assert "docs/budget-study" in source, (method, source)
         _, config, _ = resolve_method_config(digits, method)
         assert config.iterations == digits.method_defaults[method]["iterations"]
+
+
+def test_the_plan_finds_a_configurations_records_by_their_hyperparameters(sweep_results, tmp_path):
+    """After a preset adopts a budget its run is the `default` variant, while the study's records stay in the
+    folders they were made in: a configuration's records are found by hyperparameters, never by folder name."""
+    import shutil
+
+    results = tmp_path / "results"
+    shutil.copytree(sweep_results, results)
+    method = results / "tiny" / "paper" / "safemax"
+    (method / "iterations=1").rename(method / "made-elsewhere")
+    one, three = (study.plan("tiny", ["safemax"], (fraction,), (0, 1), (0,), str(results))[1]
+                  for fraction in (0.001, 0.003))
+    assert one.iterations == 1 and one.overrides == {"iterations": 1}
+    assert sorted((r["forget_class"], r["hyperparameters"]["iterations"]) for r in one.done) == [(0, 1), (1, 1)]
+    assert three.iterations == 3 and [r["hyperparameters"]["iterations"] for r in three.done] == [3, 3]
+    shutil.rmtree(method / "default")  # the records of 3 iterations are gone: nothing else stands in for them
+    assert three.done == []
