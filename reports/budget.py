@@ -107,13 +107,25 @@ def _by_flops(curves: list[Curve]) -> bool:
     return all(c.axis == "iterations" and c.runs["train_tflops"].gt(0).all() for c in curves)
 
 
+def curve_styles(curves: list[Curve]) -> dict[str, tuple]:
+    """(colour, line style, marker) per curve: one colour per method, and a method's curves at different values of
+    another swept field (GA's alpha) told apart by line and marker, so no two curves look alike."""
+    methods = list(dict.fromkeys(c.method for c in curves))
+    colours = dict(zip(methods, sns.color_palette("tab10" if len(methods) <= 10 else "husl", len(methods))))
+    lines, markers, seen, styles = ["-", "--", ":", "-."], ["o", "s", "^", "D", "v", "P"], {}, {}
+    for curve in curves:
+        index = seen[curve.method] = seen.get(curve.method, -1) + 1
+        styles[curve.label] = (colours[curve.method], lines[index % len(lines)], markers[index % len(markers)])
+    return styles
+
+
 def budget_figure(df: pd.DataFrame, curves: list[Curve], grid: Grid) -> Figure:
     """UA, H, FD and retained accuracy against the budget, one line per curve, 95% bootstrap CI over runs."""
     flops = _by_flops(curves)
     target = reference_tflops(df)
     fid_name = fid_label(df["fid_features"])
     fig, axes = plt.subplots(2, 2, layout="constrained", figsize=(10.0, 6.6))
-    palette = dict(zip([c.label for c in curves], sns.color_palette("tab10", len(curves))))
+    styles = curve_styles(curves)
     every_x = []
     for ax, (metric, name) in zip(axes.flat, METRICS):
         for curve in curves:
@@ -121,12 +133,13 @@ def budget_figure(df: pd.DataFrame, curves: list[Curve], grid: Grid) -> Figure:
             xs = list(points["tflops"] if flops else points["x"])
             every_x += xs
             found = list(points[metric])
-            ax.errorbar(xs, [s.mean for s in found], yerr=yerr(found), marker="o", capsize=2, markersize=4,
-                        color=palette[curve.label], label=curve.label, linewidth=1)
+            color, linestyle, marker = styles[curve.label]
+            ax.errorbar(xs, [s.mean for s in found], yerr=yerr(found), marker=marker, capsize=2, markersize=4,
+                        color=color, linestyle=linestyle, label=curve.label, linewidth=1)
             if metric == "ua" and flops:
                 for x, s, iterations in zip(xs, found, points["x"]):
                     ax.annotate(f"{iterations:g}", (x, s.mean), xytext=(2, 3), textcoords="offset points", fontsize=5,
-                                color=palette[curve.label])
+                                color=styles[curve.label][0])
         if flops and target:
             ax.axvline(target, color="0.3", linestyle=":", linewidth=1)
         ax.set_ylabel(name.format(fid=fid_name), fontsize=8)

@@ -280,3 +280,18 @@ def test_the_plan_finds_a_configurations_records_by_their_hyperparameters(sweep_
     assert three.iterations == 3 and [r["hyperparameters"]["iterations"] for r in three.done] == [3, 3]
     shutil.rmtree(method / "default")  # the records of 3 iterations are gone: nothing else stands in for them
     assert three.done == []
+
+
+def test_no_two_budget_curves_look_alike():
+    """Thirteen curves (seven methods, GA and NegGrad+ at four values each): one colour per method, and a method's
+    curves differ by line and marker, so the legend names every line."""
+    import pandas as pd
+
+    from reports.budget import Curve, curve_styles
+
+    labels = [("sa", "SA"), ("salun", "SalUn"), ("erasediff", "EraseDiff"), ("sfron", "SFR-on"), ("safemax", "SAFEMax")]
+    labels += [("ga", f"GA (alpha={a})") for a in (0.001, 0.01, 0.1, 1.0)]
+    labels += [("neggrad_plus", f"NegGrad+ (gamma={g})") for g in (0.03, 0.1, 0.3, 1.0)]
+    styles = curve_styles([Curve(method, "iterations", label, pd.DataFrame()) for method, label in labels])
+    assert len(set(styles.values())) == len(labels)
+    assert len({styles[label][0] for _, label in labels}) == 7  # one colour per method
