@@ -61,18 +61,23 @@ def choose_threads(processes: int = 1) -> tuple[int, str]:
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     share = max(1, cores // processes)
+
+    def threads(busy: float) -> int:
+        free = max(1, int(cores - busy + 0.5))
+        return share if free >= cores or free // processes >= share else max(1, free // processes)
+
     try:
         average = os.getloadavg()[0]
     except (AttributeError, OSError):
         return share, f"{cores} cores / {processes} process(es)"
-    now = runnable_now()
-    busy = average if now is None else min(average, now)
-    load = f"load {average:.1f}" + ("" if now is None else f", {now:.0f} runnable now")
-    free = max(1, int(cores - busy + 0.5))
-    if free >= cores or free // processes >= share:
-        return share, f"{cores} cores / {processes} process(es), {load}"
-    threads = max(1, free // processes)
-    return threads, f"{cores} cores / {processes} process(es), {load}: other programs are busy"
+    busy, load = average, f"load {average:.1f}"
+    if threads(average) < share:  # the average says busy: ask whether that work is still running (0.2 s)
+        now = runnable_now()
+        if now is not None:
+            busy, load = min(average, now), f"{load}, {now:.0f} runnable now"
+    chosen = threads(busy)
+    note = ": other programs are busy" if chosen < share else ""
+    return chosen, f"{cores} cores / {processes} process(es), {load}{note}"
 
 
 def pick_device(name: str | None = None) -> torch.device:

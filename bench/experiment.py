@@ -123,8 +123,7 @@ def run_one(spec: RunSpec) -> dict:
         "eval_s": evaluation.seconds,
         "total_s": time.perf_counter() - started,
         # Cost that travels between machines (bench.flops): FLOPs executed, CPU seconds, and the load it ran under.
-        "flops": run_flops(result.flops if result else None, eval_flops, method.prepared_flops,
-                           preparation=method.cache_key() is not None),
+        "flops": run_flops(result.flops if result else None, eval_flops, method.prepared_flops),
         "train_cpu_s": result.cpu_seconds if result else 0.0,
         "eval_cpu_s": eval_cost["cpu_s"],
         **{key: value for key, value in clock.stop().items() if key != "wall_s"},
@@ -157,14 +156,13 @@ def run_one(spec: RunSpec) -> dict:
     return record
 
 
-def run_flops(train_flops: dict | None, eval_flops: Ledger, prepared: dict | None = None,
-              preparation: bool = False) -> dict:
+def run_flops(train_flops: dict | None, eval_flops: Ledger, prepared: dict | None) -> dict:
     """The record's FLOPs: the unlearning loop (total and per kind of step; 0 without one), the evaluation, and the
     preparation (computed once per cache key and shared by the runs that use it, like its seconds; 0 without one,
     None where a preparation cached before FLOPs were counted was loaded). `total` is one run's own: train + evaluate.
     """
     train_total = train_flops["total"] if train_flops else 0
-    prepare_total = (prepared or {}).get("total") if preparation else 0
+    prepare_total = prepared["total"] if prepared else None
     return {"train": train_total, "train_steps": (train_flops or {}).get("kinds", {}),
             "evaluate": eval_flops.total, "evaluate_parts": dict(eval_flops.flops),
             "prepare": prepare_total, "prepare_parts": dict((prepared or {}).get("parts") or {}),

@@ -104,23 +104,26 @@ class Ledger:
         """`images` x the FLOPs of `one_image()`, counted the first time `key` is seen. With `module`, `one_image`
         runs a backward pass too: gradients are on, and the module's parameter gradients are put back after it."""
         if key not in self._per_image:
-            if module is None:
-                with torch.no_grad():
-                    self._per_image[key] = counted_flops(one_image)[1]
-            else:
-                params = list(module.parameters())
-                kept = [p.grad for p in params]
-                try:
-                    self._per_image[key] = counted_flops(one_image)[1]
-                finally:
-                    for p, g in zip(params, kept):
-                        p.grad = g
+            with torch.no_grad() if module is None else _gradients_kept(module):
+                self._per_image[key] = counted_flops(one_image)[1]
         self.flops[name] = self.flops.get(name, 0) + images * self._per_image[key]
         self.images[name] = self.images.get(name, 0) + images
 
     @property
     def total(self) -> int:
         return sum(self.flops.values())
+
+
+@contextlib.contextmanager
+def _gradients_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Put `module`'s parameter gradients back as they were after the block (a counted backward pass)."""
+    params = list(module.parameters())
+    kept = [p.grad for p in params]
+    try:
+        yield
+    finally:
+        for p, g in zip(params, kept):
+            p.grad = g
 
 
 _OPEN: contextvars.ContextVar[Ledger | None] = contextvars.ContextVar("flop_ledger", default=None)

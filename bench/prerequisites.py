@@ -254,6 +254,7 @@ def load_preparation(method: UnlearningMethod, cache: Cache, base_id: str) -> di
     """Set `method.prepared` from the cache; returns the seconds each stage took when it was computed."""
     path = preparation_path(cache, method, base_id)
     if path is None:
+        method.prepared_flops = {"total": 0, "parts": {}}  # nothing to prepare
         return {}
     stored = load_derived(path)
     if stored is None:

@@ -104,7 +104,8 @@ def budget_choice(preset: Preset, method: str, config: TrainConfig, overrides=()
     """Which rule set this run's iterations, for its record: the user's --set, the study the preset names
     (`budget_sources`), the preset's own `method_defaults`, the preset's pretraining (retrain), or the paper's count
     times `iteration_scale`."""
-    cls, paper = get_method(method), get_method(method).Config()
+    cls = get_method(method)
+    paper = cls.Config()
     if config.iterations == 0:
         chosen_by, how = "none", "no unlearning iterations"
     elif "iterations" in dict(overrides):

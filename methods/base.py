@@ -106,7 +106,9 @@ class UnlearningMethod:
         self.config = config
         self.ctx = ctx
         self.prepared: dict[str, Tensor] = {}  # what `prepare` computed, set by the harness before training
-        self.prepared_flops: dict | None = None  # {"total", "parts"} the preparation executed, set with `prepared`
+        # {"total", "parts"} the preparation executed, set with `prepared` (zero without one; None: cached before
+        # preparations counted FLOPs)
+        self.prepared_flops: dict | None = None
 
     @classmethod
     def preset_defaults(cls, preset: Preset) -> dict:

@@ -412,7 +412,7 @@ def prepare_table(df: pd.DataFrame, grid: Grid) -> Table:
         for stage in stages:
             value = runs["prepare_stages"].map(lambda found, s=stage: found.get(s, math.nan)).mean() / 60
             cells.append(Cell(value, fmt("prepare_min", value)) if text_ok(value) else Cell(None, "–"))
-        flops = runs["prepare_tflops"].mean() if "prepare_tflops" in runs else math.nan
+        flops = runs["prepare_tflops"].mean()
         cells += [summary_cell("prepare_min", stats.summarize(runs["prepare_min"])),
                   Cell(flops, f"{flops:.3g}") if text_ok(flops) else Cell(None, "n/a"),
                   summary_cell("rte_min", stats.summarize(runs["rte_min"])),

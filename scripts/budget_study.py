@@ -101,10 +101,8 @@ class Point:
         method_folder = self.specs[0].directory.parents[2]  # .../<method>/<variant>/class<k>/seed<s>
         found = {}
         for path in sorted(method_folder.glob(f"*/class*/seed*/{records.RECORD_NAME}")):
-            try:
-                record = records.read_record(path)
-            except records.CorruptRecord as exc:
-                print(f"skipped: {exc}", file=sys.stderr)
+            record = _read(path)
+            if record is None:
                 continue
             key = (record["forget_class"], record["seed"])
             if key in wanted and key not in found and record["hyperparameters"] == self.config:
@@ -113,6 +111,21 @@ class Point:
 
     def sets(self) -> list[str]:
         return [f"{self.method}.{name}={value}" for name, value in self.overrides.items()]
+
+
+_READ: dict[Path, tuple[int, dict | None]] = {}  # record path -> (mtime_ns, record): every point scans the same folder
+
+
+def _read(path: Path) -> dict | None:
+    """The record at `path`, parsed once per version of the file (None, said once, where it is corrupt)."""
+    stamp = path.stat().st_mtime_ns
+    if path not in _READ or _READ[path][0] != stamp:
+        try:
+            _READ[path] = (stamp, records.read_record(path))
+        except records.CorruptRecord as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+            _READ[path] = (stamp, None)
+    return _READ[path][1]
 
 
 def plan(preset_name: str, methods, fractions, classes, seeds, results: str) -> list[Point]:
