@@ -106,9 +106,7 @@ class UnlearningMethod:
         self.config = config
         self.ctx = ctx
         self.prepared: dict[str, Tensor] = {}  # what `prepare` computed, set by the harness before training
-        # {"total", "parts"} the preparation executed, set with `prepared` (zero without one; None: cached before
-        # preparations counted FLOPs)
-        self.prepared_flops: dict | None = None
+        self.prepared_flops: dict | None = None  # {"total", "parts"} the preparation executed, set with `prepared`
 
     @classmethod
     def preset_defaults(cls, preset: Preset) -> dict:
