@@ -9,6 +9,7 @@ and a short hash of those fields. A preset that changes only the evaluation prot
   prepared/<method>/<base id>/<key>.pt   a method's preparation (SA's priors and Fisher, a saliency mask)
   fid-reference/<key>.npz                real images' feature statistics
   samples/<weights>/...                  the unchanged base model's samples, reused by every `original` run
+  datasets/cifar10-<split>-<key>.npz     a decoded image folder (CIFAR-10's JPEG copy), keyed by its files (at the root)
 
 Every file is written to a temporary name and renamed, so a reader never sees half of one, and read with
 `torch.load(weights_only=True)` only: a file that needs more is refused, never unpickled. A file that does not
@@ -93,7 +94,8 @@ class Cache:
         return self.path(preset, "prepared", method, base_id, f"{key}.pt")
 
     def dataset(self, preset: Preset, split: str) -> ClassDataset:
-        return load_dataset(preset.dataset, split, image_size=preset.unet.image_size, root=self.data_root)
+        return load_dataset(preset.dataset, split, image_size=preset.unet.image_size, root=self.data_root,
+                            decoded_cache=self.root / "datasets")
 
 
 def temporary_name(path: Path) -> Path:

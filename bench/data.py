@@ -2,14 +2,18 @@
 
 `digits` ships with scikit-learn, so the harness runs with no download at all. CIFAR-10 is read from a
 torchvision `CIFAR10` root (downloaded there when the network allows) or from an ImageFolder tree whose
-class folders follow CIFAR-10's label order, such as a JPEG copy.
+class folders follow CIFAR-10's label order, such as a JPEG copy. An image folder is decoded once (50,000 JPEGs:
+~11 s) and kept as one array under the cache's `datasets/`, keyed by every file's name, size and modification time,
+so that each later process (every `bench` call, worker and SLURM job) reads it in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,12 +113,13 @@ def _uint8_to_tensor(array: np.ndarray) -> Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def load_cifar10(split: str, root: str | Path, download: bool = False) -> ClassDataset:
-    """CIFAR-10 from a torchvision root (`cifar-10-batches-py` inside) or an ImageFolder tree `root/<split>/<class>/`."""
+def load_cifar10(split: str, root: str | Path, download: bool = False, decoded_cache: Path | None = None) -> ClassDataset:
+    """CIFAR-10 from a torchvision root (`cifar-10-batches-py` inside) or an ImageFolder tree `root/<split>/<class>/`;
+    an ImageFolder tree is decoded once into `decoded_cache` (when given) and read from there while it is unchanged."""
     root = Path(root)
     folder = root / split
     if folder.is_dir():
-        return _load_cifar_image_folder(folder)
+        return _load_cifar_image_folder(folder, decoded_cache)
     from torchvision.datasets import CIFAR10
 
     if not (root / "cifar-10-batches-py").is_dir() and not download:
@@ -127,30 +132,86 @@ def load_cifar10(split: str, root: str | Path, download: bool = False) -> ClassD
     return ClassDataset(_uint8_to_tensor(data.data), labels, CIFAR10_CLASSES, "CIFAR-10 (torchvision)")
 
 
-def _load_cifar_image_folder(folder: Path) -> ClassDataset:
-    from PIL import Image
-
+def _class_files(folder: Path) -> list[list[Path]]:
     found = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if tuple(found) != CIFAR10_CLASSES:
         raise ValueError(f"{folder} must hold one folder per CIFAR-10 class {CIFAR10_CLASSES}, found {found}")
-    arrays, labels, suffixes = [], [], set()
-    for label, name in enumerate(CIFAR10_CLASSES):
+    listing = []
+    for name in CIFAR10_CLASSES:
         files = sorted(p for p in (folder / name).iterdir() if not p.name.startswith("."))
         if not files:
             raise ValueError(f"{folder / name} holds no images: every CIFAR-10 class folder needs its images")
+        listing.append(files)
+    return listing
+
+
+def _listing_key(folder: Path, listing: list[list[Path]]) -> str:
+    """Changes when any image is added, removed, renamed, rewritten or touched, or the folder moves."""
+    digest = hashlib.sha1(str(folder.resolve()).encode())
+    for files in listing:
+        for path in files:
+            stat = path.stat()
+            digest.update(f"{path.parent.name}/{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _read_decoded(path: Path) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """The decoded arrays, or None (the caller decodes again and overwrites) when the file is missing or corrupt."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as stored:
+            images, labels, source = stored["images"], stored["labels"], str(stored["source"])
+        if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or len(images) != len(labels):
+            raise ValueError(f"arrays of shape {images.shape} ({images.dtype}) and {labels.shape}")
+        return images, labels, source
+    except Exception as exc:  # a truncated or foreign file: numpy raises zipfile, OS and value errors alike
+        log.warning("decoded data set %s does not load (%s); decoding the images again and replacing it", path, exc)
+        return None
+
+
+def _write_decoded(path: Path, images: np.ndarray, labels: np.ndarray, source: str) -> None:
+    """Written beside and renamed into place, so that a killed process leaves no half-written file."""
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(temporary, images=images, labels=labels, source=np.array(source))
+        os.replace(temporary, path)
+    except OSError as exc:  # a read-only cache: every process decodes, as before
+        log.warning("decoded data set not kept: %s cannot be written (%s)", path, exc)
+        temporary.unlink(missing_ok=True)
+
+
+def _load_cifar_image_folder(folder: Path, decoded_cache: Path | None = None) -> ClassDataset:
+    listing = _class_files(folder)
+    cached = None
+    if decoded_cache is not None:
+        cached_path = decoded_cache / f"cifar10-{folder.name}-{_listing_key(folder, listing)}.npz"
+        cached = _read_decoded(cached_path)
+    if cached is not None:
+        images, labels, source = cached
+        log.info("read %d decoded images of %s from %s", len(labels), folder, cached_path)
+        return ClassDataset(_uint8_to_tensor(images), torch.from_numpy(labels), CIFAR10_CLASSES, source)
+    from PIL import Image
+
+    arrays, labels, suffixes = [], [], set()
+    for label, files in enumerate(listing):
         for path in files:
             try:
                 with Image.open(path) as image:
                     arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
             except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-                raise ValueError(f"{path} is not a readable image ({exc}); remove it from {folder / name}") from None
+                raise ValueError(f"{path} is not a readable image ({exc}); remove it from {path.parent}") from None
             if arrays[-1].shape != (32, 32, 3):
                 raise ValueError(f"{path} is {arrays[-1].shape[1]}x{arrays[-1].shape[0]}, not a 32x32 CIFAR-10 image")
             labels.append(label)
             suffixes.add(path.suffix.lower())
     source = "CIFAR-10 (JPEG copy)" if suffixes & {".jpg", ".jpeg"} else "CIFAR-10 (image folder)"
-    log.info("read %d images from %s", len(labels), folder)
-    return ClassDataset(_uint8_to_tensor(np.stack(arrays)), torch.tensor(labels), CIFAR10_CLASSES, source)
+    images, label_array = np.stack(arrays), np.array(labels, dtype=np.int64)
+    log.info("decoded %d images from %s", len(labels), folder)
+    if decoded_cache is not None:
+        _write_decoded(cached_path, images, label_array, source)
+    return ClassDataset(_uint8_to_tensor(images), torch.from_numpy(label_array), CIFAR10_CLASSES, source)
 
 
 # --- Fashion-MNIST (Debian's dataset-fashion-mnist package, or torchvision's download folder) ---
@@ -204,9 +265,11 @@ def load_fashion_mnist(split: str, image_size: int = 28, root: str | Path = FASH
 
 
 @functools.lru_cache(maxsize=4)
-def load_dataset(name: str, split: str, *, image_size: int, root: str | Path | None = None) -> ClassDataset:
+def load_dataset(name: str, split: str, *, image_size: int, root: str | Path | None = None,
+                 decoded_cache: Path | None = None) -> ClassDataset:
     """The registry of data sets by preset `dataset` name; each is read once per process (callers never modify
-    a data set in place: views like `forget`, `retain` and flips make new tensors)."""
+    a data set in place: views like `forget`, `retain` and flips make new tensors). `decoded_cache` keeps decoded
+    image folders (CIFAR-10's JPEG copy) between processes."""
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; choose from train, test")
     if name == "digits":
@@ -214,7 +277,7 @@ def load_dataset(name: str, split: str, *, image_size: int, root: str | Path | N
     if name == "cifar10":
         if root is None:
             raise ValueError("the cifar10 data set needs --data-root (a torchvision CIFAR10 root or an ImageFolder tree)")
-        return load_cifar10(split, root)
+        return load_cifar10(split, root, decoded_cache=decoded_cache)
     if name == "fashion":  # Fashion-MNIST: Debian's package folder unless --data-root says otherwise
         return load_fashion_mnist(split, image_size, root if root is not None else FASHION_MNIST_ROOT)
     raise ValueError(f"unknown data set {name!r}; choose from cifar10, digits, fashion")

@@ -61,6 +61,34 @@ def test_a_folder_tree_without_every_cifar_class_is_refused(jpeg_root, tmp_path)
         load_cifar10("train", tmp_path)
 
 
+
+def test_an_image_folder_is_decoded_once_and_read_back_until_a_file_changes(jpeg_root, tmp_path, caplog):
+    root = tmp_path / "jpeg"
+    shutil.copytree(jpeg_root, root)
+    decoded = tmp_path / "cache" / "datasets"
+    caplog.set_level("INFO", logger="bench.data")
+    first = load_cifar10("train", root, decoded_cache=decoded)
+    [kept] = decoded.glob("cifar10-train-*.npz")
+    again = load_cifar10("train", root, decoded_cache=decoded)
+    assert f"read 20 decoded images of {root / 'train'} from {kept}" in caplog.text
+    assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+    assert again.source == first.source == "CIFAR-10 (JPEG copy)" and again.labels.dtype == torch.long
+
+    # A rewritten image is a new listing: decoded again, and the run gets the new pixels.
+    ship = sorted((root / "train" / "ship").iterdir())[0]
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(ship, quality=100)
+    changed = load_cifar10("train", root, decoded_cache=decoded)
+    [newer] = set(decoded.glob("cifar10-train-*.npz")) - {kept}
+    assert changed.images[8 * PER_CLASS, 0].mean() > 0.9 and not torch.equal(changed.images, first.images)
+
+    # A corrupt decoded file is named, decoded again and replaced.
+    newer.write_bytes(b"not an npz")
+    caplog.clear()
+    reread = load_cifar10("train", root, decoded_cache=decoded)
+    assert f"decoded data set {newer} does not load" in caplog.text
+    assert torch.equal(reread.images, changed.images)
+    assert newer.stat().st_size > 20 * 3072 and not list(decoded.glob(".*.tmp.npz"))
+
 def fake_batch(label_offset: int, count: int) -> dict:
     """A batch in the original pickle format: rows of 3,072 bytes (1,024 red, 1,024 green, 1,024 blue)."""
     labels = [(label_offset + i) % 10 for i in range(count)]
