@@ -34,7 +34,6 @@ from unittest import mock
 
 import numpy as np
 import torch
-from pytorch_fid import inception as pytorch_fid_inception
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -123,8 +122,16 @@ def map_torchscript_weights(torchscript: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def _pytorch_fid():
+    """pytorch-fid's inception module, imported where it is used: it imports torchvision (1.5 s per process)."""
+    from pytorch_fid import inception
+
+    return inception
+
+
 def _pytorch_fid_model(weights: dict[str, Tensor] | None = None) -> nn.Module:
     """pytorch-fid's InceptionV3 (pool3); with `weights`, its strict load gets them instead of the download."""
+    pytorch_fid_inception = _pytorch_fid()
     block = [pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]]
     if weights is None:
         return pytorch_fid_inception.InceptionV3(block)
@@ -144,7 +151,7 @@ def inception_model(device: torch.device, source: str = "auto") -> nn.Module:
     if source in ("auto", "pytorch-fid"):
         try:
             model = _pytorch_fid_model()
-            model.weights_source = f"pytorch-fid download ({pytorch_fid_inception.FID_WEIGHTS_URL.rsplit('/', 1)[-1]})"
+            model.weights_source = f"pytorch-fid download ({_pytorch_fid().FID_WEIGHTS_URL.rsplit('/', 1)[-1]})"
         except Exception as exc:  # no network, a proxy page instead of the file, ...
             if source == "pytorch-fid":
                 raise

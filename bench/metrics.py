@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pytorch_fid.fid_score import calculate_frechet_distance
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
@@ -59,6 +58,8 @@ def fid(generated: Tensor, real: Tensor | tuple[np.ndarray, np.ndarray]) -> floa
     count and the last digits change with it, so a run in a worker or SLURM job would not repeat the same run
     in the parent process. One thread keeps records bit-identical across executors (2048-d: 12 s vs 10 s).
     """
+    from pytorch_fid.fid_score import calculate_frechet_distance  # here: it imports torchvision (1.5 s per process)
+
     with threadpool_limits(limits=1, user_api="blas"):
         mu_real, sigma_real = real if isinstance(real, tuple) else feature_statistics(real)
         mu_gen, sigma_gen = feature_statistics(generated)
