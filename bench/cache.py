@@ -10,6 +10,7 @@ and a short hash of those fields. A preset that changes only the evaluation prot
   fid-reference/<key>.npz                real images' feature statistics
   samples/<weights>/...                  the unchanged base model's samples, reused by every `original` run
   datasets/cifar10-<split>-<key>.npz     a decoded image folder (CIFAR-10's JPEG copy), keyed by its files (at the root)
+  datasets/digits-<split>-...npz         the digits split, per scikit-learn version (at the root)
 
 Every file is written to a temporary name and renamed, so a reader never sees half of one, and read with
 `torch.load(weights_only=True)` only: a file that needs more is refused, never unpickled. A file that does not

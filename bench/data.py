@@ -4,7 +4,8 @@
 torchvision `CIFAR10` root (downloaded there when the network allows) or from an ImageFolder tree whose
 class folders follow CIFAR-10's label order, such as a JPEG copy. An image folder is decoded once (50,000 JPEGs:
 ~11 s) and kept as one array under the cache's `datasets/`, keyed by every file's name, size and modification time,
-so that each later process (every `bench` call, worker and SLURM job) reads it in a fraction of a second.
+so that each later process (every `bench` call, worker and SLURM job) reads it in a fraction of a second; the
+digits split is kept there too, which spares each process importing scikit-learn.
 """
 
 from __future__ import annotations
@@ -94,8 +95,21 @@ def fit_to_size(images: Tensor, size: int) -> Tensor:
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
 
 
-def load_digits(split: str, image_size: int = 8, test_fraction: float = 0.2) -> ClassDataset:
-    """scikit-learn's 8x8 digits, scaled from 0..16 to [-1, 1], with a fixed stratified split."""
+def load_digits(split: str, image_size: int = 8, test_fraction: float = 0.2,
+                decoded_cache: Path | None = None) -> ClassDataset:
+    """scikit-learn's 8x8 digits, scaled from 0..16 to [-1, 1], with a fixed stratified split.
+
+    With `decoded_cache` the split is kept there (per scikit-learn version), so that later processes skip importing
+    scikit-learn (1.1 s each: every worker, job and `bench` call of the digits and tiny presets).
+    """
+    from importlib.metadata import version
+
+    path = None
+    if decoded_cache is not None:
+        path = decoded_cache / f"digits-{split}-{test_fraction:g}-scikit-learn-{version('scikit-learn')}.npz"
+        kept = _read_arrays(path, ("images", "labels"))
+        if kept is not None and kept["images"].shape[1:] == (8, 8) and len(kept["images"]) == len(kept["labels"]):
+            return _digits(kept["images"], kept["labels"], image_size)
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
 
@@ -103,9 +117,16 @@ def load_digits(split: str, image_size: int = 8, test_fraction: float = 0.2) -> 
     indices = np.arange(len(bunch.target))
     train_idx, test_idx = train_test_split(indices, test_size=test_fraction, stratify=bunch.target, random_state=0)
     chosen = np.sort(train_idx if split == "train" else test_idx)
-    images = torch.from_numpy(bunch.images[chosen]).float().div(16.0).mul(2).sub(1).unsqueeze(1)
-    labels = torch.from_numpy(bunch.target[chosen]).long()
-    return ClassDataset(fit_to_size(images, image_size), labels, DIGIT_CLASSES, "scikit-learn digits (8x8)")
+    images, labels = bunch.images[chosen], bunch.target[chosen]
+    if path is not None:
+        _write_arrays(path, images=images, labels=labels)
+    return _digits(images, labels, image_size)
+
+
+def _digits(images: np.ndarray, labels: np.ndarray, image_size: int) -> ClassDataset:
+    scaled = torch.from_numpy(images).float().div(16.0).mul(2).sub(1).unsqueeze(1)
+    return ClassDataset(fit_to_size(scaled, image_size), torch.from_numpy(labels).long(), DIGIT_CLASSES,
+                        "scikit-learn digits (8x8)")
 
 
 def _uint8_to_tensor(array: np.ndarray) -> Tensor:
@@ -155,29 +176,27 @@ def _listing_key(folder: Path, listing: list[list[Path]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read_decoded(path: Path) -> tuple[np.ndarray, np.ndarray, str] | None:
-    """The decoded arrays, or None (the caller decodes again and overwrites) when the file is missing or corrupt."""
+def _read_arrays(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """The arrays of a kept data set, or None (the caller reads the source again and overwrites) when the file is
+    missing or corrupt."""
     if not path.exists():
         return None
     try:
         with np.load(path) as stored:
-            images, labels, source = stored["images"], stored["labels"], str(stored["source"])
-        if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or len(images) != len(labels):
-            raise ValueError(f"arrays of shape {images.shape} ({images.dtype}) and {labels.shape}")
-        return images, labels, source
-    except Exception as exc:  # a truncated or foreign file: numpy raises zipfile, OS and value errors alike
-        log.warning("decoded data set %s does not load (%s); decoding the images again and replacing it", path, exc)
+            return {name: stored[name] for name in names}
+    except Exception as exc:  # a truncated or foreign file: numpy raises zipfile, OS, key and value errors alike
+        log.warning("decoded data set %s does not load (%s); reading the source again and replacing it", path, exc)
         return None
 
 
-def _write_decoded(path: Path, images: np.ndarray, labels: np.ndarray, source: str) -> None:
+def _write_arrays(path: Path, **arrays: np.ndarray) -> None:
     """Written beside and renamed into place, so that a killed process leaves no half-written file."""
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(temporary, images=images, labels=labels, source=np.array(source))
+        np.savez(temporary, **arrays)
         os.replace(temporary, path)
-    except OSError as exc:  # a read-only cache: every process decodes, as before
+    except OSError as exc:  # a read-only cache: every process reads the source, as before
         log.warning("decoded data set not kept: %s cannot be written (%s)", path, exc)
         temporary.unlink(missing_ok=True)
 
@@ -187,11 +206,11 @@ def _load_cifar_image_folder(folder: Path, decoded_cache: Path | None = None) ->
     cached = None
     if decoded_cache is not None:
         cached_path = decoded_cache / f"cifar10-{folder.name}-{_listing_key(folder, listing)}.npz"
-        cached = _read_decoded(cached_path)
-    if cached is not None:
-        images, labels, source = cached
+        cached = _read_arrays(cached_path, ("images", "labels", "source"))
+    if cached is not None and cached["images"].dtype == np.uint8 and cached["images"].shape[1:] == (32, 32, 3):
+        images, labels = cached["images"], cached["labels"]
         log.info("read %d decoded images of %s from %s", len(labels), folder, cached_path)
-        return ClassDataset(_uint8_to_tensor(images), torch.from_numpy(labels), CIFAR10_CLASSES, source)
+        return ClassDataset(_uint8_to_tensor(images), torch.from_numpy(labels), CIFAR10_CLASSES, str(cached["source"]))
     from PIL import Image
 
     arrays, labels, suffixes = [], [], set()
@@ -210,7 +229,7 @@ def _load_cifar_image_folder(folder: Path, decoded_cache: Path | None = None) ->
     images, label_array = np.stack(arrays), np.array(labels, dtype=np.int64)
     log.info("decoded %d images from %s", len(labels), folder)
     if decoded_cache is not None:
-        _write_decoded(cached_path, images, label_array, source)
+        _write_arrays(cached_path, images=images, labels=label_array, source=np.array(source))
     return ClassDataset(_uint8_to_tensor(images), torch.from_numpy(label_array), CIFAR10_CLASSES, source)
 
 
@@ -273,7 +292,7 @@ def load_dataset(name: str, split: str, *, image_size: int, root: str | Path | N
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; choose from train, test")
     if name == "digits":
-        return load_digits(split, image_size)
+        return load_digits(split, image_size, decoded_cache=decoded_cache)
     if name == "cifar10":
         if root is None:
             raise ValueError("the cifar10 data set needs --data-root (a torchvision CIFAR10 root or an ImageFolder tree)")

@@ -1,4 +1,5 @@
-"""CIFAR-10 from both layouts: an ImageFolder tree (the JPEG copy) and a torchvision `cifar-10-batches-py` root."""
+"""CIFAR-10 from both layouts: an ImageFolder tree (the JPEG copy) and a torchvision `cifar-10-batches-py` root; data
+sets kept decoded in the cache."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10, ImageFolder
 
-from bench.data import CIFAR10_CLASSES, load_cifar10, load_dataset
+from bench.data import CIFAR10_CLASSES, load_cifar10, load_dataset, load_digits
 
 PER_CLASS = 2
 
@@ -88,6 +89,22 @@ def test_an_image_folder_is_decoded_once_and_read_back_until_a_file_changes(jpeg
     assert f"decoded data set {newer} does not load" in caplog.text
     assert torch.equal(reread.images, changed.images)
     assert newer.stat().st_size > 20 * 3072 and not list(decoded.glob(".*.tmp.npz"))
+
+
+def test_the_digits_split_kept_in_the_cache_is_scikit_learns_to_the_bit(tmp_path):
+    kept = tmp_path / "datasets"
+    for split in ("train", "test"):
+        fresh = load_digits(split, decoded_cache=kept)
+        [path] = kept.glob(f"digits-{split}-*.npz")
+        again = load_digits(split, decoded_cache=kept)
+        assert torch.equal(again.images, fresh.images) and torch.equal(again.labels, fresh.labels)
+        plain = load_digits(split)
+        assert torch.equal(plain.images, again.images) and torch.equal(plain.labels, again.labels)
+        assert again.labels.dtype == torch.long and again.source == "scikit-learn digits (8x8)"
+    with np.load(path) as stored:
+        images, labels = stored["images"], stored["labels"] + 1
+    np.savez(path, images=images, labels=labels)  # the kept file, not scikit-learn, is what later loads read
+    assert torch.equal(load_digits("test", decoded_cache=kept).labels, torch.from_numpy(labels).long())
 
 def fake_batch(label_offset: int, count: int) -> dict:
     """A batch in the original pickle format: rows of 3,072 bytes (1,024 red, 1,024 green, 1,024 blue)."""
