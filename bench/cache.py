@@ -95,8 +95,10 @@ class Cache:
         return self.path(preset, "prepared", method, base_id, f"{key}.pt")
 
     def dataset(self, preset: Preset, split: str) -> ClassDataset:
+        # kept decoded only in a cache that exists: a command that fails on its options leaves no cache folder
+        decoded = self.root / "datasets" if self.root.is_dir() else None
         return load_dataset(preset.dataset, split, image_size=preset.unet.image_size, root=self.data_root,
-                            decoded_cache=self.root / "datasets")
+                            decoded_cache=decoded)
 
 
 def temporary_name(path: Path) -> Path:

@@ -82,7 +82,8 @@ def test_a_preset_that_changes_only_the_protocol_reuses_the_base_model(tmp_path,
     [record] = _records(tmp_path)
     assert record["preset"] == "tinyfast" and record["protocol"]["sampler_steps"] == 3
     assert record["base_model"]["id"] == tiny_id and record["base_model"]["step"] == 30
-    assert sorted(p.name for p in cache.iterdir()) == ["tiny"]  # nothing pretrained, no folder of its own
+    # nothing pretrained, no folder of its own (datasets/ holds the decoded data every preset shares)
+    assert sorted(p.name for p in cache.iterdir()) == ["datasets", "tiny"]
     assert not (cache / "tiny" / "base.partial.pt").exists()
 
 
@@ -93,7 +94,7 @@ def test_a_preset_that_changes_pretraining_builds_its_own_base_model(tmp_path, t
     result = _run(tmp_path, "pretrain: {iterations: 4}", "tinyshort", cache)
     assert result.exit_code == 0, result.output
     [record] = _records(tmp_path)
-    [own] = [p for p in cache.iterdir() if p.name != "tiny"]
+    [own] = [p for p in cache.iterdir() if p.name not in ("tiny", "datasets")]
     assert own.name.startswith("digits-") and record["base_model"]["path"] == str(own / "base.pt")
     assert record["base_model"]["id"].startswith(own.name) and record["base_model"]["step"] == 4
     assert record["classifier"]["id"] == tiny_classifier  # the classifier does not depend on pretraining
