@@ -29,6 +29,7 @@ import re
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.config import BUILTIN_PRESETS, Preset
@@ -113,6 +114,18 @@ def atomic_save(payload, path: Path) -> None:
     try:
         with open(tmp, "wb") as handle:  # a handle, not the name: torch would name the archive inside after it
             torch.save(payload, handle)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind when something above failed
+
+
+def atomic_savez(path: Path, **arrays) -> None:
+    """np.savez to a temporary file beside `path`, then rename, as `atomic_save` does for torch files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as handle:  # a handle, not the name: numpy would append .npz to it
+            np.savez(handle, **arrays)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left behind when something above failed

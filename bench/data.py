@@ -14,7 +14,6 @@ import functools
 import gzip
 import hashlib
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,15 +189,13 @@ def _read_arrays(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | 
 
 
 def _write_arrays(path: Path, **arrays: np.ndarray) -> None:
-    """Written beside and renamed into place, so that a killed process leaves no half-written file."""
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    """Kept atomically (a killed process leaves no half-written file); a read-only cache is said and skipped."""
+    from bench.cache import atomic_savez  # here: bench.cache imports this module
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(temporary, **arrays)
-        os.replace(temporary, path)
+        atomic_savez(path, **arrays)
     except OSError as exc:  # a read-only cache: every process reads the source, as before
         log.warning("decoded data set not kept: %s cannot be written (%s)", path, exc)
-        temporary.unlink(missing_ok=True)
 
 
 def _load_cifar_image_folder(folder: Path, decoded_cache: Path | None = None) -> ClassDataset:
@@ -288,7 +285,7 @@ def load_dataset(name: str, split: str, *, image_size: int, root: str | Path | N
                  decoded_cache: Path | None = None) -> ClassDataset:
     """The registry of data sets by preset `dataset` name; each is read once per process (callers never modify
     a data set in place: views like `forget`, `retain` and flips make new tensors). `decoded_cache` keeps decoded
-    image folders (CIFAR-10's JPEG copy) between processes."""
+    image folders (CIFAR-10's JPEG copy) and the digits split between processes."""
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; choose from train, test")
     if name == "digits":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bench.cache import atomic_savez
 from bench.flops import count_forward
 from bench.metrics import feature_statistics
 
@@ -215,9 +215,6 @@ def reference_statistics(cache_dir: Path, key: str, images: Tensor,
         except (OSError, ValueError, KeyError) as exc:  # truncated or not an .npz: derived, so rebuilt
             log.warning("cached statistics %s do not load (%s); recomputing them", path, exc)
     mu, sigma = feature_statistics(extract(images))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, count=len(images), fingerprint=fingerprint, key=key)
-    tmp.replace(path)
+    atomic_savez(path, mu=mu, sigma=sigma, count=len(images), fingerprint=fingerprint, key=key)
     log.info("reference statistics of %d images saved to %s", len(images), path)
     return mu, sigma
