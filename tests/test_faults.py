@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,8 +34,8 @@ from bench.config import get_preset
 from bench.prerequisites import pretrain
 from bench.sweep import build_specs, parse_sets
 from bench.unet import ConditionalUNet
+from tests.conftest import start_bench
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ("--preset", "tiny", "--device", "cpu", "--no-progress")
 WAIT_S = 240
 
@@ -380,19 +379,6 @@ def test_concurrent_writers_of_one_cache_file_leave_a_whole_file(tmp_path):
 
 
 # -- processes: a killed worker, Ctrl-C ----------------------------------------------------------------------------
-def _as_from_a_terminal() -> None:
-    """Ctrl-C's default action, which a command started from a terminal has: a test runner started in the
-    background passes on SIG_IGN, and Python then installs no KeyboardInterrupt handler."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _start(*args: str) -> subprocess.Popen:
-    """`bench ARGS` in its own session (so a signal to its group reaches no one else), one torch thread."""
-    return subprocess.Popen([sys.executable, "-m", "bench.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            start_new_session=True, preexec_fn=_as_from_a_terminal)
-
-
 def _claimant(run_dir: Path, deadline: float) -> int:
     """The pid in the run's claim.json, once it is there."""
     while time.monotonic() < deadline:
@@ -408,7 +394,7 @@ def test_a_killed_worker_fails_its_run_only_and_a_rerun_completes_it(tiny_cache,
     out = tmp_path / "results"
     grid = ("run", *TINY, "--methods", "safemax", "--classes", "0-2", "--set", "safemax.iterations=30", "--cache",
             tiny_cache, "--out", out)
-    sweep = _start(*grid, "--workers", "2")
+    sweep = start_bench(*grid, "--workers", "2")
     try:
         # killed the instant its claim appears: the orchestrator knows which run each worker holds by handing it out
         worker = _claimant(_run_dir(out, "safemax", 0, ("safemax.iterations=30",)), time.monotonic() + WAIT_S)
@@ -429,7 +415,7 @@ def test_a_killed_worker_fails_its_run_only_and_a_rerun_completes_it(tiny_cache,
 @pytest.mark.slow
 def test_ctrl_c_stops_a_worker_sweep_within_seconds_and_prints_the_summary(tiny_cache, tmp_path):
     out = tmp_path / "results"
-    sweep = _start("run", *TINY, "--methods", "safemax", "--classes", "0-3", "--set", "safemax.iterations=100000",
+    sweep = start_bench("run", *TINY, "--methods", "safemax", "--classes", "0-3", "--set", "safemax.iterations=100000",
                    "--workers", "2", "--cache", tiny_cache, "--out", out)
     try:
         deadline = time.monotonic() + WAIT_S

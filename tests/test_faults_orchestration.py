@@ -12,7 +12,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from bench import claims, orchestrate, records
 from bench.cli import main
 from bench.config import get_preset
 from bench.sweep import build_specs, parse_sets
+from tests.conftest import start_bench
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = ("--preset", "tiny", "--device", "cpu", "--no-progress")
 WAIT_S = 240
 
@@ -126,16 +125,6 @@ def test_a_plugin_methods_failure_names_its_own_file_and_line(tiny_cache, tmp_pa
 
 
 # -- item 12: interrupted is exit 130, a summary, and a state of its own -----------------------------------------------
-def _as_from_a_terminal() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test runner in the background passes SIG_IGN on
-
-
-def _start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bench.cli", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            start_new_session=True, preexec_fn=_as_from_a_terminal)
-
-
 def _wait_for_claims(folders: list[Path], deadline: float) -> None:
     """Until each folder (a run's, or the attack's folder of a run) holds a claim at any depth."""
     while time.monotonic() < deadline:
@@ -165,7 +154,7 @@ def _stop(process: subprocess.Popen, folders: list[Path], how: signal.Signals) -
 def test_ctrl_c_of_an_attack_exits_130_and_status_shows_it_interrupted(saved_runs, tiny_cache, tmp_path, attack,
                                                                        options, classes, workers):
     out = _copy(saved_runs, tmp_path)
-    process = _start("attack", attack, *TINY, "--methods", "original", "--classes", classes, *options,
+    process = start_bench("attack", attack, *TINY, "--methods", "original", "--classes", classes, *options,
                      "--workers", workers, "--cache", tiny_cache, "--out", out)
     folders = [_spec(out, tiny_cache, forget_class=int(c)).directory / "attacks" / attack for c in classes.split(",")]
     stdout, stderr = _stop(process, folders, signal.SIGINT)  # was: exit 0 (workers), 1 with "Aborted!" (here)
@@ -181,7 +170,7 @@ def test_ctrl_c_of_an_attack_exits_130_and_status_shows_it_interrupted(saved_run
 
 @pytest.mark.slow
 def test_sigterm_of_a_run_exits_130_and_status_shows_it_interrupted(tiny_cache, tmp_path):
-    process = _start("run", *TINY, "--methods", "safemax", "--classes", "0", "--set", "safemax.iterations=100000",
+    process = start_bench("run", *TINY, "--methods", "safemax", "--classes", "0", "--set", "safemax.iterations=100000",
                      "--cache", tiny_cache, "--out", tmp_path)
     folder = _spec(tmp_path, tiny_cache, "safemax", sets=("safemax.iterations=100000",)).directory
     stdout, stderr = _stop(process, [folder], signal.SIGTERM)  # was: killed outright, nothing said
