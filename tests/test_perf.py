@@ -16,6 +16,7 @@ from bench.device import PLAIN, Speed
 from bench.diffusion import sample
 from bench.perf import DEFAULT_METHODS, Bench, PerfOptions, first_step, prepared_for, relative_error
 from bench.runner import EMA, train
+from methods import METHODS
 
 CPU = torch.device("cpu")
 # Dropout off: its masks are drawn in memory order, so they differ between layouts (and dtypes) by design.
@@ -34,16 +35,19 @@ def prepared(bench) -> dict:
 
 
 def test_perf_at_tiny_size_writes_a_row_per_method_variant_and_the_sampler(tmp_path):
+    # Every method's step under `default` (what `bench run` uses) and the sampler under two variants: one row per
+    # (workload, variant). Timing every step twice more (fp32) cost half of this test's minute and checked nothing more.
     result = CliRunner().invoke(main, ["perf", "--preset", "tiny", "--device", "cpu", "--out", str(tmp_path),
-                                       "--variants", "fp32,default"])
+                                       "--sampler-variants", "fp32,default"])
     assert result.exit_code == 0, result.output
     (json_path,), (md_path,) = tmp_path.glob("*.json"), tmp_path.glob("*.md")
     report = json.loads(json_path.read_text())
     rows = {(row["workload"], row["variant"]): row for row in report["rows"]}
-    expected = [(f"{m} step", v) for m in DEFAULT_METHODS for v in ("fp32", "default")]
-    expected += [("sampler", "fp32"), ("sampler", "default")]
+    trainable = [name for name, cls in METHODS.items() if cls.Config().iterations > 0]
+    assert set(DEFAULT_METHODS) < set(trainable) and "erasediff" in trainable
+    expected = [(f"{m} step", "default") for m in trainable] + [("sampler", "fp32"), ("sampler", "default")]
     assert set(expected) <= set(rows), sorted(rows)
-    assert {"sa priors", "sa fisher", "salun mask"} <= {workload for workload, _ in rows}
+    assert {"sa priors", "sa fisher", "salun mask", "sfron forget fisher"} <= {workload for workload, _ in rows}
     for key, row in rows.items():
         assert "error" not in row, (key, row)
         assert math.isfinite(row["value"]) and row["value"] > 0, (key, row)
