@@ -155,7 +155,12 @@ def load_error(exc: BaseException) -> str:
         return f"it is damaged or not a torch file: {what}"
     text = str(exc).strip()
     first = text.splitlines()[0].split(". ")[0] if text else ""  # torch goes on with advice after the first
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    error = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if isinstance(exc, OSError):  # the bytes could not be read at all (a folder, no permission)
+        return error
+    # Bytes that are not a torch file can also fail inside the unpickler itself (IndexError: pop from empty list,
+    # KeyError, UnicodeDecodeError: 9% of random 4 KiB files), not only as torch's refusal of an operand.
+    return f"it is damaged or not a torch file: {error}"
 
 
 def checkpoint_step(value, path: Path, what: str, fix: str) -> int:
