@@ -43,7 +43,7 @@ $(SYSTEM_STAMP): Makefile | $(STAMP)
 	fi
 	touch $(SYSTEM_STAMP)
 
-# The whole digits benchmark: every method on every class (about an hour on 2 CPU cores; README.md).
+# The whole digits benchmark: every method on every class (about 30 minutes on 2 CPU cores; README.md).
 run: install
 	$(BIN)/bench run --methods all --classes 0-9 --workers 2 $(ARGS)
 
