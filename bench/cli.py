@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import click
 
+from bench import interrupts
 from bench.cache import Cache, CheckpointError, default_cache_dir
 from bench.config import PRESETS, get_preset
 from bench.device import pick_device
@@ -101,25 +100,14 @@ class BenchGroup(click.Group):
     def invoke(self, ctx):
         """SIGTERM is Ctrl-C; either one, where no sweep reported what finished, ends the command with 130 and a
         line saying so (not click's "Aborted!" and 1): one rule for every command (`_exit_code`)."""
-        previous = _on_sigterm(_interrupt)
+        previous = interrupts.install()
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo("interrupted: what finished is kept; run the command again to resume the rest", err=True)
             ctx.exit(130)
         finally:
-            _on_sigterm(previous)
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _on_sigterm(handler):
-    """Install `handler` for SIGTERM (in the main thread only, where Python allows it); the previous handler."""
-    if handler is None or threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, handler)
+            interrupts.restore(previous)
 
 
 @click.group(cls=BenchGroup)

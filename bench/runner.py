@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from bench import interrupts
 from bench.cache import CheckpointError, atomic_save, checkpoint_step, load_derived
 from bench.config import TrainConfig
 from bench.device import (
@@ -367,6 +368,7 @@ def _loop(iteration: Callable[[int], tuple[dict[str, Tensor], Callable[[], None]
     synchronize(device)
     started, cpu_started = time.perf_counter(), time.process_time()
     for step in range(start, iterations):
+        interrupts.check()  # a Ctrl-C or SIGTERM that Python dropped (raised inside a finalizer) stops it here
         timer.mark()
         terms, count = iteration(step)
         if first_step is None:  # one sync: the first step holds compile time, reported apart
