@@ -106,8 +106,8 @@ def load_digits(split: str, image_size: int = 8, test_fraction: float = 0.2,
     path = None
     if decoded_cache is not None:
         path = decoded_cache / f"digits-{split}-{test_fraction:g}-scikit-learn-{version('scikit-learn')}.npz"
-        kept = _read_arrays(path, ("images", "labels"))
-        if kept is not None and kept["images"].shape[1:] == (8, 8) and len(kept["images"]) == len(kept["labels"]):
+        kept = _read_arrays(path, ("images", "labels"), np.dtype(np.float64), (8, 8))
+        if kept is not None:
             return _digits(kept["images"], kept["labels"], image_size)
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
@@ -175,14 +175,19 @@ def _listing_key(folder: Path, listing: list[list[Path]]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read_arrays(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
-    """The arrays of a kept data set, or None (the caller reads the source again and overwrites) when the file is
-    missing or corrupt."""
+def _read_arrays(path: Path, names: tuple[str, ...], dtype: np.dtype, image_shape: tuple[int, ...]
+                 ) -> dict[str, np.ndarray] | None:
+    """The arrays of a kept data set (`images` of `dtype` and `image_shape` each, as many `labels`), or None (the
+    caller reads the source again and overwrites) when the file is missing, corrupt or holds other arrays."""
     if not path.exists():
         return None
     try:
         with np.load(path) as stored:
-            return {name: stored[name] for name in names}
+            arrays = {name: stored[name] for name in names}
+        images, labels = arrays["images"], arrays["labels"]
+        if images.dtype != dtype or images.shape[1:] != image_shape or len(images) != len(labels):
+            raise ValueError(f"arrays of shape {images.shape} ({images.dtype}) and {labels.shape}")
+        return arrays
     except Exception as exc:  # a truncated or foreign file: numpy raises zipfile, OS, key and value errors alike
         log.warning("decoded data set %s does not load (%s); reading the source again and replacing it", path, exc)
         return None
@@ -203,8 +208,8 @@ def _load_cifar_image_folder(folder: Path, decoded_cache: Path | None = None) ->
     cached = None
     if decoded_cache is not None:
         cached_path = decoded_cache / f"cifar10-{folder.name}-{_listing_key(folder, listing)}.npz"
-        cached = _read_arrays(cached_path, ("images", "labels", "source"))
-    if cached is not None and cached["images"].dtype == np.uint8 and cached["images"].shape[1:] == (32, 32, 3):
+        cached = _read_arrays(cached_path, ("images", "labels", "source"), np.dtype(np.uint8), (32, 32, 3))
+    if cached is not None:
         images, labels = cached["images"], cached["labels"]
         log.info("read %d decoded images of %s from %s", len(labels), folder, cached_path)
         return ClassDataset(_uint8_to_tensor(images), torch.from_numpy(labels), CIFAR10_CLASSES, str(cached["source"]))
