@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,18 @@ def refusal(exc: BaseException) -> tuple[str, bool] | None:
     return type(exc).__name__, False
 
 
+def torch_load(path: Path, map_location="cpu", mmap: bool = False):
+    """`torch.load(path, weights_only=True)`. The warnings torch gives while reading a file that then fails to load
+    (random bytes can read as "Detected pickle protocol 191") are dropped: the error that follows says what matters.
+    A file that loads keeps its warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return loaded
+
+
 def load_error(exc: BaseException) -> str:
     """One line naming what went wrong, without torch's advice to load untrusted files with weights_only=False."""
     refused = refusal(exc)
@@ -181,7 +194,7 @@ def load_file(path: Path, fix: str, map_location="cpu", mmap: bool = False):
     reading them (for reading a checkpoint's metadata).
     """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return torch_load(path, map_location, mmap)
     except FileNotFoundError:
         raise
     except Exception as exc:  # truncated, not a torch file, or it needs arbitrary unpickling
@@ -192,7 +205,7 @@ def load_derived(path: Path, map_location="cpu"):
     """A derived cache file, or None (the caller rebuilds it) when it is missing or does not load; a corrupt one
     is removed with a warning naming it."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch_load(path, map_location)
     except FileNotFoundError:
         return None
     except Exception as exc:

@@ -28,7 +28,17 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor
 
-from bench.cache import FORMAT, Cache, CheckpointError, atomic_save, checkpoint_step, load_error, refusal, temporary_name
+from bench.cache import (
+    FORMAT,
+    Cache,
+    CheckpointError,
+    atomic_save,
+    checkpoint_step,
+    load_error,
+    refusal,
+    temporary_name,
+    torch_load,
+)
 from bench.config import PRESETS, Preset, UNetConfig
 from bench.records import FAILURE_NAME, RECORD_NAME, parse_run_dir, read_record
 from bench.unet import ConditionalUNet
@@ -41,7 +51,7 @@ PREFIX = "module."
 def read_published(src: Path) -> list:
     """The published list, loaded without arbitrary unpickling; errors name the file and the problem."""
     try:
-        states = torch.load(src, map_location="cpu", weights_only=True)
+        states = torch_load(src)
     except FileNotFoundError:
         raise
     except Exception as exc:  # truncated, not a torch file, or it asks for code to run
