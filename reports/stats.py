@@ -65,9 +65,11 @@ def summarize(values, *, seed: int = SEED) -> Summary:
     array = array[~np.isnan(array)]
     if len(array) == 0:
         return Summary(0, math.nan, math.nan, math.nan, math.nan)
-    low, high = bootstrap_ci(array, seed=seed)
+    mean, (low, high) = float(array.mean()), bootstrap_ci(array, seed=seed)
+    if not math.isnan(low):  # the interval holds the mean: nine equal values sum to a mean one rounding above them
+        low, high = min(low, mean), max(high, mean)
     std = float(np.std(array, ddof=1)) if len(array) > 1 else math.nan
-    return Summary(len(array), float(array.mean()), std, low, high)
+    return Summary(len(array), mean, std, low, high)
 
 
 def _rows(groups, metrics: list[str]) -> list[dict]:

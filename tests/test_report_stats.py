@@ -15,6 +15,7 @@ from bench.cli import main
 from bench.records import RECORD_NAME, make_record, run_dir, write_json_atomic
 from reports import render, stats, tables
 from reports.build import build_report
+from reports.figures import yerr
 from reports.latents import cached_figure1
 
 
@@ -93,6 +94,15 @@ def test_bootstrap_ci_of_seeds_matches_the_exact_bootstrap():
     assert summary.high == pytest.approx(np.quantile(means, 0.975), abs=0.1)
     assert stats.summarize(values) == summary  # seeded
 
+
+
+def test_the_interval_holds_the_mean_of_equal_values_and_figures_draw_it():
+    # Nine equal values (one metric of nine runs of the unchanged model) have a computed mean one rounding above them;
+    # an interval of the values alone left the mean outside it, and matplotlib refused the negative error bar
+    # ("'xerr' must not contain negative values"), which ended `bench report`.
+    summary = stats.summarize([0.91794931712] * 9)
+    assert summary.low <= summary.mean <= summary.high
+    assert (yerr([summary]) >= 0).all()
 
 def test_a_single_seed_has_no_interval_and_says_n1():
     single = stats.summarize([97.5])
