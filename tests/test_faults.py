@@ -157,7 +157,6 @@ def test_random_bytes_are_named_a_damaged_file_however_the_unpickler_fails(tmp_p
         load_torch_file(path, "rebuild it")
 
 
-
 def test_a_damaged_file_gets_the_error_alone_not_torchs_warning_beside_it(tmp_path):
     # 0.5% of random files start like a pickle of protocol 191, and torch warned so on stderr before bench's error
     path = tmp_path / "base.pt"
@@ -167,6 +166,7 @@ def test_a_damaged_file_gets_the_error_alone_not_torchs_warning_beside_it(tmp_pa
         with pytest.raises(CheckpointError, match="it is damaged or not a torch file"):
             load_torch_file(path, "rebuild it")
     assert [str(w.message) for w in caught] == []
+
 
 def _cifar_tree(root: Path, kind: str) -> Path:
     from PIL import Image

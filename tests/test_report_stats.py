@@ -95,7 +95,6 @@ def test_bootstrap_ci_of_seeds_matches_the_exact_bootstrap():
     assert stats.summarize(values) == summary  # seeded
 
 
-
 def test_the_interval_holds_the_mean_of_equal_values_and_figures_draw_it():
     # Nine equal values (one metric of nine runs of the unchanged model) have a computed mean one rounding above them;
     # an interval of the values alone left the mean outside it, and matplotlib refused the negative error bar
@@ -103,6 +102,7 @@ def test_the_interval_holds_the_mean_of_equal_values_and_figures_draw_it():
     summary = stats.summarize([0.91794931712] * 9)
     assert summary.low <= summary.mean <= summary.high
     assert (yerr([summary]) >= 0).all()
+
 
 def test_a_single_seed_has_no_interval_and_says_n1():
     single = stats.summarize([97.5])
