@@ -39,7 +39,7 @@ from bench.device import choose_threads, progress_bar
 from bench.experiment import run_one
 from bench.extensions import load_extensions
 from bench.prerequisites import Prerequisites, build, missing, prerequisites_for
-from bench.sweep import RunSpec, resolve_method_config
+from bench.sweep import RunSpec, resolve_method_config, resolve_protocol
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def current_ids(spec: RunSpec) -> tuple[str | None, str | None]:
 
 def stale_reason(record: dict, spec: RunSpec, ids: tuple[str | None, str | None]) -> str | None:
     """Why a valid record cannot stand for `spec` now: another base model, classifier, speed switches,
-    hyperparameters, method code or preset file; None when it stands."""
+    hyperparameters, evaluation protocol, method code or preset file; None when it stands."""
     base_id, classifier_id = ids
     if record["base_model"].get("id") != base_id:
         return f"made with base model {record['base_model'].get('id')}, now {base_id}"
@@ -95,17 +95,24 @@ def stale_reason(record: dict, spec: RunSpec, ids: tuple[str | None, str | None]
     if made != dict(spec.speed):
         return f"made with speed switches {made or 'default'}, asked for {dict(spec.speed) or 'default'}"
     # The preset's defaults or the method's may have changed since (a new version): same folder, other run.
-    method_class, config, _ = resolve_method_config(get_preset(spec.preset), spec.method, spec.method_overrides)
-    now, made = json.loads(json.dumps(dataclasses.asdict(config))), record.get("hyperparameters") or {}
-    changed = sorted(k for k in set(now) | set(made) if now.get(k) != made.get(k))
-    if changed:
-        return "made with other hyperparameters: " + ", ".join(f"{k} {made.get(k)!r}, now {now.get(k)!r}"
-                                                               for k in changed)
+    preset = get_preset(spec.preset)
+    method_class, config, _ = resolve_method_config(preset, spec.method, spec.method_overrides)
+    if changed := _changed(record.get("hyperparameters"), config):
+        return f"made with other hyperparameters: {changed}"
+    if changed := _changed(record.get("protocol"), resolve_protocol(preset, spec)):
+        return f"made with another evaluation protocol: {changed}"
     if reason := code_changed(record, method_class, spec.preset):
         return reason
     if spec.save_model and not (record.get("artifacts") or {}).get("model"):
         return "made without saving its model, which this sweep keeps (--save-model, --attacks)"
     return None
+
+
+def _changed(made: dict | None, now) -> str:
+    """`field made, now new` for each field of the dataclass `now` that differs from the record's `made`."""
+    now, made = json.loads(json.dumps(dataclasses.asdict(now))), made or {}
+    return ", ".join(f"{k} {made.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(now) | set(made))
+                     if now.get(k) != made.get(k))
 
 
 def code_changed(record: dict, method_class: type, preset: str) -> str | None:

@@ -4,6 +4,7 @@ by `bench status` and run again by `bench run`, and reports refuse to mix base m
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -117,6 +118,25 @@ def test_status_marks_a_record_of_an_older_base_model_stale_and_run_redoes_only_
     outcomes = run_local([spec(0), spec(1)], show_progress=False)
     assert [o.status for o in outcomes] == ["done", "skipped"]
     assert {row.state for row in status(results, results / ".submitit", cache)} == {"done"}
+
+
+def test_a_record_of_another_evaluation_protocol_is_stale_and_run_again(tmp_path, tiny_cache, monkeypatch):
+    # A new version of a built-in preset that evaluates differently: its records keep their folder (the protocol's
+    # name), so only their values can tell. Preset files were covered by their hash; built-in presets were not.
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    shutil.copytree(tiny_cache, cache)
+    spec = RunSpec("tiny", "original", 0, 0, str(results), str(cache), device="cpu", progress=False)
+    run_local([spec], show_progress=False)
+    tiny = PRESETS["tiny"]
+    steps = tiny.protocols["paper"].sampler_steps
+    fewer = dataclasses.replace(tiny.protocols["paper"], sampler_steps=steps - 1)
+    monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(tiny, protocols={**tiny.protocols, "paper": fewer}))
+
+    (row,) = status(results, results / ".submitit", cache)
+    assert row.state == "stale", row  # was: done
+    assert f"made with another evaluation protocol: sampler_steps {steps}, now {steps - 1}" in row.detail
+    (outcome,) = run_local([spec], show_progress=False)
+    assert outcome.status == "done" and outcome.record["protocol"]["sampler_steps"] == steps - 1
 
 
 # -- issue 26 item 1: a record holds its method's code fingerprint --------------------------------------------------
