@@ -3,9 +3,11 @@
 `method_code(cls)`: SHA-256 of a method's source: the module of its class and of its base classes in the same
 package or in `methods`, and every module of that package they import (found by parsing their imports), walked
 transitively. A built-in method's files are methods/<name>.py and methods/base.py; a plug-in's are its own modules.
+`bench_code(cls)`: the same for the harness code the run executes (the runner, diffusion, UNet, data, evaluation),
+all of `bench` that `bench.experiment` and the method import except the presets, which records compare by value.
 Files are named by module path (`methods/safemax.py`, `mypkg/loss.py`), so a fingerprint does not depend on where
 the checkout or the user's package lives. `preset_file(name)`: SHA-256 of the YAML file a preset came from.
-A record keeps both under `provenance`; `bench.orchestrate.stale_reason` compares them with the code now.
+A record keeps all three under `provenance`; `bench.orchestrate.stale_reason` compares them with the code now.
 """
 
 from __future__ import annotations
@@ -43,16 +45,32 @@ def _defining_module(base: str, name: str) -> str:
     return defined if isinstance(defined, str) else base
 
 
+def _statements(nodes: list):
+    """Every statement in `nodes` and in the blocks nested in them (an import is a statement: expressions, most of a
+    file's nodes, are not walked)."""
+    for node in nodes:
+        yield node
+        for block in ("body", "orelse", "finalbody", "handlers", "cases"):
+            yield from _statements(getattr(node, block, ()))
+
+
 def _imports(name: str, path: Path, source: str) -> set[str]:
+    """The modules `source` imports. `from base import x` counts as base.x where that is a submodule; this is looked
+    up only in the packages a fingerprint follows (the file's own, `bench`, `methods`): looking up scipy.linalg
+    would import scipy."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    followed = {name.split(".")[0], "bench", "methods"}
     found = set()
-    for node in ast.walk(ast.parse(source, str(path))):
+    for node in _statements(ast.parse(source, str(path)).body):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             try:
                 base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
             except (ImportError, ValueError):
+                continue
+            if base.split(".")[0] not in followed:
+                found.add(base)
                 continue
             found.update(base if alias.name == "*" else _defining_module(base, alias.name) for alias in node.names)
     return found
@@ -78,12 +96,10 @@ def _relative(name: str, path: Path) -> str:
     return "/".join(parts + ["__init__.py"]) if path.name == "__init__.py" else "/".join(parts) + ".py"
 
 
-def method_code(cls: type) -> dict | None:
-    """{"sha256": of all files, "files": {module path: sha256}} of the method class's code; None when none of it
-    is a .py file (a class defined in `__main__` or in a compiled module)."""
-    top = cls.__module__.split(".")[0]
-    todo = [c.__module__ for c in cls.__mro__ if c.__module__.split(".")[0] in (top, "methods")]
-    files, seen = {}, set()
+def _walk(roots: list[str], follow) -> tuple[dict[str, str], set[str]]:
+    """({module path: sha256} of the modules reached from `roots` through the imports `follow(importer, module)`
+    accepts, every module those files import)."""
+    todo, files, seen, imported = list(roots), {}, set(), set()
     while todo:
         name = todo.pop()
         if name in seen or name == "__main__":
@@ -94,16 +110,52 @@ def method_code(cls: type) -> dict | None:
             continue
         digest, imports = _read(name, path)
         files[_relative(name, path)] = digest
-        package = name.split(".")[0]
-        todo += [module for module in imports if module.split(".")[0] == package]
+        imported |= imports
+        todo += [module for module in imports if follow(name, module)]
+    return files, imported
+
+
+def _fingerprint(files: dict[str, str]) -> dict | None:
     if not files:
         return None
     files = dict(sorted(files.items()))
     return {"sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest(), "files": files}
 
 
+def _same_package(importer: str, module: str) -> bool:
+    return module.split(".")[0] == importer.split(".")[0]
+
+
+def _method_files(cls: type) -> tuple[dict[str, str], set[str]]:
+    top = cls.__module__.split(".")[0]
+    return _walk([c.__module__ for c in cls.__mro__ if c.__module__.split(".")[0] in (top, "methods")], _same_package)
+
+
+def method_code(cls: type) -> dict | None:
+    """{"sha256": of all files, "files": {module path: sha256}} of the method class's code; None when none of it
+    is a .py file (a class defined in `__main__` or in a compiled module)."""
+    return _fingerprint(_method_files(cls)[0])
+
+
+# bench.config holds every preset. What a run takes from it (hyperparameters, protocol, the base model's recipe) a
+# record compares by value (bench.orchestrate.stale_reason), so an edit to another preset leaves records standing.
+COMPARED_BY_VALUE = frozenset({"bench.config"})
+
+
+def _engine(module: str) -> bool:
+    return module.split(".")[0] == "bench" and module not in COMPARED_BY_VALUE
+
+
+def bench_code(cls: type) -> dict | None:
+    """`method_code`'s form for the modules of `bench` a run of `cls` executes: `bench.experiment` (the run, its
+    training loop, sampler, backbone, data and evaluation) and what the method's own files import from `bench`,
+    walked transitively, less `COMPARED_BY_VALUE`. A run's numbers come from this code as much as from the method's."""
+    imported = _method_files(cls)[1]
+    return _fingerprint(_walk(["bench.experiment", *filter(_engine, imported)], lambda _, module: _engine(module))[0])
+
+
 def changed_files(made: dict, now: dict) -> list[str]:
-    """The module paths whose source differs between two `method_code` fingerprints (added or removed too)."""
+    """The module paths whose source differs between two fingerprints of code (added or removed too)."""
     old, new = made.get("files"), now.get("files")
     if not isinstance(old, dict) or not isinstance(new, dict):
         return []

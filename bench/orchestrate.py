@@ -116,14 +116,16 @@ def _changed(made: dict | None, now) -> str:
 
 
 def code_changed(record: dict, method_class: type, preset: str) -> str | None:
-    """Why the method's code or the preset file differs from the record's fingerprints (`bench.fingerprint`), or
-    None. A record made before fingerprints has none, and is not stale for that (existing results stand)."""
+    """Why the method's code, the harness code it ran or the preset file differs from the record's fingerprints
+    (`bench.fingerprint`), or None. A record made before a fingerprint has none, and is not stale for that (existing
+    results stand; `bench status` says what was not checked)."""
     made = record["provenance"]
-    code = made.get("method_code")
-    if isinstance(code, dict) and (now := fingerprint.method_code(method_class)) is not None \
-            and code.get("sha256") != now["sha256"]:
-        changed = fingerprint.changed_files(code, now)
-        return f"method code changed ({', '.join(changed)})" if changed else "method code changed"
+    for key, what, now_of in (("method_code", "method code", fingerprint.method_code),
+                              ("bench_code", "bench code", fingerprint.bench_code)):
+        code = made.get(key)
+        if isinstance(code, dict) and (now := now_of(method_class)) is not None and code.get("sha256") != now["sha256"]:
+            changed = fingerprint.changed_files(code, now)
+            return f"{what} changed ({', '.join(changed)})" if changed else f"{what} changed"
     preset_file = made.get("preset_file")
     if isinstance(preset_file, dict) and preset_file.get("sha256") != (fingerprint.preset_file(preset) or {}).get(
             "sha256"):

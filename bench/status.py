@@ -120,8 +120,10 @@ def _done(row: RunStatus, record: dict, path: Path, check) -> RunStatus:
         return dataclasses.replace(row, state="done", detail=f"{path} (not checked for staleness: {exc})")
     if reason:
         return dataclasses.replace(row, state="stale", detail=f"{reason}: `bench run` runs it again")
-    unchecked = "" if record["provenance"].get("method_code") else " (made before code fingerprints: code not checked)"
-    return dataclasses.replace(row, state="done", detail=f"{path}{unchecked}")
+    unchecked = " and ".join(what for key, what in (("method_code", "method"), ("bench_code", "bench"))
+                             if not record["provenance"].get(key))
+    note = f" (made before {unchecked} code fingerprints: not checked)" if unchecked else ""
+    return dataclasses.replace(row, state="done", detail=f"{path}{note}")
 
 
 def _run_status(entry: dict, folder: Path, scheduler: dict[str, str], check) -> RunStatus:

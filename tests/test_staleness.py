@@ -146,6 +146,36 @@ def test_a_built_in_methods_fingerprint_names_its_files_by_module_path():
     assert code == fingerprint.method_code(get_method("safemax"))
 
 
+def test_the_bench_code_a_run_executes_is_fingerprinted_but_not_the_presets_or_the_commands():
+    files = set(fingerprint.bench_code(get_method("safemax"))["files"])
+    assert {"bench/runner.py", "bench/diffusion.py", "bench/unet.py", "bench/data.py", "bench/evaluate.py",
+            "bench/metrics.py", "bench/experiment.py"} <= files
+    # Presets are compared by value (hyperparameters, protocol, base model); commands and reports make no numbers
+    assert not files & {"bench/config.py", "bench/cli.py", "bench/orchestrate.py", "bench/status.py"}
+
+
+def test_a_record_of_other_bench_code_is_stale_and_one_made_before_bench_fingerprints_stands(tmp_path, tiny_cache):
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    shutil.copytree(tiny_cache, cache)
+    run_local([RunSpec("tiny", "original", 0, 0, str(results), str(cache), device="cpu", progress=False)],
+              show_progress=False)
+    (record,) = records.read_all(results)[0]
+    assert record["provenance"]["bench_code"] == fingerprint.bench_code(get_method("original"))
+    path = Path(record.pop("path"))
+
+    def state_after(provenance: dict):
+        records.write_json_atomic(path, {**record, "provenance": provenance})
+        (row,) = status(results, results / ".submitit", cache)
+        return row.state, row.detail
+
+    made = record["provenance"]["bench_code"]
+    edited = {**made, "sha256": "0" * 64, "files": {**made["files"], "bench/runner.py": "0" * 64}}
+    state, detail = state_after({**record["provenance"], "bench_code": edited})  # the training loop was edited since
+    assert state == "stale" and detail.startswith("bench code changed (bench/runner.py)")
+    state, detail = state_after({k: v for k, v in record["provenance"].items() if k != "bench_code"})
+    assert state == "done" and detail.endswith("(made before bench code fingerprints: not checked)")
+
+
 def test_a_record_without_a_fingerprint_stands_and_an_edited_preset_file_makes_one_stale(tmp_path):
     method = get_method("original")
     assert code_changed({"provenance": {}}, method, "tiny") is None  # made before fingerprints: not rerun for it
