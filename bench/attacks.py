@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file as load_safetensors
 
-from bench import records
+from bench import fingerprint, records
 from bench.attack_algorithms import (
     FOUND_NAME,
     PARTIAL_NAME,
@@ -348,6 +348,13 @@ def stale_reason(attack: dict, spec: AttackSpec, run_record: dict) -> str | None
         return "made against other saved weights of the run"
     if attack["options"] != _json(dataclasses.asdict(resolve(spec)[0])):
         return "made with other settings"
+    # The run's weights can stay byte-identical when only its evaluation or the attack's code changed
+    if changed := records.changed_fields(attack.get("protocol_settings"),
+                                         resolve_protocol(get_preset(spec.run.preset), spec.run)):
+        return f"made with another evaluation protocol: {changed}"
+    code = attack["provenance"].get("bench_code")  # none in a record made before it: it stands
+    if isinstance(code, dict) and (now := fingerprint.attack_code()) and code.get("sha256") != now["sha256"]:
+        return f"bench code changed ({', '.join(fingerprint.changed_files(code, now))})"
     return None
 
 
@@ -442,7 +449,8 @@ def attack_one(spec: AttackSpec, fresh: bool = False) -> dict:
         **result,
         "timings": {"attack_s": time.perf_counter() - started, **result["timings"]},
         "memory": memory_snapshot(device),
-        "provenance": {**provenance(), "device": device_name(device), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        "provenance": {**provenance(), "bench_code": fingerprint.attack_code(), "device": device_name(device),
+                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
     wrong = problems(_json(record))
     if wrong:  # e.g. a NaN forget-class accuracy: no result; its progress goes too, so a rerun measures afresh

@@ -4,7 +4,8 @@
 package or in `methods`, and every module of that package they import (found by parsing their imports), walked
 transitively. A built-in method's files are methods/<name>.py and methods/base.py; a plug-in's are its own modules.
 `bench_code(cls)`: the same for the harness code the run executes (the runner, diffusion, UNet, data, evaluation),
-all of `bench` that `bench.experiment` and the method import except the presets, which records compare by value.
+all of `bench` that `bench.experiment` and the method import except the presets, which records compare by value;
+`attack_code()`: the same for the code an attack runs (its record's `provenance.bench_code`).
 Files are named by module path (`methods/safemax.py`, `mypkg/loss.py`), so a fingerprint does not depend on where
 the checkout or the user's package lives. `preset_file(name)`: SHA-256 of the YAML file a preset came from.
 A record keeps all three under `provenance`; `bench.orchestrate.stale_reason` compares them with the code now.
@@ -152,6 +153,12 @@ def bench_code(cls: type) -> dict | None:
     walked transitively, less `COMPARED_BY_VALUE`. A run's numbers come from this code as much as from the method's."""
     imported = _method_files(cls)[1]
     return _fingerprint(_walk(["bench.experiment", *filter(_engine, imported)], lambda _, module: _engine(module))[0])
+
+
+def attack_code() -> dict | None:
+    """The same for an attack: `bench.attacks` and the `bench` modules it imports (its algorithms, the runner, the
+    sampler, the evaluation), less `COMPARED_BY_VALUE`."""
+    return _fingerprint(_walk(["bench.attacks"], lambda _, module: _engine(module))[0])
 
 
 def changed_files(made: dict, now: dict) -> list[str]:

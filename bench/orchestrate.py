@@ -12,7 +12,6 @@ A submission leaves a manifest in the jobs folder, from which `bench status` tel
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -97,22 +96,15 @@ def stale_reason(record: dict, spec: RunSpec, ids: tuple[str | None, str | None]
     # The preset's defaults or the method's may have changed since (a new version): same folder, other run.
     preset = get_preset(spec.preset)
     method_class, config, _ = resolve_method_config(preset, spec.method, spec.method_overrides)
-    if changed := _changed(record.get("hyperparameters"), config):
+    if changed := records.changed_fields(record.get("hyperparameters"), config):
         return f"made with other hyperparameters: {changed}"
-    if changed := _changed(record.get("protocol"), resolve_protocol(preset, spec)):
+    if changed := records.changed_fields(record.get("protocol"), resolve_protocol(preset, spec)):
         return f"made with another evaluation protocol: {changed}"
     if reason := code_changed(record, method_class, spec.preset):
         return reason
     if spec.save_model and not (record.get("artifacts") or {}).get("model"):
         return "made without saving its model, which this sweep keeps (--save-model, --attacks)"
     return None
-
-
-def _changed(made: dict | None, now) -> str:
-    """`field made, now new` for each field of the dataclass `now` that differs from the record's `made`."""
-    now, made = json.loads(json.dumps(dataclasses.asdict(now))), made or {}
-    return ", ".join(f"{k} {made.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(now) | set(made))
-                     if now.get(k) != made.get(k))
 
 
 def code_changed(record: dict, method_class: type, preset: str) -> str | None:

@@ -9,6 +9,7 @@ half of one. Tables and figures are built from these files alone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -47,6 +48,14 @@ TIMINGS = ("rte_s", "prepare_total_s", "eval_s")
 
 class CorruptRecord(ValueError):
     """A record file that is not valid JSON or does not follow the schema; the message says what is wrong."""
+
+
+def changed_fields(made: dict | None, now) -> str:
+    """`field made, now new` for each field of the dataclass `now` that a record's `made` holds otherwise (its
+    hyperparameters, its protocol), "" when none: the reason a record made with other settings is stale."""
+    now, made = json.loads(json.dumps(dataclasses.asdict(now))), made or {}
+    return ", ".join(f"{k} {made.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(now) | set(made))
+                     if now.get(k) != made.get(k))
 
 
 def _safe(part: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bench import attacks, records, runner
+from bench import attacks, fingerprint, records, runner
 from bench.cli import main
 from bench.config import get_preset
 from bench.orchestrate import run_attacks_local, run_local
@@ -82,6 +82,27 @@ def test_rerun_skips_a_current_attack_and_redoes_a_stale_one(attacked):
     path.write_text(json.dumps(record))
     assert [o.status for o in run_attacks_local(specs[:1])] == ["done"]
     assert json.loads(path.read_text())["base_model"]["id"] != "another-base-model"
+
+
+def test_an_attack_record_of_other_bench_code_or_another_protocol_is_made_again(attacked, caplog):
+    # The run's weights, which the record names by hash, stay the same when only the attack's code or the
+    # evaluation changed: the record carries both
+    _, _, specs = attacked
+    path = specs[0].directory / "attack.json"
+    record = json.loads(path.read_text())
+    code = record["provenance"]["bench_code"]
+    assert code == fingerprint.attack_code() and "bench/attack_algorithms.py" in code["files"]
+    settings = record["protocol_settings"]
+    for changed, why in (({**record, "provenance": {**record["provenance"], "bench_code": {
+                              "sha256": "0" * 64, "files": {**code["files"], "bench/attack_algorithms.py": "0" * 64}}}},
+                          "(bench code changed (bench/attack_algorithms.py)): making it again"),
+                         ({**record, "protocol_settings": {**settings, "guidance": settings["guidance"] + 1}},
+                          "(made with another evaluation protocol: guidance")):
+        path.write_text(json.dumps(changed))
+        with caplog.at_level("WARNING"):
+            assert [o.status for o in run_attacks_local(specs[:1])] == ["done"]
+        assert why in caplog.text
+        assert json.loads(path.read_text())["provenance"]["bench_code"] == code
 
 
 def test_relearn_step_zero_repeats_the_runs_own_evaluation(attacked):
