@@ -8,7 +8,9 @@ and a short hash of those fields. A preset that changes only the evaluation prot
   classifier.pt                          the evaluation classifier (in the classifier's folder)
   prepared/<method>/<base id>/<key>.pt   a method's preparation (SA's priors and Fisher, a saliency mask)
   fid-reference/<key>.npz                real images' feature statistics
-  samples/<weights>/...                  the unchanged base model's samples, reused by every `original` run
+  samples/<weights>/<key>/...            the unchanged base model's samples, reused by every `original` run
+Each derived file's key ends in, or hashes, a short hash of the code that computes it (`fingerprint.code_key`), so
+edited code computes it afresh; files of older code stay until removed.
   datasets/cifar10-<split>-<key>.npz     a decoded image folder (CIFAR-10's JPEG copy), keyed by its files (at the root)
   datasets/digits-<split>-...npz         the digits split, per scikit-learn version (at the root)
 

@@ -32,6 +32,7 @@ from bench.config import Preset, Protocol
 from bench.data import ClassDataset, from_uint8, to_uint8
 from bench.device import Speed, progress_bar
 from bench.diffusion import NoiseSchedule, sample
+from bench.fingerprint import code_key
 from bench.inception import images_fingerprint, inception_features, inception_model, reference_statistics
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def fingerprint(state: dict[str, Tensor]) -> str:
 
 
 def _samples_key(protocol: Protocol, speed: Speed | None, device: torch.device) -> str:
-    """What decides the samples besides the weights and the seed: the sampler's settings and the numerics.
+    """What decides the samples besides the weights and the seed: the sampler's settings, the numerics and the code.
 
     bf16 autocast and the device change the samples (rounding, kernels), so samples drawn in fp32 on the CPU are
     never reused for a run that asked for bf16 or a GPU: that would record the other arm's numbers.
@@ -70,6 +71,7 @@ def _samples_key(protocol: Protocol, speed: Speed | None, device: torch.device) 
     fields = {k: v for k, v in dataclasses.asdict(protocol).items() if k in keys}
     fields["amp"] = bool(speed is not None and speed.for_device(device).amp)
     fields["device"] = device.type
+    fields["code"] = code_key()
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -159,12 +161,14 @@ def classifier_key(classifier: nn.Module) -> str:
 
 
 def fid_reference_key(protocol: Protocol, source: str, forget_class: int, count: int, classifier: str | None) -> str:
-    """The cache name of the reference statistics: data set, forget class, image count and features."""
+    """The cache name of the reference statistics: data set, forget class, image count, features and the code that
+    computes them (`bench.fingerprint.code_key`)."""
     slug = "".join(ch if ch.isalnum() else "-" for ch in source.lower()).strip("-")
+    code = code_key()
     if protocol.fid_features == "inception":
-        return f"{slug}-retain{forget_class}-n{count}-inception"
+        return f"{slug}-retain{forget_class}-n{count}-inception-code{code}"
     if protocol.fid_features == "classifier":
-        return f"{slug}-retain{forget_class}-n{count}-classifier-{classifier}"
+        return f"{slug}-retain{forget_class}-n{count}-classifier-{classifier}-code{code}"
     raise ValueError(f"unknown FID features {protocol.fid_features!r}; choose from inception, classifier")
 
 

@@ -147,12 +147,20 @@ def _engine(module: str) -> bool:
     return module.split(".")[0] == "bench" and module not in COMPARED_BY_VALUE
 
 
-def bench_code(cls: type) -> dict | None:
+def bench_code(cls: type | None = None) -> dict | None:
     """`method_code`'s form for the modules of `bench` a run of `cls` executes: `bench.experiment` (the run, its
     training loop, sampler, backbone, data and evaluation) and what the method's own files import from `bench`,
     walked transitively, less `COMPARED_BY_VALUE`. A run's numbers come from this code as much as from the method's."""
-    imported = _method_files(cls)[1]
+    imported = _method_files(cls)[1] if cls is not None else set()
     return _fingerprint(_walk(["bench.experiment", *filter(_engine, imported)], lambda _, module: _engine(module))[0])
+
+
+def code_key(cls: type | None = None) -> str:
+    """10 hex digits of the code that computes a derived cache file: `bench_code(cls)` and, for a method's
+    preparation, `method_code(cls)`. It is part of the file's name, so edited code computes the file afresh: a stale
+    record run again must not evaluate with samples, or unlearn with a preparation, that the old code made."""
+    parts = [bench_code(cls), method_code(cls) if cls is not None else None]
+    return hashlib.sha256("".join((part or {}).get("sha256", "") for part in parts).encode()).hexdigest()[:10]
 
 
 def attack_code() -> dict | None:

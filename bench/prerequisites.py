@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench import claims
+from bench import claims, fingerprint
 from bench.cache import FORMAT, Cache, CheckpointError, atomic_save, load_checkpoint, load_derived
 from bench.classifier import (
     build_classifier,
@@ -246,8 +246,11 @@ def make_context(preset: Preset, cache: Cache, base: dict, forget_class: int, se
 
 
 def preparation_path(cache: Cache, method: UnlearningMethod, base_id: str):
+    """Where `method`'s preparation is cached: by base model, the method's `cache_key()` (its settings) and the code
+    that computes it (`fingerprint.code_key`); None when it has nothing to prepare."""
     key = method.cache_key()
-    return None if key is None else cache.prepared_path(method.ctx.preset, method.name, base_id, key)
+    return None if key is None else cache.prepared_path(method.ctx.preset, method.name, base_id,
+                                                        f"{key}-code{fingerprint.code_key(type(method))}")
 
 
 def load_preparation(method: UnlearningMethod, cache: Cache, base_id: str) -> dict[str, float]:

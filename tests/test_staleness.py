@@ -198,7 +198,7 @@ from dataclasses import dataclass
 
 from bench.config import TrainConfig
 from methods.base import UnlearningMethod, register
-from toyplug.losses import forget_term
+from toyplug.losses import forget_term, weight
 
 
 @dataclass(frozen=True)
@@ -211,8 +211,14 @@ class Toy(UnlearningMethod):
     name = "toy"
     Config = ToyConfig
 
+    def cache_key(self):
+        return "weight"
+
+    def prepare(self):
+        return {"weight": weight()}
+
     def loss(self, model, batch):
-        return {"loss": forget_term(model, batch, self.ctx)}
+        return {"loss": forget_term(model, batch, self.ctx) * self.prepared["weight"]}
 '''
 LOSSES = '''
 import torch
@@ -223,7 +229,11 @@ from bench.diffusion import noised
 def forget_term(model, batch, ctx):
     (x_f, _) = batch["forget"]
     t, _, x_t = noised(ctx.schedule, x_f, ctx.noise_generator)
-    return model(x_t, t, torch.full_like(t, ctx.forget_class)).square().mean() * WEIGHT
+    return model(x_t, t, torch.full_like(t, ctx.forget_class)).square().mean()
+
+
+def weight():
+    return torch.tensor(WEIGHT)
 
 
 WEIGHT = 1.0
@@ -258,3 +268,6 @@ def test_editing_a_plugin_methods_loss_makes_its_record_stale_and_the_rerun_redo
     assert "method code changed (toyplug/losses.py); running it again" in again.stderr  # was: skipping 1 finished
     (redone,) = records.read_all(results)[0]
     assert redone["provenance"]["method_code"]["sha256"] != record["provenance"]["method_code"]["sha256"]
+    # The rerun unlearned with a preparation of the edited code, not the one cached by the first run
+    prepared = sorted((cache / "tiny" / "prepared" / "toy").rglob("weight-code*.pt"), key=lambda p: p.stat().st_mtime)
+    assert [torch.load(path)["tensors"]["weight"].item() for path in prepared] == [1.0, 2.0]  # was: one file, 1.0
