@@ -9,10 +9,10 @@ and a short hash of those fields. A preset that changes only the evaluation prot
   prepared/<method>/<base id>/<key>.pt   a method's preparation (SA's priors and Fisher, a saliency mask)
   fid-reference/<key>.npz                real images' feature statistics
   samples/<weights>/<key>/...            the unchanged base model's samples, reused by every `original` run
-Each derived file's key ends in, or hashes, a short hash of the code that computes it (`fingerprint.code_key`), so
-edited code computes it afresh; files of older code stay until removed.
   datasets/cifar10-<split>-<key>.npz     a decoded image folder (CIFAR-10's JPEG copy), keyed by its files (at the root)
   datasets/digits-<split>-...npz         the digits split, per scikit-learn version (at the root)
+The key of a preparation, of the FID statistics and of the samples holds a short hash of the code that computes them
+(`fingerprint.code_key`), so edited code computes them afresh; files of older code stay until removed.
 
 Every file is written to a temporary name and renamed, so a reader never sees half of one, and read with
 `torch.load(weights_only=True)` only: a file that needs more is refused, never unpickled. A file that does not

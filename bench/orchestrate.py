@@ -84,7 +84,7 @@ def current_ids(spec: RunSpec) -> tuple[str | None, str | None]:
 
 def stale_reason(record: dict, spec: RunSpec, ids: tuple[str | None, str | None]) -> str | None:
     """Why a valid record cannot stand for `spec` now: another base model, classifier, speed switches,
-    hyperparameters, evaluation protocol, method code or preset file; None when it stands."""
+    hyperparameters, evaluation protocol, method or bench code, or preset file; None when it stands."""
     base_id, classifier_id = ids
     if record["base_model"].get("id") != base_id:
         return f"made with base model {record['base_model'].get('id')}, now {base_id}"
