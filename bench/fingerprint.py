@@ -169,6 +169,17 @@ def attack_code() -> dict | None:
     return _fingerprint(_walk(["bench.attacks"], lambda _, module: _engine(module))[0])
 
 
+def code_changed(provenance: dict, cls: type) -> str | None:
+    """Why the method's code or the bench code differs from a record's fingerprints (`provenance`), or None. A record
+    made before a fingerprint has none, and is not stale for that (existing results stand)."""
+    for key, what, now_of in (("method_code", "method code", method_code), ("bench_code", "bench code", bench_code)):
+        made = provenance.get(key)
+        if isinstance(made, dict) and (now := now_of(cls)) is not None and made.get("sha256") != now["sha256"]:
+            changed = changed_files(made, now)
+            return f"{what} changed ({', '.join(changed)})" if changed else f"{what} changed"
+    return None
+
+
 def changed_files(made: dict, now: dict) -> list[str]:
     """The module paths whose source differs between two fingerprints of code (added or removed too)."""
     old, new = made.get("files"), now.get("files")

@@ -112,12 +112,8 @@ def code_changed(record: dict, method_class: type, preset: str) -> str | None:
     (`bench.fingerprint`), or None. A record made before a fingerprint has none, and is not stale for that (existing
     results stand; `bench status` says what was not checked)."""
     made = record["provenance"]
-    for key, what, now_of in (("method_code", "method code", fingerprint.method_code),
-                              ("bench_code", "bench code", fingerprint.bench_code)):
-        code = made.get(key)
-        if isinstance(code, dict) and (now := now_of(method_class)) is not None and code.get("sha256") != now["sha256"]:
-            changed = fingerprint.changed_files(code, now)
-            return f"{what} changed ({', '.join(changed)})" if changed else f"{what} changed"
+    if reason := fingerprint.code_changed(made, method_class):
+        return reason
     preset_file = made.get("preset_file")
     if isinstance(preset_file, dict) and preset_file.get("sha256") != (fingerprint.preset_file(preset) or {}).get(
             "sha256"):

@@ -23,13 +23,14 @@ from pathlib import Path
 import pandas as pd
 
 from bench.config import get_preset
+from bench.fingerprint import code_changed
 from bench.records import read_all
 from reports import figures as figs
 from reports import robustness
 from reports.budget import budget_outputs
 from reports.frame import write_tidy
 from reports.html import FigureEntry, Section, Subsection, page
-from reports.mixing import MixedModels, describe, mixed_models, refusal
+from reports.mixing import MixedModels, describe, mixed_models, refusal, rerun_commands
 from reports.render import Table, write_table
 from reports.tables import Grid, build_tables, load_recorded_methods, make_grid, method_label, records_frame
 
@@ -148,6 +149,28 @@ def _read_attacks(results_dir: str | Path, notes: list[str], methods, classes) -
     return _keep(robustness.attacks_frame(attacks), methods, classes)
 
 
+def _made_by_other_code(records: list[dict], results: str) -> list[str]:
+    """Notes (also logged) on the records whose method or bench code has changed since they were made: they stand in
+    the tables, where `bench run` would redo them; the commands that do."""
+    from methods import METHODS
+
+    stale = {}
+    for record in records:
+        cls = METHODS.get(record["method"])  # a plug-in that cannot be imported here is not checked
+        if cls is not None and (reason := code_changed(record["provenance"], cls)):
+            stale.setdefault(reason, []).append(record)
+    if not stale:
+        return []
+    count = sum(map(len, stale.values()))
+    why = "; ".join(f"{reason}: {len(found)}" for reason, found in stale.items())
+    commands = rerun_commands([r for found in stale.values() for r in found], results)
+    log.warning("%d of %d record(s) were made by code that has changed since (%s); they are in the tables as they "
+                "are: `bench run` redoes them, for example %s", count, len(records), why, commands[0])
+    return [f"{count} of {len(records)} record(s) were made by code that has changed since ({html.escape(why)}). They "
+            "are shown as they are; <code>bench status</code> marks them stale and these commands redo them: "
+            + "".join(f"<br><code>{html.escape(command)}</code>" for command in commands)]
+
+
 def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str | Path | None = None,
                  figure1: bool = True, figure1_points: int = 40, methods: list[str] | None = None,
                  classes: list[int] | None = None, reference: str | None = None,
@@ -180,6 +203,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str
         raise MixedModels(refusal(records, results))
     notes = [f"Record skipped: <code>{html.escape(str(path))}</code>: {html.escape(problem)}"
              for path, problem in corrupt]  # corrupt ones, and copies (`bench.records.read_all`)
+    notes += _made_by_other_code(records, results)
     attacks = _read_attacks(results_dir, notes, methods, classes)
     if not records:
         notes.append(f"No records under <code>{html.escape(results)}</code>"

@@ -172,6 +172,9 @@ def test_a_record_of_other_bench_code_is_stale_and_one_made_before_bench_fingerp
     edited = {**made, "sha256": "0" * 64, "files": {**made["files"], "bench/runner.py": "0" * 64}}
     state, detail = state_after({**record["provenance"], "bench_code": edited})  # the training loop was edited since
     assert state == "stale" and detail.startswith("bench code changed (bench/runner.py)")
+    page = build_report(results, tmp_path / "out", figure1=False)["report.html"].read_text()  # shown, with a note
+    assert "1 of 1 record(s) were made by code that has changed since (bench code changed (bench/runner.py): 1)" in page
+    assert "bench run --preset tiny --protocol paper --methods original --classes 0 --seeds 0" in page
     state, detail = state_after({k: v for k, v in record["provenance"].items() if k != "bench_code"})
     assert state == "done" and detail.endswith("(made before bench code fingerprints: not checked)")
 
