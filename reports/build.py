@@ -23,14 +23,13 @@ from pathlib import Path
 import pandas as pd
 
 from bench.config import get_preset
-from bench.fingerprint import code_changed
 from bench.records import read_all
 from reports import figures as figs
 from reports import robustness
 from reports.budget import budget_outputs
 from reports.frame import write_tidy
 from reports.html import FigureEntry, Section, Subsection, page
-from reports.mixing import MixedModels, describe, mixed_models, refusal, rerun_commands
+from reports.mixing import MixedModels, describe, made_by_other_code, mixed_models, refusal, rerun_commands
 from reports.render import Table, write_table
 from reports.tables import Grid, build_tables, load_recorded_methods, make_grid, method_label, records_frame
 
@@ -152,13 +151,7 @@ def _read_attacks(results_dir: str | Path, notes: list[str], methods, classes) -
 def _made_by_other_code(records: list[dict], results: str) -> list[str]:
     """Notes (also logged) on the records whose method or bench code has changed since they were made: they stand in
     the tables, where `bench run` would redo them; the commands that do."""
-    from methods import METHODS
-
-    stale = {}
-    for record in records:
-        cls = METHODS.get(record["method"])  # a plug-in that cannot be imported here is not checked
-        if cls is not None and (reason := code_changed(record["provenance"], cls)):
-            stale.setdefault(reason, []).append(record)
+    stale = made_by_other_code(records)
     if not stale:
         return []
     count = sum(map(len, stale.values()))

@@ -4,7 +4,8 @@ After `bench pretrain --force` the records made before it stand beside the new o
 table mixing the two would average unlearning from two different models without a word. `mixed_models` finds
 such a preset, `refusal` says which ids, how many records each, which are stale (the ids of the models in the
 records' cache now) and the `bench run` commands that redo them; `bench report` and `bench compare` refuse unless
---allow-mixed.
+--allow-mixed. `made_by_other_code` finds the records whose code has changed since they were made, which both show
+with a note.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shlex
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from bench.fingerprint import code_changed
 from reports.tables import class_spec
 
 
@@ -118,10 +120,24 @@ def refusal(records: list[dict], results: str | Path, allow: str = "pass --allow
     return "\n".join([*lines, f"or {allow}."])
 
 
+def made_by_other_code(records: list[dict]) -> dict[str, list[dict]]:
+    """{why: records} of the records whose method or bench code has changed since they were made
+    (`bench.fingerprint.code_changed`); a plug-in method that is not registered here is not checked."""
+    from methods import METHODS
+
+    stale = defaultdict(list)
+    for record in records:
+        cls = METHODS.get(record["method"])
+        if cls is not None and (reason := code_changed(record["provenance"], cls)):
+            stale[reason].append(record)
+    return dict(stale)
+
+
 def compare_check(records_a: list[dict], records_b: list[dict], results_a: str | Path, results_b: str | Path,
                   allow_mixed: bool = False) -> list[str]:
     """`bench compare`: refuse a folder whose records of one preset mix models (always), and two folders made from
-    different models (unless `allow_mixed`); returns the lines that say what --allow-mixed let through."""
+    different models (unless `allow_mixed`); returns the lines that say what --allow-mixed let through and which
+    records were made by code that has changed since."""
     for records, folder in ((records_a, results_a), (records_b, results_b)):
         if mixed_models(records):
             raise MixedModels(refusal(records, folder, "compare folders that each hold one base model and "
@@ -135,4 +151,9 @@ def compare_check(records_a: list[dict], records_b: list[dict], results_a: str |
     if lines and not allow_mixed:
         raise MixedModels("\n".join([*lines, "the deltas would compare unlearning from different base models or "
                                      "classifiers: pass --allow-mixed if that is the comparison you mean"]))
-    return [f"- NOTE (--allow-mixed): {line}" for line in lines]
+    notes = [f"- NOTE (--allow-mixed): {line}" for line in lines]
+    for name, records in (("A", records_a), ("B", records_b)):
+        if stale := made_by_other_code(records):  # a before/after comparison of an edit has these on one side
+            notes.append(f"- NOTE: {sum(map(len, stale.values()))} record(s) of {name} were made by code that has "
+                         "changed since (" + "; ".join(f"{why}: {len(found)}" for why, found in stale.items()) + ")")
+    return notes

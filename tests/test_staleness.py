@@ -175,6 +175,8 @@ def test_a_record_of_other_bench_code_is_stale_and_one_made_before_bench_fingerp
     page = build_report(results, tmp_path / "out", figure1=False)["report.html"].read_text()  # shown, with a note
     assert "1 of 1 record(s) were made by code that has changed since (bench code changed (bench/runner.py): 1)" in page
     assert "bench run --preset tiny --protocol paper --methods original --classes 0 --seeds 0" in page
+    text, _ = compare_results(results, results)
+    assert "- NOTE: 1 record(s) of B were made by code that has changed since (bench code changed" in text
     state, detail = state_after({k: v for k, v in record["provenance"].items() if k != "bench_code"})
     assert state == "done" and detail.endswith("(made before bench code fingerprints: not checked)")
 
