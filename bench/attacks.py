@@ -352,10 +352,7 @@ def stale_reason(attack: dict, spec: AttackSpec, run_record: dict) -> str | None
     if changed := records.changed_fields(attack.get("protocol_settings"),
                                          resolve_protocol(get_preset(spec.run.preset), spec.run)):
         return f"made with another evaluation protocol: {changed}"
-    code = attack["provenance"].get("bench_code")  # none in a record made before it: it stands
-    if isinstance(code, dict) and (now := fingerprint.attack_code()) and code.get("sha256") != now["sha256"]:
-        return f"bench code changed ({', '.join(fingerprint.changed_files(code, now))})"
-    return None
+    return fingerprint.differs(attack["provenance"].get("bench_code"), fingerprint.attack_code, "bench")
 
 
 def finished_attack(spec: AttackSpec, run_record: dict | None = None) -> dict | None:

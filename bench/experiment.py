@@ -58,8 +58,7 @@ def code_fingerprints(cls: type, preset: str) -> dict:
     """`method_code` (the method's source), `bench_code` (the harness code the run executes) and `preset_file` (the
     YAML it came from, if any) for a record's provenance: a record whose fingerprint differs from the code now is
     stale (`bench.orchestrate.stale_reason`)."""
-    found = {"method_code": fingerprint.method_code(cls), "bench_code": fingerprint.bench_code(cls),
-             "preset_file": fingerprint.preset_file(preset)}
+    found = {**{key: make(cls) for key, _, make in fingerprint.RUN_CODE}, "preset_file": fingerprint.preset_file(preset)}
     return {key: value for key, value in found.items() if value is not None}
 
 

@@ -14,6 +14,7 @@ A record keeps all three under `provenance`; `bench.orchestrate.stale_reason` co
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.util
 import json
@@ -169,14 +170,24 @@ def attack_code() -> dict | None:
     return _fingerprint(_walk(["bench.attacks"], lambda _, module: _engine(module))[0])
 
 
+# The code fingerprints of a run record: provenance key, what `bench status` and the reasons call it, how it is made
+RUN_CODE = (("method_code", "method", method_code), ("bench_code", "bench", bench_code))
+
+
+def differs(made, now_of, what: str) -> str | None:
+    """`<what> code changed (<files>)` when the fingerprint `made` (from a record) is not `now_of()`'s, else None. A
+    record made before the fingerprint has none, and is not stale for that (existing results stand)."""
+    if isinstance(made, dict) and (now := now_of()) is not None and made.get("sha256") != now["sha256"]:
+        changed = changed_files(made, now)
+        return f"{what} code changed ({', '.join(changed)})" if changed else f"{what} code changed"
+    return None
+
+
 def code_changed(provenance: dict, cls: type) -> str | None:
-    """Why the method's code or the bench code differs from a record's fingerprints (`provenance`), or None. A record
-    made before a fingerprint has none, and is not stale for that (existing results stand)."""
-    for key, what, now_of in (("method_code", "method code", method_code), ("bench_code", "bench code", bench_code)):
-        made = provenance.get(key)
-        if isinstance(made, dict) and (now := now_of(cls)) is not None and made.get("sha256") != now["sha256"]:
-            changed = changed_files(made, now)
-            return f"{what} changed ({', '.join(changed)})" if changed else f"{what} changed"
+    """Why the method's code or the bench code differs from a run record's fingerprints (`provenance`), or None."""
+    for key, what, make in RUN_CODE:
+        if reason := differs(provenance.get(key), functools.partial(make, cls), what):
+            return reason
     return None
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import submitit
 
-from bench import claims, records
+from bench import claims, fingerprint, records
 from bench.attacks import ATTACK_NAME, read_attack
 from bench.cache import Cache, CheckpointError
 from bench.orchestrate import current_ids, last_line, record_spec, stale_reason
@@ -120,8 +120,7 @@ def _done(row: RunStatus, record: dict, path: Path, check) -> RunStatus:
         return dataclasses.replace(row, state="done", detail=f"{path} (not checked for staleness: {exc})")
     if reason:
         return dataclasses.replace(row, state="stale", detail=f"{reason}: `bench run` runs it again")
-    unchecked = " and ".join(what for key, what in (("method_code", "method"), ("bench_code", "bench"))
-                             if not record["provenance"].get(key))
+    unchecked = " and ".join(what for key, what, _ in fingerprint.RUN_CODE if not record["provenance"].get(key))
     note = f" (made before {unchecked} code fingerprints: not checked)" if unchecked else ""
     return dataclasses.replace(row, state="done", detail=f"{path}{note}")
 

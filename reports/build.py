@@ -29,7 +29,15 @@ from reports import robustness
 from reports.budget import budget_outputs
 from reports.frame import write_tidy
 from reports.html import FigureEntry, Section, Subsection, page
-from reports.mixing import MixedModels, describe, made_by_other_code, mixed_models, refusal, rerun_commands
+from reports.mixing import (
+    MixedModels,
+    counted,
+    describe,
+    made_by_other_code,
+    mixed_models,
+    refusal,
+    rerun_commands,
+)
 from reports.render import Table, write_table
 from reports.tables import Grid, build_tables, load_recorded_methods, make_grid, method_label, records_frame
 
@@ -155,7 +163,7 @@ def _made_by_other_code(records: list[dict], results: str) -> list[str]:
     if not stale:
         return []
     count = sum(map(len, stale.values()))
-    why = "; ".join(f"{reason}: {len(found)}" for reason, found in stale.items())
+    why = counted(stale)
     commands = rerun_commands([r for found in stale.values() for r in found], results)
     log.warning("%d of %d record(s) were made by code that has changed since (%s); they are in the tables as they "
                 "are: `bench run` redoes them, for example %s", count, len(records), why, commands[0])

@@ -133,6 +133,11 @@ def made_by_other_code(records: list[dict]) -> dict[str, list[dict]]:
     return dict(stale)
 
 
+def counted(stale: dict[str, list[dict]]) -> str:
+    """`made_by_other_code`'s result as `<why>: <count>; ...`."""
+    return "; ".join(f"{why}: {len(found)}" for why, found in stale.items())
+
+
 def compare_check(records_a: list[dict], records_b: list[dict], results_a: str | Path, results_b: str | Path,
                   allow_mixed: bool = False) -> list[str]:
     """`bench compare`: refuse a folder whose records of one preset mix models (always), and two folders made from
@@ -155,5 +160,5 @@ def compare_check(records_a: list[dict], records_b: list[dict], results_a: str |
     for name, records in (("A", records_a), ("B", records_b)):
         if stale := made_by_other_code(records):  # a before/after comparison of an edit has these on one side
             notes.append(f"- NOTE: {sum(map(len, stale.values()))} record(s) of {name} were made by code that has "
-                         "changed since (" + "; ".join(f"{why}: {len(found)}" for why, found in stale.items()) + ")")
+                         f"changed since ({counted(stale)})")
     return notes
