@@ -8,11 +8,11 @@ and a short hash of those fields. A preset that changes only the evaluation prot
   classifier.pt                          the evaluation classifier (in the classifier's folder)
   prepared/<method>/<base id>/<key>.pt   a method's preparation (SA's priors and Fisher, a saliency mask)
   fid-reference/<key>.npz                real images' feature statistics
-  samples/<weights>/<key>/...            the unchanged base model's samples, reused by every `original` run
+  samples/<base id>-ema|-raw/<key>/...   the unchanged base model's samples, reused by every `original` run
   datasets/cifar10-<split>-<key>.npz     a decoded image folder (CIFAR-10's JPEG copy), keyed by its files (at the root)
   datasets/digits-<split>-...npz         the digits split, per scikit-learn version (at the root)
 The key of a preparation, of the FID statistics and of the samples holds a short hash of the code that computes them
-(`fingerprint.code_key`), so edited code computes them afresh; files of older code stay until removed.
+(`fingerprint.code_key`), so edited code computes them afresh; `bench clean` removes the older ones (bench/clean.py).
 
 Every file is written to a temporary name and renamed, so a reader never sees half of one, and read with
 `torch.load(weights_only=True)` only: a file that needs more is refused, never unpickled. A file that does not

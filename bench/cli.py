@@ -739,6 +739,32 @@ def status_cmd(out, jobs_folder, as_json, cache_dir) -> None:
         click.echo("attacks: " + ", ".join(f"{sum(r.state == s for r in attacks)} {s}" for s in STATES))
 
 
+@main.command("clean")
+@cache_option
+@click.option("--dry-run", is_flag=True, help="list what would be removed; remove nothing")
+def clean_cmd(cache_dir, dry_run) -> None:
+    """Remove the cached files nothing will read again: preparations, samples and FID statistics made by older code
+    or for a base model or classifier since trained again, and unfinished writes (bench/clean.py). Base models,
+    classifiers and data sets stay; whatever is removed is rebuilt when a run needs it. Run it when no sweep runs."""
+    from bench import clean
+    from bench.cache import Cache
+
+    root = Cache(cache_dir).root
+    if not root.is_dir():
+        _fail(f"cache folder {root} does not exist")
+    removals, kept = clean.find(root)
+    verb = "would remove" if dry_run else "removed"
+    if not dry_run:
+        clean.remove(removals)
+    for removal in removals:
+        click.echo(f"{verb} {clean.readable(removal.size):>10}  {removal.path}  ({removal.why})")
+    for note in kept:
+        click.echo(f"kept: {note}")
+    total = clean.readable(sum(r.size for r in removals))
+    click.echo(f"{verb} {len(removals)} file(s) or folder(s), {total}, from {root}" if removals else
+               f"nothing to remove in {root}: every derived file is of the current code and models")
+
+
 @main.command("report")
 @click.option("--results", default="results", show_default=True, help="results folder holding the records (read)")
 @click.option("--report-dir", "out", default=None, help="where the report goes (written) [default: RESULTS/report]")

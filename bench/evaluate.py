@@ -71,8 +71,8 @@ def _samples_key(protocol: Protocol, speed: Speed | None, device: torch.device) 
     fields = {k: v for k, v in dataclasses.asdict(protocol).items() if k in keys}
     fields["amp"] = bool(speed is not None and speed.for_device(device).amp)
     fields["device"] = device.type
-    fields["code"] = code_key()
-    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    # the code's key readable in the name, for `bench clean` (bench/clean.py)
+    return f"{hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]}-code{code_key()}"
 
 
 class Sampler:

@@ -276,3 +276,10 @@ def test_editing_a_plugin_methods_loss_makes_its_record_stale_and_the_rerun_redo
     # The rerun unlearned with a preparation of the edited code, not the one cached by the first run
     prepared = sorted((cache / "tiny" / "prepared" / "toy").rglob("weight-code*.pt"), key=lambda p: p.stat().st_mtime)
     assert [torch.load(path)["tensors"]["weight"].item() for path in prepared] == [1.0, 2.0]  # was: one file, 1.0
+
+    # `bench clean` removes the old code's preparation, judged only where the plug-in is named
+    unnamed = bench_cli("clean", "--cache", str(cache), env=env)
+    assert unnamed.returncode == 0 and "method 'toy' is not known here" in unnamed.stdout and prepared[0].exists()
+    named = bench_cli("--method-module", "toyplug.toy:Toy", "clean", "--cache", str(cache), env=env)
+    assert named.returncode == 0, named.stderr
+    assert f"{prepared[0]}  (older code)" in named.stdout and not prepared[0].exists() and prepared[1].exists()

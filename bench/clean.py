@@ -1,0 +1,175 @@
+"""`bench clean`: remove the derived cache files that nothing will read again.
+
+A derived file (a method's preparation, the base model's cached samples, FID reference statistics) is named by what
+made it: the code (`fingerprint.code_key`), the base model's id, the classifier's weights (bench/cache.py). So an
+edit to the code, or a base model or classifier trained again, leaves the old files behind, unread: on CIFAR-10
+that is hundreds of MB per version (SA's Fisher alone is 143 MB). In each base model's folder this finds:
+  prepared/<method>/<id>/     of another base model than base.pt's, or (a file) of the method's older code
+  samples/<id>-ema|-raw/      of another base model, or (a key folder) of older bench code
+  fid-reference/*.npz         of older bench code, or of a classifier no longer in the cache
+  .<name>.<pid>.<hex>.tmp     a write that never finished (untouched for an hour: a writer on another node of a
+                              shared cache may still be at work on a newer one)
+It keeps base models, classifiers, decoded data sets, and the preparations of a method it cannot import (a plug-in
+not named with --method-module), and says so. Everything it removes is rebuilt when a run needs it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import fingerprint
+from bench.cache import CheckpointError, load_file
+
+log = logging.getLogger(__name__)
+
+CODE = re.compile(r"-code([0-9a-f]{10})$")
+TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
+UNFINISHED_AFTER_S = 3600
+
+
+@dataclass(frozen=True)
+class Removal:
+    path: Path
+    size: int  # bytes, the whole folder for a folder
+    why: str
+
+
+def size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _code(name: str) -> str | None:
+    """The code key in a derived file's or folder's name (without suffix); None for names of the older layout."""
+    found = CODE.search(name)
+    return found.group(1) if found else None
+
+
+def _older_code(name: str, now: str) -> str | None:
+    made = _code(name)
+    if made == now:
+        return None
+    return "older code" if made else "older cache layout (no code key)"
+
+
+def _id(path: Path) -> tuple[str | None, str | None]:
+    """(the id in checkpoint `path`, None) or (None, why it cannot be read)."""
+    try:
+        payload = load_file(path, "", mmap=True)
+    except (CheckpointError, OSError) as exc:
+        return None, str(exc)
+    return (payload.get("id"), None) if isinstance(payload, dict) else (None, f"{path} holds no checkpoint")
+
+
+def classifier_fingerprints(root: Path) -> set[str]:
+    """The weight hashes (`evaluate.fingerprint`) of every classifier in the cache: what a classifier-feature FID
+    reference is named by."""
+    from bench.evaluate import fingerprint as weights_hash
+
+    found = set()
+    for path in root.glob("*/classifier.pt"):
+        try:
+            payload = load_file(path, "", mmap=True)
+        except (CheckpointError, OSError):
+            continue
+        if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+            found.add(weights_hash(payload["model"]))
+    return found
+
+
+def _method_code(name: str, memo: dict) -> str | None:
+    """The code key of method `name`'s preparation now; None when the method cannot be imported here."""
+    from methods import get_method
+
+    if name not in memo:
+        try:
+            memo[name] = fingerprint.code_key(get_method(name))
+        except ValueError:
+            memo[name] = None
+    return memo[name]
+
+
+def _other_base(base_id: str | None) -> str:
+    return "another base model's" if base_id else "no base model in this folder now"
+
+
+def _prepared(folder: Path, base_id: str | None, memo: dict, kept: list[str]) -> list[Removal]:
+    found = []
+    for method_dir in sorted(p for p in (folder / "prepared").glob("*") if p.is_dir()):
+        for by_base in sorted(p for p in method_dir.glob("*") if p.is_dir()):
+            if by_base.name != base_id:
+                found.append(Removal(by_base, size_of(by_base), _other_base(base_id)))
+                continue
+            now = _method_code(method_dir.name, memo)
+            if now is None:
+                kept.append(f"{method_dir}: method {method_dir.name!r} is not known here (a plug-in? name it with "
+                            "--method-module)")
+                continue
+            found += [Removal(p, size_of(p), why) for p in sorted(by_base.glob("*.pt"))
+                      if (why := _older_code(p.stem, now))]
+    return found
+
+
+def _samples(folder: Path, base_id: str | None, now: str) -> list[Removal]:
+    found = []
+    for by_weights in sorted(p for p in (folder / "samples").glob("*") if p.is_dir()):
+        if by_weights.name.rsplit("-", 1)[0] != base_id:
+            found.append(Removal(by_weights, size_of(by_weights), _other_base(base_id)))
+            continue
+        found += [Removal(p, size_of(p), why) for p in sorted(by_weights.glob("*"))
+                  if p.is_dir() and (why := _older_code(p.name, now))]
+    return found
+
+
+def _references(folder: Path, now: str, classifiers: set[str]) -> list[Removal]:
+    found = []
+    for path in sorted((folder / "fid-reference").glob("*.npz")):
+        why = _older_code(path.stem, now)
+        weights = re.search(r"-classifier-([0-9a-f]{16})-", path.name)
+        if why is None and weights and weights.group(1) not in classifiers:
+            why = "a classifier no longer in the cache"
+        if why:
+            found.append(Removal(path, size_of(path), why))
+    return found
+
+
+def _unfinished(root: Path, now_s: float) -> list[Removal]:
+    return [Removal(p, size_of(p), "an unfinished write") for p in sorted(root.rglob(".*.tmp"))
+            if p.is_file() and TEMPORARY.match(p.name) and now_s - p.stat().st_mtime > UNFINISHED_AFTER_S]
+
+
+def find(root: Path) -> tuple[list[Removal], list[str]]:
+    """(what to remove, what is kept that might look removable and why) in the cache at `root`. Methods are looked
+    up in the registry, so plug-ins registered in this process (--method-module) are judged too."""
+    now, memo, kept = fingerprint.code_key(), {}, []
+    classifiers = classifier_fingerprints(root)
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if not any((folder / part).is_dir() for part in ("prepared", "samples", "fid-reference")):
+            continue
+        base_id, why_not = _id(folder / "base.pt") if (folder / "base.pt").exists() else (None, None)
+        if why_not:  # a damaged base model: leave its derived files to whoever repairs it
+            kept.append(f"{folder}: prepared/ and samples/ kept, base.pt does not load ({why_not})")
+        else:
+            found += _prepared(folder, base_id, memo, kept) + _samples(folder, base_id, now)
+        found += _references(folder, now, classifiers)
+    return found + _unfinished(root, time.time()), kept
+
+
+def remove(removals: list[Removal]) -> None:
+    for removal in removals:
+        if removal.path.is_dir():
+            shutil.rmtree(removal.path)
+        else:
+            removal.path.unlink(missing_ok=True)
+        log.debug("removed %s (%s)", removal.path, removal.why)
+
+
+def readable(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"

@@ -1,0 +1,86 @@
+"""`bench clean` removes the derived cache files nothing reads again (older code, base models and classifiers trained
+again, unfinished writes) and nothing a run still reads: a sweep run after it skips its finished runs and rebuilds
+nothing, and the files of a method it cannot import stay.
+
+Real records and cache files of the tiny preset; the "older" files are copies named as older code names them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from bench import records
+from bench.cli import main
+from bench.orchestrate import run_local
+from bench.sweep import RunSpec
+
+
+def _clean(*args: str):
+    result = CliRunner().invoke(main, ["clean", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _files(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_clean_removes_what_nothing_reads_and_a_rerun_then_skips_and_rebuilds_nothing(tmp_path, tiny_cache):
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    shutil.copytree(tiny_cache, cache)
+    specs = [RunSpec("tiny", method, 0, 0, str(results), str(cache), device="cpu", progress=False)
+             for method in ("original", "salun")]
+    run_local(specs, show_progress=False)
+    folder = cache / "tiny"
+    (mask,) = (folder / "prepared" / "salun").glob("*/*.pt")
+    (key,) = (p for p in (folder / "samples").glob("*/*") if p.is_dir())
+    (reference,) = (folder / "fid-reference").glob("*.npz")
+    current = _files(cache)
+    old = {  # what older code, another base model and another classifier left behind
+        "older code's mask": mask.with_name(mask.name.replace(mask.stem[-10:], "0" * 10)),
+        "another base model's masks": folder / "prepared" / "salun" / "tiny-0123456789ab" / mask.name,
+        "older code's samples": key.with_name(key.name[:-10] + "0" * 10),
+        "another base model's samples": folder / "samples" / "tiny-0123456789ab-ema" / key.name,
+        "samples of the layout before code keys": key.with_name("e7c968a010"),
+        "older code's statistics": reference.with_name(reference.stem[:-10] + "0" * 10 + ".npz"),
+        "another classifier's statistics": reference.with_name(
+            reference.name.replace(reference.name.split("-classifier-")[1][:16], "0123456789abcdef")),
+    }
+    for path in old.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.parent.parent.name == "samples":
+            shutil.copytree(key, path)
+        else:
+            shutil.copy(mask if path.suffix == ".pt" else reference, path)
+    unfinished, writing = folder / ".base.pt.4242.0123abcd.tmp", folder / "samples" / ".x.pt.4243.89abcdef.tmp"
+    for path in (unfinished, writing):
+        path.write_bytes(b"half")
+    os.utime(unfinished, (time.time() - 7200,) * 2)  # untouched for two hours; the other is being written now
+
+    listed = _clean("--cache", str(cache), "--dry-run")
+    assert all(path.exists() for path in old.values()) and unfinished.exists()  # a dry run removes nothing
+    other_base = {old["another base model's masks"].parent, old["another base model's samples"].parent}
+    named = [path for path in old.values() if path.parent not in other_base] + sorted(other_base) + [unfinished]
+    for path in named:  # a folder of another base model is named once, as the folder
+        assert f"  {path}  (" in listed, (path, listed)
+    assert str(writing) not in listed and f"would remove {len(named)} file(s) or folder(s)" in listed
+    assert f"{folder / 'prepared' / 'salun' / 'tiny-0123456789ab'}  (another base model's)" in listed
+    assert f"{key.with_name('e7c968a010')}  (older cache layout (no code key))" in listed
+
+    removed = _clean("--cache", str(cache))
+    assert not any(path.exists() for path in old.values()) and not unfinished.exists() and writing.exists()
+    assert f"removed {len(named)} file(s) or folder(s)" in removed
+    writing.unlink()
+    assert _files(cache) == current  # what the current code and models read is untouched
+    run_local(specs, show_progress=False)  # both runs finished: skipped, nothing rebuilt
+    assert _files(cache) == current and len(records.read_all(results)[0]) == 2
+    assert "nothing to remove" in _clean("--cache", str(cache))
+
+
+def test_clean_of_a_missing_cache_fails_naming_it(tmp_path):
+    result = CliRunner().invoke(main, ["clean", "--cache", str(tmp_path / "nowhere")])
+    assert result.exit_code != 0 and f"cache folder {tmp_path / 'nowhere'} does not exist" in result.output
