@@ -93,8 +93,8 @@ def test_an_attack_record_of_other_bench_code_or_another_protocol_is_made_again(
     code = record["provenance"]["bench_code"]
     assert code == fingerprint.attack_code() and "bench/attack_algorithms.py" in code["files"]
     settings = record["protocol_settings"]
-    for changed, why in (({**record, "provenance": {**record["provenance"], "bench_code": {
-                              "sha256": "0" * 64, "files": {**code["files"], "bench/attack_algorithms.py": "0" * 64}}}},
+    edited = {**code, "sha256": "0" * 64, "files": {**code["files"], "bench/attack_algorithms.py": "0" * 64}}
+    for changed, why in (({**record, "provenance": {**record["provenance"], "bench_code": edited}},
                           "(bench code changed (bench/attack_algorithms.py)): making it again"),
                          ({**record, "protocol_settings": {**settings, "guidance": settings["guidance"] + 1}},
                           "(made with another evaluation protocol: guidance")):

@@ -146,6 +146,46 @@ def test_a_built_in_methods_fingerprint_names_its_files_by_module_path():
     assert code == fingerprint.method_code(get_method("safemax"))
 
 
+SOURCE = '''"""Module docstring."""
+import torch  # a comment
+
+
+def scale(x):
+    """Docstring."""
+    # a whole-line comment
+    return x * 2.0 + len("# not a comment") + len(f"{x}#also not")  # trailing
+'''
+
+
+def _digest(source: str) -> str:
+    import ast
+
+    return fingerprint.runnable(source, ast.parse(source))
+
+
+def test_a_fingerprint_ignores_comments_docstrings_and_blank_lines_but_not_code_or_strings():
+    same = SOURCE.replace("# a comment", "# another comment").replace("Docstring.", "Says more.\n\n    Much more.")
+    same = same.replace("# trailing", "").replace("\n\n\ndef", "\n\ndef") + "\n# the end\n"
+    assert _digest(same) == _digest(SOURCE)
+    assert _digest(SOURCE) == ('import torch\ndef scale(x):\n    return x * 2.0 + len("# not a comment") + '
+                               'len(f"{x}#also not")')
+    for edit in (("2.0", "3.0"), ("# not a comment", "#not a comment"), ("#also not", "# also not")):
+        assert _digest(SOURCE.replace(*edit)) != _digest(SOURCE), edit
+
+
+def test_a_record_fingerprinted_by_bytes_before_schemes_is_compared_by_bytes():
+    method = get_method("original")
+    old = {"method_code": fingerprint.method_code(method, "bytes"), "bench_code": fingerprint.bench_code(method, "bytes")}
+    assert "scheme" not in old["method_code"] and fingerprint.method_code(method)["scheme"] == "code"
+    assert old["method_code"]["sha256"] != fingerprint.method_code(method)["sha256"]
+    assert fingerprint.code_changed(old, method) is None  # the same files: it stands
+    edited = {**old["bench_code"], "sha256": "0" * 64, "files": {**old["bench_code"]["files"], "bench/unet.py": "0"}}
+    assert fingerprint.code_changed({**old, "bench_code": edited}, method) == "bench code changed (bench/unet.py)"
+    newer = {**fingerprint.method_code(method), "scheme": "ast-v9"}
+    unknown = fingerprint.code_changed({**old, "method_code": newer}, method)
+    assert unknown == "method code fingerprinted in a scheme this version does not know ('ast-v9')"
+
+
 def test_the_bench_code_a_run_executes_is_fingerprinted_but_not_the_presets_or_the_commands():
     files = set(fingerprint.bench_code(get_method("safemax"))["files"])
     assert {"bench/runner.py", "bench/diffusion.py", "bench/unet.py", "bench/data.py", "bench/evaluate.py",
@@ -262,6 +302,10 @@ def test_editing_a_plugin_methods_loss_makes_its_record_stale_and_the_rerun_redo
     assert sorted(record["provenance"]["method_code"]["files"]) == ["methods/base.py", "toyplug/losses.py",
                                                                     "toyplug/toy.py"]
 
+    (package / "losses.py").write_text('"""The loss terms."""\n' + LOSSES.replace("WEIGHT = 1.0", "WEIGHT = 1.0  # why"))
+    commented = bench_cli("--method-module", "toyplug.toy:Toy", "status", "--results", str(results), "--cache",
+                          str(cache), env=env)
+    assert commented.returncode == 0 and " done " in commented.stdout  # a docstring and a comment: nothing ran else
     (package / "losses.py").write_text(LOSSES.replace("WEIGHT = 1.0", "WEIGHT = 2.0"))  # the loss is edited
     shown = bench_cli("--method-module", "toyplug.toy:Toy", "status", "--results", str(results), "--cache",
                       str(cache), env=env)
