@@ -8,8 +8,8 @@ all of `bench` that `bench.experiment` and the method import except the presets,
 `attack_code()`: the same for the code an attack runs (its record's `provenance.bench_code`).
 Files are named by module path (`methods/safemax.py`, `mypkg/loss.py`), so a fingerprint does not depend on where
 the checkout or the user's package lives. A file is hashed without its comments, docstrings and blank lines
-(`runnable`), so editing those alone changes no fingerprint. `preset_file(name)`: SHA-256 of the YAML file a preset
-came from.
+(`runnable`), so editing those alone changes no fingerprint. `preset_file(name)`: SHA-256 of the values the YAML
+file a preset came from sets (its comments and layout aside).
 A record keeps all three under `provenance`; `bench.orchestrate.stale_reason` compares them with the code now.
 """
 
@@ -263,11 +263,31 @@ def changed_files(made: dict, now: dict) -> list[str]:
     return sorted(path for path in set(old) | set(new) if old.get(path) != new.get(path))
 
 
-def preset_file(name: str) -> dict | None:
-    """{"file": its name, "sha256": of its bytes} for a preset registered from a file (`--preset-file`); else None."""
+def preset_file(name: str, scheme: str = "values") -> dict | None:
+    """{"file": its name, "scheme": "values", "sha256": of the values it sets} for a preset registered from a YAML
+    file (`--preset-file`), so that a comment or the layout of the file is no change; else None. In scheme "bytes"
+    (a fingerprint without "scheme", made before), the SHA-256 of the file's bytes."""
+    import yaml
+
     from bench.extensions import preset_path
 
     path = preset_path(name)
     if path is None or not path.is_file():
         return None
-    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    data = path.read_bytes()
+    if scheme == "bytes":
+        return {"file": path.name, "sha256": hashlib.sha256(data).hexdigest()}
+    try:
+        values = json.dumps(yaml.safe_load(data), sort_keys=True, default=str)
+    except yaml.YAMLError:  # no longer YAML: what it sets is unknown, and no fingerprint matches it
+        values = data.hex()
+    return {"file": path.name, "scheme": "values", "sha256": hashlib.sha256(values.encode()).hexdigest()}
+
+
+def preset_file_changed(made, name: str) -> str | None:
+    """`preset file changed (<file>)` when the fingerprint `made` (from a record) is not the file's now, in the scheme
+    it was taken in; None when it is the same or the record has none."""
+    if not isinstance(made, dict):
+        return None
+    now = preset_file(name, made.get("scheme", "bytes")) or {}
+    return None if made.get("sha256") == now.get("sha256") else f"preset file changed ({made.get('file')})"

@@ -114,11 +114,7 @@ def code_changed(record: dict, method_class: type, preset: str) -> str | None:
     made = record["provenance"]
     if reason := fingerprint.code_changed(made, method_class):
         return reason
-    preset_file = made.get("preset_file")
-    if isinstance(preset_file, dict) and preset_file.get("sha256") != (fingerprint.preset_file(preset) or {}).get(
-            "sha256"):
-        return f"preset file changed ({preset_file.get('file')})"
-    return None
+    return fingerprint.preset_file_changed(made.get("preset_file"), preset)
 
 
 def record_spec(record: dict, results: str | Path, cache: str | None = None) -> RunSpec:

@@ -231,6 +231,10 @@ def test_a_record_without_a_fingerprint_stands_and_an_edited_preset_file_makes_o
         made = {"provenance": {"method_code": fingerprint.method_code(method),
                                "preset_file": fingerprint.preset_file("tiny-mine")}}
         assert code_changed(made, method, "tiny-mine") is None
+        before = {"provenance": {"preset_file": fingerprint.preset_file("tiny-mine", "bytes")}}  # before schemes
+        preset_file.write_text("# my preset\nname:   tiny-mine  # the name\n\nbase: tiny\n")  # what it sets is the same
+        assert code_changed(made, method, "tiny-mine") is None
+        assert code_changed(before, method, "tiny-mine") == "preset file changed (mine.yaml)"  # its bytes are not
         preset_file.write_text("name: tiny-mine\nbase: tiny\niteration_scale: 0.5\n")
         assert code_changed(made, method, "tiny-mine") == "preset file changed (mine.yaml)"
     finally:  # the rest of the session knows the built-in presets only
