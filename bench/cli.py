@@ -754,15 +754,18 @@ def clean_cmd(cache_dir, dry_run) -> None:
         _fail(f"cache folder {root} does not exist")
     removals, kept = clean.find(root)
     verb = "would remove" if dry_run else "removed"
-    if not dry_run:
-        clean.remove(removals)
     for removal in removals:
+        try:
+            if not dry_run:
+                clean.remove([removal])
+        except OSError as exc:
+            _fail(f"cannot remove {exc.filename or removal.path} ({exc.strerror or exc}); the rest was left")
         click.echo(f"{verb} {clean.readable(removal.size):>10}  {removal.path}  ({removal.why})")
     for note in kept:
         click.echo(f"kept: {note}")
     total = clean.readable(sum(r.size for r in removals))
     click.echo(f"{verb} {len(removals)} file(s) or folder(s), {total}, from {root}" if removals else
-               f"nothing to remove in {root}: every derived file is of the current code and models")
+               f"nothing to remove in {root}" + ("" if kept else ": every derived file is of the current code and models"))
 
 
 @main.command("report")
