@@ -34,6 +34,7 @@ from reports.mixing import (
     counted,
     describe,
     made_by_other_code,
+    mixed_devices,
     mixed_models,
     refusal,
     rerun_commands,
@@ -172,6 +173,19 @@ def _made_by_other_code(records: list[dict], results: str) -> list[str]:
             + "".join(f"<br><code>{html.escape(command)}</code>" for command in commands)]
 
 
+def _mixed_devices(records: list[dict]) -> list[str]:
+    """Notes (also logged) on the tables whose records ran on different devices: RTE and memory do not compare."""
+    notes = []
+    for (preset, protocol), counts in mixed_devices(records).items():
+        where = ", ".join(f"{device}: {count}" for device, count in counts.most_common())
+        log.warning("the records of %s/%s ran on %d devices (%s): their RTE and peak memory compare only between "
+                    "runs on one device", preset, protocol, len(counts), where)
+        notes.append(f"The records of {html.escape(preset)}/{html.escape(protocol)} ran on {len(counts)} devices "
+                     f"({html.escape(where)}). Their RTE and peak memory compare only between runs on one device (the "
+                     "device column of runs.csv says which); UA, H, FID and the FLOP columns compare across them.")
+    return notes
+
+
 def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str | Path | None = None,
                  figure1: bool = True, figure1_points: int = 40, methods: list[str] | None = None,
                  classes: list[int] | None = None, reference: str | None = None,
@@ -204,7 +218,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str
         raise MixedModels(refusal(records, results))
     notes = [f"Record skipped: <code>{html.escape(str(path))}</code>: {html.escape(problem)}"
              for path, problem in corrupt]  # corrupt ones, and copies (`bench.records.read_all`)
-    notes += _made_by_other_code(records, results)
+    notes += _made_by_other_code(records, results) + _mixed_devices(records)
     attacks = _read_attacks(results_dir, notes, methods, classes)
     if not records:
         notes.append(f"No records under <code>{html.escape(results)}</code>"

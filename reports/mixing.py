@@ -5,7 +5,7 @@ table mixing the two would average unlearning from two different models without 
 such a preset, `refusal` says which ids, how many records each, which are stale (the ids of the models in the
 records' cache now) and the `bench run` commands that redo them; `bench report` and `bench compare` refuse unless
 --allow-mixed. `made_by_other_code` finds the records whose code has changed since they were made, which both show
-with a note.
+with a note; `mixed_devices` the tables whose records ran on different devices, which the report notes.
 """
 
 from __future__ import annotations
@@ -43,6 +43,16 @@ def mixed_models(records: list[dict]) -> dict[str, Counter]:
     """preset -> record count per (base model id, classifier id), for each preset whose records hold several."""
     found = {preset: Counter(models(r) for r in chosen) for preset, chosen in _by_preset(records).items()}
     return {preset: counts for preset, counts in found.items() if len(counts) > 1}
+
+
+def mixed_devices(records: list[dict]) -> dict[tuple[str, str], Counter]:
+    """(preset, protocol) -> record count per device (`provenance.device`: the GPU, or the CPU and its threads), for
+    each table whose records ran on several: their seconds and peak memory do not compare."""
+    found = defaultdict(Counter)
+    for record in records:
+        key = (record["preset"], str((record.get("protocol") or {}).get("name")))
+        found[key][str((record.get("provenance") or {}).get("device") or "unknown")] += 1
+    return {key: counts for key, counts in sorted(found.items()) if len(counts) > 1}
 
 
 def _classifier_path(base: Path, preset: str) -> Path:

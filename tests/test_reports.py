@@ -130,6 +130,24 @@ def test_paper_comparison_table_for_cifar10(report):
     assert "--methods sa --classes 0-9 --seeds 0 --results results --data-root DATA_ROOT" in markdown
 
 
+def test_a_table_of_records_from_two_devices_says_their_seconds_do_not_compare(report, tmp_path, caplog):
+    from bench import records
+
+    results = tmp_path / "results"
+    shutil.copytree(report["results"], results)
+    found, _ = records.read_all(results)
+    assert "ran on 2 devices" not in report["written"]["report.html"].read_text()  # one device: no note
+    moved = next(r for r in found if r["method"] == "safemax")
+    path = Path(moved.pop("path"))
+    records.write_json_atomic(path, {**moved, "provenance": {**moved["provenance"], "device": "NVIDIA H100 80GB HBM3"}})
+    with caplog.at_level("WARNING"):
+        page = build_report(results, tmp_path / "out", figure1=False)["report.html"].read_text()
+    here = moved["provenance"]["device"]
+    assert (f"The records of tiny/paper ran on 2 devices ({here}: {len(found) - 1}, NVIDIA H100 80GB HBM3: 1). Their "
+            "RTE and peak memory compare only between runs on one device") in page
+    assert "the records of tiny/paper ran on 2 devices" in caplog.text
+
+
 def test_empty_results_folder_gives_a_page_not_an_error(tmp_path):
     written = build_report(tmp_path / "nothing", tmp_path / "out", figure1=False)
     assert "No records under" in written["report.html"].read_text()
