@@ -407,8 +407,27 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
             code = _report(outcomes, results, as_json)
         finally:  # the attacks' lines follow the runs' table, also when a run failed
             code = _exit_code([code, _report_attacks([a for o in outcomes for a in o.attacks], err=as_json)])
+        _unread_cache_note(cache_dir)
         if code:
             sys.exit(code)
+
+
+def _unread_cache_note(cache_dir: str | None) -> None:
+    """One line when the cache holds derived files this code no longer reads (a code edit, a base model trained
+    again leaves them): `bench clean` lists and removes them."""
+    from bench import clean
+    from bench.cache import Cache
+
+    root = Cache(cache_dir).root
+    try:
+        removals, _ = clean.find(root)
+    except OSError as exc:  # a note is not worth failing a finished sweep for
+        log.debug("cache %s not checked for unread files: %s", root, exc)
+        return
+    if removals:
+        size = clean.readable(sum(r.size for r in removals))
+        click.echo(f"note: the cache holds {len(removals)} file(s) or folder(s), {size}, that this code no longer reads "
+                   f"(made by older code or models): `bench clean --cache {root} --dry-run` lists them", err=True)
 
 
 @main.command("prepare")
@@ -743,9 +762,10 @@ def status_cmd(out, jobs_folder, as_json, cache_dir) -> None:
 @cache_option
 @click.option("--dry-run", is_flag=True, help="list what would be removed; remove nothing")
 def clean_cmd(cache_dir, dry_run) -> None:
-    """Remove the cached files nothing will read again: preparations, samples and FID statistics made by older code
-    or for a base model or classifier since trained again, and unfinished writes (bench/clean.py). Base models,
-    classifiers and data sets stay; whatever is removed is rebuilt when a run needs it. Run it when no sweep runs."""
+    """Remove the cached files this code no longer reads: preparations, samples and FID statistics made by other
+    code or for a base model or classifier since trained again, and unfinished writes (bench/clean.py). Base models,
+    classifiers and data sets stay; whatever is removed is rebuilt when a run needs it. Run it when no sweep runs; a
+    checkout of other code sharing the cache would compute its files again."""
     from bench import clean
     from bench.cache import Cache
 

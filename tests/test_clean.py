@@ -62,10 +62,17 @@ def test_clean_removes_what_nothing_reads_and_a_rerun_then_skips_and_rebuilds_no
         path.write_bytes(b"half")
     os.utime(unfinished, (time.time() - 7200,) * 2)  # untouched for two hours; the other is being written now
 
-    listed = _clean("--cache", str(cache), "--dry-run")
-    assert all(path.exists() for path in old.values()) and unfinished.exists()  # a dry run removes nothing
     other_base = {old["another base model's masks"].parent, old["another base model's samples"].parent}
     named = [path for path in old.values() if path.parent not in other_base] + sorted(other_base) + [unfinished]
+    run = ("run", "--preset", "tiny", "--methods", "original,salun", "--classes", "0", "--cache", str(cache),
+           "--results", str(results), "--device", "cpu", "--no-progress")
+    rerun = CliRunner().invoke(main, run)  # both finished: skipped, and the run says what is left unread
+    assert rerun.exit_code == 0 and "0 run(s) done, 2 skipped" in rerun.output, rerun.output
+    assert f"note: the cache holds {len(named)} file(s) or folder(s)" in rerun.output
+    assert f"`bench clean --cache {cache} --dry-run` lists them" in rerun.output
+
+    listed = _clean("--cache", str(cache), "--dry-run")
+    assert all(path.exists() for path in old.values()) and unfinished.exists()  # a dry run removes nothing
     for path in named:  # a folder of another base model is named once, as the folder
         assert f"  {path}  (" in listed, (path, listed)
     assert str(writing) not in listed and f"would remove {len(named)} file(s) or folder(s)" in listed
@@ -77,7 +84,8 @@ def test_clean_removes_what_nothing_reads_and_a_rerun_then_skips_and_rebuilds_no
     assert f"removed {len(named)} file(s) or folder(s)" in removed
     writing.unlink()
     assert _files(cache) == current  # what the current code and models read is untouched
-    run_local(specs, show_progress=False)  # both runs finished: skipped, nothing rebuilt
+    rerun = CliRunner().invoke(main, run)  # skipped again, nothing rebuilt, nothing left to say
+    assert rerun.exit_code == 0 and "2 skipped" in rerun.output and "note: the cache" not in rerun.output
     assert _files(cache) == current and len(records.read_all(results)[0]) == 2
     assert "nothing to remove" in _clean("--cache", str(cache))
 
