@@ -3,10 +3,10 @@
 A derived file (a method's preparation, the base model's cached samples, FID reference statistics) is named by what
 made it: the code (`fingerprint.code_key`), the base model's id, the classifier's weights (bench/cache.py). So an
 edit to the code, or a base model or classifier trained again, leaves the old files behind, unread: on CIFAR-10
-that is hundreds of MB per version (SA's Fisher alone is 143 MB). In each base model's folder this finds:
-  prepared/<method>/<id>/     of another base model than base.pt's, or (a file) of the method's older code
-  samples/<id>-ema|-raw/      of another base model, or (a key folder) of older bench code
-  fid-reference/*.npz         of older bench code, or of a classifier no longer in the cache
+that is hundreds of MB per version (SA's Fisher alone is about 155 MB). In each base model's folder this finds:
+  prepared/<method>/<id>/     of another base model than base.pt's, or (a file) of other code than the method's
+  samples/<id>-ema|-raw/      of another base model, or (a key folder) of other bench code
+  fid-reference/*.npz         of other bench code, or of a classifier no longer in the cache
   .<name>.<pid>.<hex>.tmp     a write that never finished (untouched for an hour: a writer on another node of a
                               shared cache may still be at work on a newer one)
 It keeps base models, classifiers, decoded data sets, and the preparations of a method it cannot import (a plug-in
@@ -51,11 +51,11 @@ def _code(name: str) -> str | None:
     return found.group(1) if found else None
 
 
-def _older_code(name: str, now: str) -> str | None:
+def _other_code(name: str, now: str) -> str | None:
     made = _code(name)
     if made == now:
         return None
-    return "older code" if made else "older cache layout (no code key)"
+    return "other code" if made else "older cache layout (no code key)"
 
 
 def _id(path: Path) -> tuple[str | None, str | None]:
@@ -112,7 +112,7 @@ def _prepared(folder: Path, base_id: str | None, memo: dict, kept: list[str]) ->
                             "--method-module)")
                 continue
             found += [Removal(p, size_of(p), why) for p in sorted(by_base.glob("*.pt"))
-                      if (why := _older_code(p.stem, now))]
+                      if (why := _other_code(p.stem, now))]
     return found
 
 
@@ -123,14 +123,14 @@ def _samples(folder: Path, base_id: str | None, now: str) -> list[Removal]:
             found.append(Removal(by_weights, size_of(by_weights), _other_base(base_id)))
             continue
         found += [Removal(p, size_of(p), why) for p in sorted(by_weights.glob("*"))
-                  if p.is_dir() and (why := _older_code(p.name, now))]
+                  if p.is_dir() and (why := _other_code(p.name, now))]
     return found
 
 
 def _references(folder: Path, now: str, classifiers: set[str]) -> list[Removal]:
     found = []
     for path in sorted((folder / "fid-reference").glob("*.npz")):
-        why = _older_code(path.stem, now)
+        why = _other_code(path.stem, now)
         weights = re.search(r"-classifier-([0-9a-f]{16})-", path.name)
         if why is None and weights and weights.group(1) not in classifiers:
             why = "a classifier no longer in the cache"

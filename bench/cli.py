@@ -427,7 +427,7 @@ def _unread_cache_note(cache_dir: str | None) -> None:
     if removals:
         size = clean.readable(sum(r.size for r in removals))
         click.echo(f"note: the cache holds {len(removals)} file(s) or folder(s), {size}, that this code no longer reads "
-                   f"(made by older code or models): `bench clean --cache {root} --dry-run` lists them", err=True)
+                   f"(made by other code or models): `bench clean --cache {root} --dry-run` lists them", err=True)
 
 
 @main.command("prepare")

@@ -330,4 +330,4 @@ def test_editing_a_plugin_methods_loss_makes_its_record_stale_and_the_rerun_redo
     assert unnamed.returncode == 0 and "method 'toy' is not known here" in unnamed.stdout and prepared[0].exists()
     named = bench_cli("--method-module", "toyplug.toy:Toy", "clean", "--cache", str(cache), env=env)
     assert named.returncode == 0, named.stderr
-    assert f"{prepared[0]}  (older code)" in named.stdout and not prepared[0].exists() and prepared[1].exists()
+    assert f"{prepared[0]}  (other code)" in named.stdout and not prepared[0].exists() and prepared[1].exists()
