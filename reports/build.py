@@ -38,6 +38,7 @@ from reports.mixing import (
     mixed_models,
     refusal,
     rerun_commands,
+    unchecked_code,
 )
 from reports.render import Table, write_table
 from reports.tables import Grid, build_tables, load_recorded_methods, make_grid, method_label, records_frame
@@ -159,18 +160,28 @@ def _read_attacks(results_dir: str | Path, notes: list[str], methods, classes) -
 
 def _made_by_other_code(records: list[dict], results: str) -> list[str]:
     """Notes (also logged) on the records whose method or bench code has changed since they were made: they stand in
-    the tables, where `bench run` would redo them; the commands that do."""
+    the tables, where `bench run` would redo them; the commands that do. And on those whose code could not be
+    checked (a plug-in not importable here)."""
+    notes = []
+    if unchecked := unchecked_code(records):
+        methods = ", ".join(f"{method}: {count}" for method, count in sorted(unchecked.items()))
+        log.warning("the code of %d record(s) was not checked: their method cannot be imported here (%s)",
+                    sum(unchecked.values()), methods)
+        notes.append(f"The code of {sum(unchecked.values())} record(s) was not checked against the code now: their "
+                     f"method cannot be imported here ({html.escape(methods)}); name it with "
+                     "<code>--method-module</code> or install its package.")
     stale = made_by_other_code(records)
     if not stale:
-        return []
+        return notes
     count = sum(map(len, stale.values()))
     why = counted(stale)
     commands = rerun_commands([r for found in stale.values() for r in found], results)
     log.warning("%d of %d record(s) were made by code that has changed since (%s); they are in the tables as they "
                 "are: `bench run` redoes them, for example %s", count, len(records), why, commands[0])
-    return [f"{count} of {len(records)} record(s) were made by code that has changed since ({html.escape(why)}). They "
-            "are shown as they are; <code>bench status</code> marks them stale and these commands redo them: "
-            + "".join(f"<br><code>{html.escape(command)}</code>" for command in commands)]
+    return notes + [f"{count} of {len(records)} record(s) were made by code that has changed since "
+                    f"({html.escape(why)}). They are shown as they are; <code>bench status</code> marks them stale "
+                    "and these commands redo them: "
+                    + "".join(f"<br><code>{html.escape(command)}</code>" for command in commands)]
 
 
 def _mixed_devices(records: list[dict]) -> list[str]:

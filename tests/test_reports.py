@@ -148,6 +148,23 @@ def test_a_table_of_records_from_two_devices_says_their_seconds_do_not_compare(r
     assert "the records of tiny/paper ran on 2 devices" in caplog.text
 
 
+def test_records_of_a_method_not_importable_here_are_noted_as_not_checked(report, tmp_path, caplog):
+    from bench import records
+
+    results = tmp_path / "results"
+    shutil.copytree(report["results"], results)
+    moved = next(r for r in records.read_all(results)[0] if r["method"] == "original" and r["forget_class"] == 0)
+    Path(moved.pop("path")).unlink()  # as a plug-in's record, from a machine where it was installed
+    ghost = {**moved, "method": "ghost", "provenance": {**moved["provenance"], "extensions": ["method-module:gone:G"]}}
+    records.write_json_atomic(records.run_dir(results, "tiny", "paper", "ghost", "default", 0, 0) / records.RECORD_NAME,
+                              ghost)
+    with caplog.at_level("WARNING"):
+        page = build_report(results, tmp_path / "out", figure1=False)["report.html"].read_text()
+    assert ("The code of 1 record(s) was not checked against the code now: their method cannot be imported here "
+            "(ghost: 1)") in page
+    assert "the code of 1 record(s) was not checked" in caplog.text
+
+
 def test_empty_results_folder_gives_a_page_not_an_error(tmp_path):
     written = build_report(tmp_path / "nothing", tmp_path / "out", figure1=False)
     assert "No records under" in written["report.html"].read_text()
