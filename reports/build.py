@@ -158,7 +158,7 @@ def _read_attacks(results_dir: str | Path, notes: list[str], methods, classes) -
     return _keep(robustness.attacks_frame(attacks), methods, classes)
 
 
-def _made_by_other_code(records: list[dict], results: str) -> list[str]:
+def _code_notes(records: list[dict], results: str) -> list[str]:
     """Notes (also logged) on the records whose method or bench code has changed since they were made: they stand in
     the tables, where `bench run` would redo them; the commands that do. And on those whose code could not be
     checked (a plug-in not importable here)."""
@@ -229,7 +229,7 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str
         raise MixedModels(refusal(records, results))
     notes = [f"Record skipped: <code>{html.escape(str(path))}</code>: {html.escape(problem)}"
              for path, problem in corrupt]  # corrupt ones, and copies (`bench.records.read_all`)
-    notes += _made_by_other_code(records, results) + _mixed_devices(records)
+    notes += _code_notes(records, results) + _mixed_devices(records)
     attacks = _read_attacks(results_dir, notes, methods, classes)
     if not records:
         notes.append(f"No records under <code>{html.escape(results)}</code>"
