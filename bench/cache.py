@@ -220,6 +220,13 @@ def load_derived(path: Path, map_location="cpu"):
         return None
 
 
+def checkpoint_id(path: Path) -> str | None:
+    """The `id` of the base model or classifier at `path`, its tensors mapped, not read; None if it holds none.
+    CheckpointError names a file that does not load."""
+    payload = load_file(path, "rebuild it with `bench pretrain` / `bench classifier` with --force", mmap=True)
+    return payload.get("id") if isinstance(payload, dict) else None
+
+
 def load_checkpoint(path: Path, kind: str, preset: Preset, rebuild: str) -> dict:
     """Load and check a checkpoint of `kind` ("diffusion" or "classifier") for `preset`; errors say how to
     rebuild it with the command `rebuild`."""

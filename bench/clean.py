@@ -15,6 +15,7 @@ not named with --method-module), and says so. Everything it removes is rebuilt w
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import shutil
@@ -23,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import fingerprint
-from bench.cache import CheckpointError, load_file
+from bench.cache import CheckpointError, checkpoint_id, load_file
 
 log = logging.getLogger(__name__)
 
-CODE = re.compile(r"-code([0-9a-f]{10})$")
 TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
 UNFINISHED_AFTER_S = 3600
 
@@ -45,26 +45,11 @@ def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _code(name: str) -> str | None:
-    """The code key in a derived file's or folder's name (without suffix); None for names of the older layout."""
-    found = CODE.search(name)
-    return found.group(1) if found else None
-
-
 def _other_code(name: str, now: str) -> str | None:
-    made = _code(name)
+    made = fingerprint.tagged_code(name)  # None: a name of the layout before code keys
     if made == now:
         return None
     return "other code" if made else "older cache layout (no code key)"
-
-
-def _id(path: Path) -> tuple[str | None, str | None]:
-    """(the id in checkpoint `path`, None) or (None, why it cannot be read)."""
-    try:
-        payload = load_file(path, "", mmap=True)
-    except (CheckpointError, OSError) as exc:
-        return None, str(exc)
-    return (payload.get("id"), None) if isinstance(payload, dict) else (None, f"{path} holds no checkpoint")
 
 
 def classifier_fingerprints(root: Path) -> set[str]:
@@ -127,12 +112,13 @@ def _samples(folder: Path, base_id: str | None, now: str) -> list[Removal]:
     return found
 
 
-def _references(folder: Path, now: str, classifiers: set[str]) -> list[Removal]:
+def _references(folder: Path, now: str, classifiers) -> list[Removal]:
+    """`classifiers()`: the weight hashes of the cache's classifiers, asked for only where a file names one."""
     found = []
     for path in sorted((folder / "fid-reference").glob("*.npz")):
         why = _other_code(path.stem, now)
         weights = re.search(r"-classifier-([0-9a-f]{16})-", path.name)
-        if why is None and weights and weights.group(1) not in classifiers:
+        if why is None and weights and weights.group(1) not in classifiers():
             why = "a classifier no longer in the cache"
         if why:
             found.append(Removal(path, size_of(path), why))
@@ -148,28 +134,33 @@ def find(root: Path) -> tuple[list[Removal], list[str]]:
     """(what to remove, what is kept that might look removable and why) in the cache at `root`. Methods are looked
     up in the registry, so plug-ins registered in this process (--method-module) are judged too."""
     now, memo, kept = fingerprint.code_key(), {}, []
-    classifiers = classifier_fingerprints(root)
+    classifiers = functools.cache(lambda: classifier_fingerprints(root))  # hashing weights: only where needed
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         if not any((folder / part).is_dir() for part in ("prepared", "samples", "fid-reference")):
             continue
-        base_id, why_not = _id(folder / "base.pt") if (folder / "base.pt").exists() else (None, None)
-        if why_not:  # a damaged base model: leave its derived files to whoever repairs it
-            kept.append(f"{folder}: prepared/ and samples/ kept, base.pt does not load ({why_not})")
+        try:
+            base_id = checkpoint_id(folder / "base.pt") if (folder / "base.pt").exists() else None
+        except CheckpointError as exc:  # a damaged base model: leave its derived files to whoever repairs it
+            kept.append(f"{folder}: prepared/ and samples/ kept, base.pt does not load ({exc})")
         else:
             found += _prepared(folder, base_id, memo, kept) + _samples(folder, base_id, now)
         found += _references(folder, now, classifiers)
     return found + _unfinished(root, time.time()), kept
 
 
-def remove(removals: list[Removal]) -> None:
-    for removal in removals:
-        if removal.path.is_dir():
-            shutil.rmtree(removal.path)
-        else:
-            removal.path.unlink(missing_ok=True)
-        log.debug("removed %s (%s)", removal.path, removal.why)
+def remove(removal: Removal) -> None:
+    if removal.path.is_dir():
+        shutil.rmtree(removal.path)
+    else:
+        removal.path.unlink(missing_ok=True)
+    log.debug("removed %s (%s)", removal.path, removal.why)
 
 
 def readable(size: int) -> str:
     return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
+
+
+def total(removals: list[Removal]) -> str:
+    """`N file(s) or folder(s), <size>`."""
+    return f"{len(removals)} file(s) or folder(s), {readable(sum(r.size for r in removals))}"

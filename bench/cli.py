@@ -425,9 +425,8 @@ def _unread_cache_note(cache_dir: str | None) -> None:
         log.debug("cache %s not checked for unread files: %s", root, exc)
         return
     if removals:
-        size = clean.readable(sum(r.size for r in removals))
-        click.echo(f"note: the cache holds {len(removals)} file(s) or folder(s), {size}, that this code no longer reads "
-                   f"(made by other code or models): `bench clean --cache {root} --dry-run` lists them", err=True)
+        click.echo(f"note: the cache holds {clean.total(removals)}, that this code no longer reads (made by other "
+                   f"code or models): `bench clean --cache {root} --dry-run` lists them", err=True)
 
 
 @main.command("prepare")
@@ -777,14 +776,13 @@ def clean_cmd(cache_dir, dry_run) -> None:
     for removal in removals:
         try:
             if not dry_run:
-                clean.remove([removal])
+                clean.remove(removal)
         except OSError as exc:
             _fail(f"cannot remove {exc.filename or removal.path} ({exc.strerror or exc}); the rest was left")
         click.echo(f"{verb} {clean.readable(removal.size):>10}  {removal.path}  ({removal.why})")
     for note in kept:
         click.echo(f"kept: {note}")
-    total = clean.readable(sum(r.size for r in removals))
-    click.echo(f"{verb} {len(removals)} file(s) or folder(s), {total}, from {root}" if removals else
+    click.echo(f"{verb} {clean.total(removals)}, from {root}" if removals else
                f"nothing to remove in {root}" + ("" if kept else ": every derived file is of the current code and models"))
 
 

@@ -32,7 +32,7 @@ from bench.config import Preset, Protocol
 from bench.data import ClassDataset, from_uint8, to_uint8
 from bench.device import Speed, progress_bar
 from bench.diffusion import NoiseSchedule, sample
-from bench.fingerprint import code_key
+from bench.fingerprint import code_tag
 from bench.inception import images_fingerprint, inception_features, inception_model, reference_statistics
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _samples_key(protocol: Protocol, speed: Speed | None, device: torch.device) 
     fields["amp"] = bool(speed is not None and speed.for_device(device).amp)
     fields["device"] = device.type
     # the code's key readable in the name, for `bench clean` (bench/clean.py)
-    return f"{hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]}-code{code_key()}"
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10] + code_tag()
 
 
 class Sampler:
@@ -164,11 +164,10 @@ def fid_reference_key(protocol: Protocol, source: str, forget_class: int, count:
     """The cache name of the reference statistics: data set, forget class, image count, features and the code that
     computes them (`bench.fingerprint.code_key`)."""
     slug = "".join(ch if ch.isalnum() else "-" for ch in source.lower()).strip("-")
-    code = code_key()
     if protocol.fid_features == "inception":
-        return f"{slug}-retain{forget_class}-n{count}-inception-code{code}"
+        return f"{slug}-retain{forget_class}-n{count}-inception{code_tag()}"
     if protocol.fid_features == "classifier":
-        return f"{slug}-retain{forget_class}-n{count}-classifier-{classifier}-code{code}"
+        return f"{slug}-retain{forget_class}-n{count}-classifier-{classifier}{code_tag()}"
     raise ValueError(f"unknown FID features {protocol.fid_features!r}; choose from inception, classifier")
 
 

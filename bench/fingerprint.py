@@ -20,6 +20,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -221,6 +222,17 @@ def code_key(cls: type | None = None) -> str:
     record run again must not evaluate with samples, or unlearn with a preparation, that the old code made."""
     parts = [bench_code(cls), method_code(cls) if cls is not None else None]
     return hashlib.sha256("".join((part or {}).get("sha256", "") for part in parts).encode()).hexdigest()[:10]
+
+
+def code_tag(cls: type | None = None) -> str:
+    """`-code<code_key(cls)>`: how a derived cache file's name ends (`tagged_code` reads it back)."""
+    return f"-code{code_key(cls)}"
+
+
+def tagged_code(name: str) -> str | None:
+    """The code key at the end of a derived file's or folder's name (suffix removed); None where it has none."""
+    found = re.search(r"-code([0-9a-f]{10})$", name)
+    return found.group(1) if found else None
 
 
 def attack_code(scheme: str = SCHEME) -> dict | None:

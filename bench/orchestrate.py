@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from bench import claims, fingerprint, records
 from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, finished_attack, pending_attacks
-from bench.cache import Cache, load_file
+from bench.cache import Cache, checkpoint_id
 from bench.cluster import make_executor, resources, submit_all, submit_grouped, wait_all
 from bench.config import get_preset
 from bench.device import choose_threads, progress_bar
@@ -72,14 +72,9 @@ class Outcome:
 def current_ids(spec: RunSpec) -> tuple[str | None, str | None]:
     """The ids of the base model and classifier a run of `spec` would use now (None where there is none yet)."""
     preset, cache = get_preset(spec.preset), Cache(spec.cache, spec.data_root)
-    ids = []
-    for path in (cache.base_path(preset), cache.classifier_path(preset)):
-        if not path.exists():
-            ids.append(None)
-            continue
-        payload = load_file(path, "rebuild it with `bench pretrain` / `bench classifier` with --force", mmap=True)
-        ids.append(payload.get("id") if isinstance(payload, dict) else None)
-    return ids[0], ids[1]
+    base, classifier = (checkpoint_id(path) if path.exists() else None
+                        for path in (cache.base_path(preset), cache.classifier_path(preset)))
+    return base, classifier
 
 
 def stale_reason(record: dict, spec: RunSpec, ids: tuple[str | None, str | None]) -> str | None:

@@ -250,7 +250,7 @@ def preparation_path(cache: Cache, method: UnlearningMethod, base_id: str):
     that computes it (`fingerprint.code_key`); None when it has nothing to prepare."""
     key = method.cache_key()
     return None if key is None else cache.prepared_path(method.ctx.preset, method.name, base_id,
-                                                        f"{key}-code{fingerprint.code_key(type(method))}")
+                                                        key + fingerprint.code_tag(type(method)))
 
 
 def load_preparation(method: UnlearningMethod, cache: Cache, base_id: str) -> dict[str, float]:
