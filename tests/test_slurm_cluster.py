@@ -308,8 +308,9 @@ def test_preempted_long_run_is_requeued_and_resumes_from_its_checkpoint(slurm_cl
     slurm_cluster.run("scancel", "--signal=USR2", job_id)  # what SLURM sends before preemption or the time limit
     wait_for(lambda: slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%T").stdout.strip() == "PENDING",
              WAIT_S, "the job requeued")
-    # SLURM holds a requeued job back for cred_expire (20 s on this cluster, 120 s by default): the first attempt's
-    # credential is revoked until then, and forcing an earlier start (StartTime=now) got "Job credential revoked"
+    # SLURM holds a requeued job back for cred_expire (5 s on this cluster, the least munge takes; 120 s by default):
+    # the first attempt's credential is revoked until then, and forcing an earlier start (StartTime=now) got "Job
+    # credential revoked". The scheduling loop that then starts it runs every second here (sched_interval=1).
     assert finished_state(slurm_cluster, job_id) == "COMPLETED"
     timings = records.read_record(run_dir / records.RECORD_NAME)["timings"]
     assert timings["iterations"] == 120 and timings["resumed_from_step"] >= 10, timings
