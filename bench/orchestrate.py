@@ -17,6 +17,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import select
 import signal
 import socket
 import threading
@@ -353,9 +354,9 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" + (f" at {where}" if where else "")
 
 
-def _worker_main(conn, threads: int, force: bool, parent: int) -> None:
+def _worker_main(conn, threads: int, force: bool, orchestrator: int) -> None:
     """A worker process: receive (index, spec) on its own pipe until None, send back each run's Outcome."""
-    _die_with_parent(parent)
+    _die_with_orchestrator(orchestrator)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
     torch.set_num_threads(threads)
     # tqdm's default lock is a multiprocessing semaphore, which a spawned process registers with the resource
@@ -368,17 +369,54 @@ def _worker_main(conn, threads: int, force: bool, parent: int) -> None:
         conn.send(_run_guarded(job, spec))
 
 
-def _die_with_parent(parent: int) -> None:
-    """Have Linux send this worker SIGTERM when the orchestrator dies, however it dies (a kill, a lost session):
-    a worker left behind would go on taking CPU and writing records for a sweep nobody waits for."""
-    if not os.uname().sysname == "Linux":
-        return
-    import ctypes
+def _die_with_orchestrator(orchestrator: int) -> None:
+    """SIGTERM to this worker when the orchestrator dies, however it dies (a kill, a lost session): a worker left
+    behind would go on taking CPU and writing records for a sweep nobody waits for.
 
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # it died before the request was made
+    The worker's parent is the fork server (`worker_context`), which outlives a killed orchestrator for as long as
+    a worker holds its liveness pipe, so the parent-death signal cannot tell: a thread waits on the orchestrator
+    itself (a pidfd on Linux, else a poll every second)."""
+    try:
+        handle = os.pidfd_open(orchestrator)
+    except ProcessLookupError:  # it died before this worker started
         os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here (not Linux 5.3+)
+        handle = None
+
+    def watch() -> None:
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while _alive(orchestrator):
+                time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orchestrator-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or its number taken by someone else's process
+        return False
+    return True
+
+
+# What a worker imports before its first run, imported once per sweep by the fork server the workers come from
+# instead of once per worker (~3 CPU-s each): bench, torch, and torch._dynamo, which torch.optim imports on the
+# first step (~1 CPU-s).
+WORKER_PRELOAD = ["bench.orchestrate", "torch._dynamo"]
+
+
+def worker_context():
+    """Workers forked from multiprocessing's fork server: a fresh interpreter that only imported WORKER_PRELOAD
+    and so never ran an OpenMP thread (the orchestrator may have, and is never forked). Fresh interpreters for
+    each worker (spawn) where the platform has no fork server."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_PRELOAD)
+    return context
 
 
 class WorkerPool:
@@ -392,7 +430,7 @@ class WorkerPool:
 
     def __init__(self, workers: int, force: bool, show_progress: bool = True):
         self.workers, self.force, self.show_progress = workers, force, show_progress
-        self.context = multiprocessing.get_context("spawn")  # no fork of a process that runs OpenMP threads
+        self.context = worker_context()
         self.threads, self.why_threads = choose_threads(workers)  # fewer where other programs keep cores busy
 
     def _spawn(self) -> tuple:

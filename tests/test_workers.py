@@ -36,6 +36,13 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -44,31 +51,36 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
-def test_killing_the_orchestrator_stops_its_workers(tiny_cache, tmp_path):
-    """A SIGTERM (or a lost session) to `bench run --workers` must not leave runs going on in the background."""
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the workers watch a Linux pidfd")
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killing_the_orchestrator_stops_its_workers(tiny_cache, tmp_path, how):
+    """A SIGTERM, a SIGKILL (or a lost session) to `bench run --workers` must not leave runs going on in the
+    background, nor the fork server the workers came from."""
     command = [sys.executable, "-m", "bench.cli", "run", "--preset", "tiny", "--methods", "sa", "--classes", "0-9",
                "--set", "sa.iterations=100000", "--workers", "2", "--no-progress", "--cache", tiny_cache,
                "--out", str(tmp_path)]
     workers: list[int] = []
+    servers: list[int] = []
     parent = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(workers) < 2:
             time.sleep(0.5)
-            workers = [pid for pid in _children(parent.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+            servers = [pid for pid in _children(parent.pid) if "forkserver" in _cmdline(pid)]
+            workers = [pid for server in servers for pid in _children(server)]
         assert len(workers) == 2, "the worker processes never started"
-        time.sleep(3)  # let them import and start their runs
-        parent.send_signal(signal.SIGTERM)
+        time.sleep(3)  # let them start their runs
+        parent.send_signal(how)
         parent.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        while time.monotonic() < deadline and any(_alive(pid) for pid in [*workers, *servers]):
             time.sleep(0.5)
         assert not any(_alive(pid) for pid in workers), "workers outlived the orchestrator"
+        assert not any(_alive(pid) for pid in servers), "the fork server outlived the orchestrator"
         assert not list(tmp_path.rglob("record.json"))  # and nothing half-done was recorded
     finally:
-        for pid in [parent.pid, *_children(parent.pid), *workers]:  # whatever the outcome
+        for pid in [parent.pid, *_children(parent.pid), *servers, *workers]:  # whatever the outcome
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
