@@ -93,24 +93,21 @@ def test_the_plan_sets_what_the_preset_would_run_at_each_fraction_and_never_abov
 # --- the report: real records of a tiny sweep -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sweep_results(tmp_path_factory, tiny_cache):
+def sweep_results(tmp_path_factory, tiny_cache, bench_cli):
     """SAFEMax on the tiny preset at iterations 1, 2, 4 (a sweep) and at its default (3), classes 0 and 1."""
-    from tests.conftest import run_bench
-
     results = tmp_path_factory.mktemp("budget-sweep")
     common = ("--preset", "tiny", "--methods", "safemax", "--classes", "0,1", "--device", "cpu", "--no-progress",
               "--cache", tiny_cache, "--results", str(results))
     for extra in (("--set", "safemax.iterations=1,2,4"), ()):
-        done = run_bench("run", *common, *extra)
+        done = bench_cli("run", *common, *extra)
         assert done.returncode == 0, done.stderr[-2000:]
     return results
 
 
-def test_bench_report_draws_budget_curves_and_the_matched_compute_table_from_a_sweep(sweep_results, tmp_path):
-    from tests.conftest import run_bench
-
+def test_bench_report_draws_budget_curves_and_the_matched_compute_table_from_a_sweep(sweep_results, tmp_path,
+                                                                                     bench_cli):
     out = tmp_path / "report"
-    done = run_bench("report", "--results", str(sweep_results), "--report-dir", str(out), "--no-figure1")
+    done = bench_cli("report", "--results", str(sweep_results), "--report-dir", str(out), "--no-figure1")
     assert done.returncode == 0, done.stderr[-2000:]
     folder = out / "tiny" / "paper"
     assert (folder / "figures" / "budget_curves.png").stat().st_size > 0

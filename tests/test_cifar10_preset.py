@@ -18,7 +18,6 @@ from bench.config import ClassifierConfig, get_preset
 from bench.evaluate import fid_scorer, reference_images
 from bench.prerequisites import load_classifier_payload, train_classifier
 from bench.sweep import RunSpec, resolve_protocol
-from tests.conftest import run_bench
 
 # ../shared beside the repository, or $BENCH_SHARED (as in test_cifar_data.py).
 SHARED = Path(os.environ.get("BENCH_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -97,7 +96,7 @@ def test_classifier_fid_is_lower_for_real_retained_images_than_for_the_forget_cl
 
 
 @pytest.mark.skipif(not JPEG_ROOT.is_dir(), reason=f"no CIFAR-10 JPEG copy at {JPEG_ROOT} (set BENCH_SHARED)")
-def test_cifar10_fast_protocol_runs_end_to_end_on_the_cpu_with_inception_fid(tmp_path):
+def test_cifar10_fast_protocol_runs_end_to_end_on_the_cpu_with_inception_fid(tmp_path, bench_cli):
     """Mechanics only: a 2-step base model, a 1-step ResNet34, 1 SAFEMax iteration, 2 sampler steps, 36 images."""
     common = ("--preset", "cifar10", "--cache", str(tmp_path / "cache"), "--data-root", str(JPEG_ROOT),
               "--device", "cpu")
@@ -110,7 +109,7 @@ def test_cifar10_fast_protocol_runs_end_to_end_on_the_cpu_with_inception_fid(tmp
               "--set", "protocol.noise_samples=4", "--set", "protocol.fid_reference_per_class=2",
               "--set", "protocol.inception_weights=fid-helper")]
     for args in steps:
-        result = run_bench(*args, timeout_s=900)
+        result = bench_cli(*args, timeout_s=900)
         assert result.returncode == 0, result.stdout + result.stderr
     [path] = (tmp_path / "results").rglob("record.json")
     record = json.loads(path.read_text())

@@ -53,11 +53,9 @@ def test_fashion_preset_scales_the_paper_and_fits_its_data():
 
 
 @needs_package
-def test_fashion_preset_runs_end_to_end_on_the_cpu(tmp_path):
+def test_fashion_preset_runs_end_to_end_on_the_cpu(tmp_path, bench_cli):
     """Mechanics on the real data set: a 2-step base model and classifier, 2 SAFEMax steps, a few samples."""
     import json
-
-    from tests.conftest import run_bench
 
     common = ("--preset", "fashion", "--cache", str(tmp_path / "cache"), "--device", "cpu")
     for args in [("pretrain", *common, "--iterations", "2", "--batch-size", "4"),
@@ -67,7 +65,7 @@ def test_fashion_preset_runs_end_to_end_on_the_cpu(tmp_path):
                   "--set", "protocol.sampler_steps=2", "--set", "protocol.forget_samples=8",
                   "--set", "protocol.retain_samples_per_class=4", "--set", "protocol.noise_samples=8",
                   "--set", "protocol.fid_reference_per_class=20")]:
-        result = run_bench(*args, timeout_s=600)
+        result = bench_cli(*args, timeout_s=600)
         assert result.returncode == 0, result.stdout + result.stderr
     [path] = (tmp_path / "results").rglob("record.json")
     record = json.loads(path.read_text())

@@ -24,11 +24,11 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(tmp_path_factory, tiny_cache):
     """Records of original and safemax on classes 0-1 (plus safemax lambda=0 on class 0), and their report."""
     root = tmp_path_factory.mktemp("reports")
     results, preset = root / "results", get_preset("tiny")
-    common = dict(results=str(results), cache=str(root / "cache"), device="cpu", progress=False)
+    common = dict(results=str(results), cache=tiny_cache, device="cpu", progress=False)
     specs = build_specs(preset, ["original", "safemax"], [0, 1], [0], Sweep({}, {}), **common)
     specs += build_specs(preset, ["safemax"], [0], [0], Sweep({"safemax": {"lam": [0.0]}}, {}), **common)
     outcomes = run_local(specs)
@@ -38,7 +38,7 @@ def report(tmp_path_factory):
     asked = build_report(results, root / "asked", figure1=False, methods=["original", "sa", "safemax"],
                          classes=list(range(10)))
     return {"results": results, "out": root / "out", "written": written, "asked": asked,
-            "records": [o.record for o in outcomes]}
+            "records": [o.record for o in outcomes], "cache": tiny_cache}
 
 
 def test_report_writes_tables_figures_and_page(report):
@@ -71,7 +71,7 @@ def test_missing_cells_carry_the_command_that_fills_them(report):
     markdown = report["asked"]["tiny/paper/tables/table1.md"].read_text()
     results = report["results"]
     command = (f"bench run --preset tiny --protocol paper --methods safemax --classes 2-9 --seeds 0 "
-               f"--results {results} --cache {results.parent / 'cache'}")
+               f"--results {results} --cache {report['cache']}")
     number = re.search(rf"\[(\d+)\] missing runs: `{re.escape(command)}`", markdown).group(1)
     row5 = next(line for line in markdown.splitlines() if line.startswith("| 5 |"))
     assert f"missing [{number}]" in row5
