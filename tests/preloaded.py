@@ -2,8 +2,8 @@
 
 A `bench` command a test runs is a process of its own, as a user's is: its own module state, environment,
 working directory, PYTHONPATH, file descriptors, exit status. Starting one the plain way costs ~2 CPU-s on this
-machine to import torch, and ~1 more for torch._dynamo, which torch.optim imports on the first step: in the suite,
-about a third of the CPU goes to that. Here each command is instead forked from a server (one per test worker)
+machine to import torch, and ~1 more for torch._dynamo, which torch.optim imports on the first step: that was
+about a third of the suite's CPU. Here each command is instead forked from a server (one per test worker)
 that imported those third-party modules once and nothing else. The server never imports the project (bench,
 methods, plug-ins), so each command imports the code of its own checkout and PYTHONPATH afresh, and it exits
 through the interpreter's own end (atexit, tracebacks, SystemExit). What depends on how a process starts (signals,
