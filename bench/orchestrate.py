@@ -359,7 +359,7 @@ def _worker_main(conn, threads: int, force: bool, orchestrator: int) -> None:
     _die_with_orchestrator(orchestrator)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
     torch.set_num_threads(threads)
-    # tqdm's default lock is a multiprocessing semaphore, which a spawned process registers with the resource
+    # tqdm's default lock is a multiprocessing semaphore, which a worker process registers with the resource
     # tracker (a "leaked semaphore" warning when it is terminated); a worker draws no bars: a thread lock does
     tqdm.set_lock(threading.RLock())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -51,7 +51,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the workers watch a Linux pidfd")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc (Linux only)")
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killing_the_orchestrator_stops_its_workers(tiny_cache, tmp_path, how):
     """A SIGTERM, a SIGKILL (or a lost session) to `bench run --workers` must not leave runs going on in the
