@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
+import platform
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -96,10 +99,35 @@ def pick_device(name: str | None = None) -> torch.device:
     return device
 
 
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name ('AMD EPYC 9654 96-Core Processor'): /proc/cpuinfo's, else lscpu's (Linux on ARM
+    names the core there) or sysctl's (macOS), else the architecture ('aarch64')."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path(cpuinfo).read_text().splitlines()
+                 if line.split(":", 1)[0].strip() in ("model name", "cpu model")]
+    except OSError:
+        names = []
+    command = {"linux": ["lscpu"], "darwin": ["sysctl", "-n", "machdep.cpu.brand_string"]}.get(sys.platform)
+    if not any(names) and command:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            shown = subprocess.run(command, capture_output=True, text=True, timeout=5).stdout
+            names = [line.split(":", 1)[1].strip() for line in shown.splitlines() if line.startswith("Model name:")]
+            names = names if command[0] == "lscpu" else [shown.strip()]
+    return " + ".join(name for name in dict.fromkeys(names) if name) or platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
+    """What ran it, as records and `bench perf` name it: the GPU's name, or the CPU's model and the torch threads
+    ('cpu (AMD EPYC 9654 96-Core Processor, 1 thread)'). Seconds compare only between runs of one name, so reports
+    flag tables that mix names (reports/mixing.py)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    model = _cpu_model()
+    return f"cpu ({model + ', ' if model else ''}{threads} thread{'' if threads == 1 else 's'})"
+
+
+_cpu_model = functools.cache(cpu_model)
 
 
 @dataclass(frozen=True)

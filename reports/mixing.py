@@ -46,7 +46,7 @@ def mixed_models(records: list[dict]) -> dict[str, Counter]:
 
 
 def mixed_devices(records: list[dict]) -> dict[tuple[str, str], Counter]:
-    """(preset, protocol) -> record count per device (`provenance.device`: the GPU, or the CPU and its threads), for
+    """(preset, protocol) -> record count per device (`provenance.device`: the GPU, or the CPU model and its threads), for
     each table whose records ran on several: their seconds and peak memory do not compare."""
     found = defaultdict(Counter)
     for record in records:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from bench import device
 from bench.device import choose_threads
@@ -60,3 +61,42 @@ def test_runnable_now_reads_this_machine():
         assert now is not None and now >= 0
     else:
         assert now is None
+
+
+# -- what records call this CPU -----------------------------------------------------------------------------------
+EPYC = "AMD EPYC 9654 96-Core Processor"
+
+
+def _cpuinfo(tmp_path, *models: str):
+    path = tmp_path / "cpuinfo"
+    path.write_text("".join(f"processor\t: {i}\nvendor_id\t: AuthenticAMD\nmodel name\t: {model}\nflags\t\t: fpu\n\n"
+                            for i, model in enumerate(models)))
+    return path
+
+
+def test_a_cpu_device_is_named_by_its_model_and_threads(tmp_path, monkeypatch):
+    """RTE on one CPU model does not compare with another's: the name that records and `bench perf` carry says which."""
+    assert device.cpu_model(_cpuinfo(tmp_path, EPYC, EPYC)) == EPYC
+    monkeypatch.setattr(device, "_cpu_model", lambda: EPYC)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert device.device_name(torch.device("cpu")) == f"cpu ({EPYC}, 1 thread)"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert device.device_name(torch.device("cpu")) == f"cpu ({EPYC}, 8 threads)"
+
+
+def test_a_cpuinfo_without_a_model_name_falls_back_to_what_the_system_says(tmp_path):
+    """Linux on ARM has no 'model name' line: lscpu (or at least the architecture) names it, never ''."""
+    bare = tmp_path / "arm-cpuinfo"
+    bare.write_text("processor\t: 0\nCPU implementer\t: 0x41\nCPU part\t: 0xd4f\n\n")
+    assert device.cpu_model(bare) and device.cpu_model(tmp_path / "missing")
+
+
+def test_records_from_two_cpu_models_are_flagged_as_mixed_devices(tmp_path, monkeypatch):
+    from reports.mixing import mixed_devices
+
+    names = []
+    for model in (EPYC, "Intel(R) Xeon(R) Platinum 8480+"):
+        monkeypatch.setattr(device, "_cpu_model", lambda model=model: model)
+        names.append(device.device_name(torch.device("cpu")))
+    runs = [{"preset": "digits", "protocol": {"name": "paper"}, "provenance": {"device": name}} for name in names]
+    assert mixed_devices(runs) == {("digits", "paper"): {names[0]: 1, names[1]: 1}}
