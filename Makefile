@@ -13,7 +13,7 @@ ARGS ?=
 # Test processes; each file's tests stay in one process (the SLURM cluster fixture starts one cluster).
 TEST_WORKERS ?= 2
 
-.PHONY: install system-packages run run-quick report test lint clean gpu-check
+.PHONY: install system-packages run run-quick report test test-quick lint clean gpu-check
 
 # What running needs: a virtual environment with the package (pip only, no system packages).
 install: $(STAMP)
@@ -56,6 +56,11 @@ report: install
 
 test: install system-packages
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+
+# The edit-test loop: every test but those marked slow (4 s or more in `make test`: the end-to-end runs, SLURM, worker
+# pools, reports), ~430 of ~500 in about 2 minutes on 2 cores. `make test` (and CI) still runs them all.
+test-quick: install system-packages
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 lint: install
 	$(BIN)/ruff check bench methods reports tests scripts

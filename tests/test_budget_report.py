@@ -104,6 +104,7 @@ def sweep_results(tmp_path_factory, tiny_cache, bench_cli):
     return results
 
 
+@pytest.mark.slow
 def test_bench_report_draws_budget_curves_and_the_matched_compute_table_from_a_sweep(sweep_results, tmp_path,
                                                                                      bench_cli):
     out = tmp_path / "report"
@@ -205,6 +206,7 @@ def test_the_tradeoff_axis_goes_logarithmic_and_names_an_outlier_fd(sweep_result
     assert "logarithmic because GA 209" in figure.caption
 
 
+@pytest.mark.slow
 def test_the_study_runs_its_grid_through_bench_run_stops_at_the_cpu_cap_resumes_and_selects(tiny_cache, tmp_path):
     import subprocess
 

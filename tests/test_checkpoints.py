@@ -108,6 +108,7 @@ def test_a_file_that_needs_arbitrary_unpickling_is_refused_without_running_it(tm
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_pretraining_is_reproducible_whatever_the_process_drew_before(tmp_path):
     # The base model every run starts from must be the same on every machine and in every process for one seed.
     preset = get_preset("tiny")

@@ -96,6 +96,7 @@ def test_classifier_fid_is_lower_for_real_retained_images_than_for_the_forget_cl
 
 
 @pytest.mark.skipif(not JPEG_ROOT.is_dir(), reason=f"no CIFAR-10 JPEG copy at {JPEG_ROOT} (set BENCH_SHARED)")
+@pytest.mark.slow
 def test_cifar10_fast_protocol_runs_end_to_end_on_the_cpu_with_inception_fid(tmp_path, bench_cli):
     """Mechanics only: a 2-step base model, a 1-step ResNet34, 1 SAFEMax iteration, 2 sampler steps, 36 images."""
     common = ("--preset", "cifar10", "--cache", str(tmp_path / "cache"), "--data-root", str(JPEG_ROOT),

@@ -46,6 +46,7 @@ def test_mixup_training_records_its_settings(tmp_path):
     assert "smoke test" in payload["source"]
 
 
+@pytest.mark.slow
 def test_digits_classifier_labels_saturated_noise_as_one_class_with_high_entropy(tmp_path):
     """What makes UA and H readable: SAFEMax's forget samples are saturated (+-1) noise, SA's uniform noise.
 

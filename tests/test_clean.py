@@ -11,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from bench import records
@@ -29,6 +30,7 @@ def _files(root: Path) -> dict[str, float]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_clean_removes_what_nothing_reads_and_a_rerun_then_skips_and_rebuilds_nothing(tmp_path, tiny_cache):
     cache, results = tmp_path / "cache", tmp_path / "results"
     # the base model and classifier only: other tests of this session leave derived files in the shared cache

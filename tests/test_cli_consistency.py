@@ -38,6 +38,7 @@ def test_a_single_worker_sweep_logs_an_eta(results):
     assert "[2/2] original class 1 seed 0 (elapsed " in results["run"].stderr and ", ETA " in results["run"].stderr
 
 
+@pytest.mark.slow
 def test_report_reads_results_and_writes_report_dir(results, bench_cli):
     out = results["root"] / "pages"
     made = bench_cli("report", "--results", str(results["results"]), "--report-dir", str(out), "--no-figure1")

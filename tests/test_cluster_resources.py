@@ -70,6 +70,7 @@ def test_a_slurm_executor_gets_the_methods_time_memory_and_gpus(cluster_file, tm
     assert executor_parameters(make_executor("slurm", tmp_path, resources(config, "safemax")))["time"] == 11
 
 
+@pytest.mark.slow
 def test_each_methods_jobs_get_its_resources(cluster_file, tiny_cache, bench_cli, tmp_path):
     out = tmp_path / "results"
     result = bench_cli("run", "--preset", "tiny", "--methods", "original,safemax", "--classes", "0", "--cache",

@@ -163,6 +163,7 @@ def test_unroll_runs_inside_the_first_iteration_and_the_ema_sees_only_the_outer_
     assert method.inner_steps == 6 and method.f_hat > 0
 
 
+@pytest.mark.slow
 def test_resume_in_the_middle_of_a_round_equals_an_uninterrupted_run(tmp_path):
     def run(path, crash_at=None):
         bench = tiny_bench()

@@ -151,6 +151,7 @@ def test_an_export_reads_only_the_model_inside_the_run_folder(saved_run, tmp_pat
     ("def broken(:\n    pass\n", 1, "SyntaxError"),
     ("import sys\nsys.exit(3)\n", 2, "sys.exit(3)"),
 ])
+@pytest.mark.slow
 def test_a_plugin_module_that_fails_on_import_is_named(tmp_path, bench_cli, body, line, named):
     package = tmp_path / "brokenplugin"
     package.mkdir()

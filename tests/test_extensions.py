@@ -75,6 +75,7 @@ def _env(scratch: Path) -> dict:
     return {"PYTHONPATH": os.pathsep.join([str(scratch / "scratch"), os.environ.get("PYTHONPATH", "")])}
 
 
+@pytest.mark.slow
 def test_a_plugin_method_and_a_preset_file_run_in_workers_and_reach_the_report(scratch, bench_cli):
     results, cache = scratch / "results", scratch / "cache"
     common = ("--preset-file", str(scratch / "wide.yaml"))
@@ -106,6 +107,7 @@ def test_method_module_registers_a_class_by_its_import_path(scratch, bench_cli):
     assert missing.returncode != 0 and "toyunlearn.toy has no Nope" in missing.stderr
 
 
+@pytest.mark.slow
 def test_a_preset_file_is_checked_like_a_built_in_preset(scratch, bench_cli):
     bad = scratch / "bad.yaml"
     bad.write_text(textwrap.dedent("""

@@ -53,6 +53,7 @@ def test_fashion_preset_scales_the_paper_and_fits_its_data():
 
 
 @needs_package
+@pytest.mark.slow
 def test_fashion_preset_runs_end_to_end_on_the_cpu(tmp_path, bench_cli):
     """Mechanics on the real data set: a 2-step base model and classifier, 2 SAFEMax steps, a few samples."""
     import json

@@ -216,6 +216,7 @@ def test_a_broken_data_set_fails_naming_the_file(tmp_path, command, preset, kind
 
 
 # -- faults: no wrong record --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_divergence_on_the_last_step_leaves_a_failure_that_status_shows(tmp_path, tiny_cache):
     out = tmp_path / "results"  # run without --cluster: status reads the run folders themselves
     result = _invoke("run", *TINY, "--methods", "safemax", "--classes", "0", "--set", "safemax.iterations=1",

@@ -55,6 +55,7 @@ def _copy(saved_runs: Path, tmp_path: Path) -> Path:
 
 
 # -- item 3: a worker sweep ends without a resource-tracker warning ----------------------------------------------------
+@pytest.mark.slow
 def test_a_worker_sweep_ends_without_a_leaked_semaphore_warning(tiny_cache, tmp_path, bench_cli):
     result = bench_cli("run", *TINY, "--methods", "original,safemax", "--classes", "0", "--workers", "2",
                        "--cache", tiny_cache, "--out", str(tmp_path))
@@ -151,6 +152,7 @@ def _stop(process: subprocess.Popen, folders: list[Path], how: signal.Signals) -
     ("relearn", ("--schedule", "0,100000"), "0,1", "2"),
     ("embedding", ("--steps", "100000", "--targets", "embedding"), "0", "1"),
 ], ids=["relearn-workers", "embedding-here"])
+@pytest.mark.slow
 def test_ctrl_c_of_an_attack_exits_130_and_status_shows_it_interrupted(saved_runs, tiny_cache, tmp_path, attack,
                                                                        options, classes, workers):
     out = _copy(saved_runs, tmp_path)

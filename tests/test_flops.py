@@ -106,6 +106,7 @@ def test_no_ledger_counts_nothing_and_costs_no_forward():
 
 
 @pytest.mark.parametrize("method", ["sa", "salun", "sfron"])
+@pytest.mark.slow
 def test_preparation_ledger_equals_the_counter_and_changes_nothing(tiny_cache, method):
     """A preparation's FLOPs (SA's priors and Fisher, SalUn's saliency, SFR-on's two Fishers), counted per image,
     equal FlopCounterMode over the whole preparation, and counting leaves what it computes bit for bit the same.

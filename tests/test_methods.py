@@ -47,6 +47,7 @@ def cache_snapshot(root) -> dict:
 
 
 @pytest.mark.parametrize("name", [m for m in METHODS if METHODS[m].Config().iterations > 0])
+@pytest.mark.slow
 def test_every_method_trains_two_finite_steps(name, tiny_cache, tmp_path):
     setup = make_setup(tiny_cache, tmp_path, name)
     method, model = setup.method, setup.model

@@ -299,6 +299,7 @@ def test_interrupted_run_resumes_to_the_requested_step_count(tmp_path, tiny_cach
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_shared_preparation_is_built_once_before_the_runs(tmp_path, tiny_cache):
     """SA's priors and Fisher are built by the prerequisites step, once for all forget classes and variants alike;
     the FID reference statistics once per forget class, for every method alike."""

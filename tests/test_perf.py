@@ -34,6 +34,7 @@ def prepared(bench) -> dict:
     return {name: prepared_for(bench, name) for name in DEFAULT_METHODS}
 
 
+@pytest.mark.slow
 def test_perf_at_tiny_size_writes_a_row_per_method_variant_and_the_sampler(tmp_path):
     # Every method's step under `default` (what `bench run` uses) and the sampler under two variants: one row per
     # (workload, variant). Timing every step twice more (fp32) cost half of this test's minute and checked nothing more.

@@ -32,6 +32,7 @@ def _fresh(args, env, cwd) -> subprocess.CompletedProcess:
     ("--method-module", "echoplug:Echo", "ls"),                     # a plug-in from PYTHONPATH, printing at import
     ("--method-module", "echoplug:Nope", "run", "--dry-run"),       # an error: its exit status and message
 ])
+@pytest.mark.slow
 def test_a_forked_command_equals_a_fresh_interpreter(tmp_path, args, bench_cli):
     (tmp_path / "plug").mkdir()
     (tmp_path / "plug" / "echoplug.py").write_text(PLUGIN)

@@ -77,6 +77,7 @@ def _header(markdown: str) -> str:
     return next(line for line in markdown.splitlines() if line.startswith("| Class"))
 
 
+@pytest.mark.slow
 def test_tables_show_the_methods_and_classes_that_have_records(folder, bench_cli):
     result, tables = _report(bench_cli, folder, "plain")
     assert result.returncode == 0, result.stderr
@@ -89,6 +90,7 @@ def test_tables_show_the_methods_and_classes_that_have_records(folder, bench_cli
     assert rows == ["0", "1"]  # not classes 2-9 of the preset
 
 
+@pytest.mark.slow
 def test_missing_run_commands_carry_the_method_module_and_run_as_pasted(folder, bench_cli):
     result, tables = _report(bench_cli, folder, "commands")
     assert result.returncode == 0, result.stderr
@@ -102,6 +104,7 @@ def test_missing_run_commands_carry_the_method_module_and_run_as_pasted(folder, 
     assert ("toy", 1) in {(r["method"], r["forget_class"]) for r in found}
 
 
+@pytest.mark.slow
 def test_reference_picks_the_paired_baseline(folder, bench_cli):
     result, tables = _report(bench_cli, folder, "default-ref")
     assert result.returncode == 0, result.stderr
@@ -119,6 +122,7 @@ def test_reference_picks_the_paired_baseline(folder, bench_cli):
     assert "choose from original, safemax, toy" in result.stderr and not (folder["root"] / "bad-ref").exists()
 
 
+@pytest.mark.slow
 def test_asked_for_methods_and_classes_get_columns_and_commands(folder, bench_cli):
     result, tables = _report(bench_cli, folder, "asked", "--methods", "original,safemax,sa", "--classes", "0-2")
     assert result.returncode == 0, result.stderr

@@ -111,6 +111,7 @@ def test_a_single_seed_has_no_interval_and_says_n1():
     assert render.plain_text(cell, 3) == "97.50 (n=1)"
 
 
+@pytest.mark.slow
 def test_table_cells_show_mean_sd_ci_and_n(report):
     markdown = (report["out"] / "tiny/paper/tables/table1.md").read_text()
     row0 = next(line for line in markdown.splitlines() if line.startswith("| 0 |"))

@@ -41,6 +41,7 @@ def report(tmp_path_factory, tiny_cache):
             "records": [o.record for o in outcomes], "cache": tiny_cache}
 
 
+@pytest.mark.slow
 def test_report_writes_tables_figures_and_page(report):
     written = report["written"]
     for name in ("table1", "table2", "prepare", "paired"):
@@ -130,6 +131,7 @@ def test_paper_comparison_table_for_cifar10(report):
     assert "--methods sa --classes 0-9 --seeds 0 --results results --data-root DATA_ROOT" in markdown
 
 
+@pytest.mark.slow
 def test_a_table_of_records_from_two_devices_says_their_seconds_do_not_compare(report, tmp_path, caplog):
     from bench import records
 

@@ -64,6 +64,7 @@ def test_copies_of_records_are_skipped_and_named(tmp_path):
 
 
 # -- issue 24 item 11: reports refuse to mix base models --------------------------------------------------------------
+@pytest.mark.slow
 def test_report_refuses_records_of_two_base_models_names_the_stale_ones_and_allow_mixed_says_so(tmp_path, bench_cli):
     results, cache = tmp_path / "R", tmp_path / "cache"
     _record(results, 0, base="tiny-old", cache=cache)
@@ -289,6 +290,7 @@ WEIGHT = 1.0
 '''
 
 
+@pytest.mark.slow
 def test_editing_a_plugin_methods_loss_makes_its_record_stale_and_the_rerun_redoes_it(tmp_path, tiny_cache, bench_cli):
     package = tmp_path / "plugins" / "toyplug"
     package.mkdir(parents=True)

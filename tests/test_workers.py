@@ -15,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache, tiny_sweep, tmp_path, bench_cli,
                                                     sweep_records):
     result = bench_cli("run", *tiny_sweep, "--cache", tiny_cache, "--out", str(tmp_path), "--workers", "2")
@@ -53,6 +54,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc (Linux only)")
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.slow
 def test_killing_the_orchestrator_stops_its_workers(tiny_cache, tmp_path, how):
     """A SIGTERM, a SIGKILL (or a lost session) to `bench run --workers` must not leave runs going on in the
     background, nor the fork server the workers came from."""
