@@ -100,20 +100,27 @@ def pick_device(name: str | None = None) -> torch.device:
 
 
 def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The CPU's model name ('AMD EPYC 9654 96-Core Processor'): /proc/cpuinfo's, else lscpu's (Linux on ARM
-    names the core there) or sysctl's (macOS), else the architecture ('aarch64')."""
+    """The CPU's model name ('AMD EPYC 9654 96-Core Processor'): /proc/cpuinfo's, else what the system tool says
+    (`_system_cpu_names`), else the architecture ('aarch64'). Several models (big and little cores) are joined."""
     try:
         names = [line.split(":", 1)[1].strip() for line in Path(cpuinfo).read_text().splitlines()
                  if line.split(":", 1)[0].strip() in ("model name", "cpu model")]
     except OSError:
         names = []
-    command = {"linux": ["lscpu"], "darwin": ["sysctl", "-n", "machdep.cpu.brand_string"]}.get(sys.platform)
-    if not any(names) and command:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            shown = subprocess.run(command, capture_output=True, text=True, timeout=5).stdout
-            names = [line.split(":", 1)[1].strip() for line in shown.splitlines() if line.startswith("Model name:")]
-            names = names if command[0] == "lscpu" else [shown.strip()]
-    return " + ".join(name for name in dict.fromkeys(names) if name) or platform.processor() or platform.machine()
+    names = [name for name in dict.fromkeys(names or _system_cpu_names()) if name]
+    return " + ".join(names) or platform.processor() or platform.machine()
+
+
+def _system_cpu_names() -> list[str]:
+    """lscpu's model names (Linux on ARM names its cores there, not in /proc/cpuinfo), sysctl's (macOS), or none."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        if sys.platform == "darwin":
+            command = ["sysctl", "-n", "machdep.cpu.brand_string"]
+            return [subprocess.run(command, capture_output=True, text=True, timeout=5).stdout.strip()]
+        if sys.platform.startswith("linux"):
+            shown = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+            return [line.split(":", 1)[1].strip() for line in shown.splitlines() if line.startswith("Model name:")]
+    return []
 
 
 def device_name(device: torch.device) -> str:
