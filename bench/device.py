@@ -99,9 +99,11 @@ def pick_device(name: str | None = None) -> torch.device:
     return device
 
 
+@functools.cache
 def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     """The CPU's model name ('AMD EPYC 9654 96-Core Processor'): /proc/cpuinfo's, else what the system tool says
-    (`_system_cpu_names`), else the architecture ('aarch64'). Several models (big and little cores) are joined."""
+    (`_system_cpu_names`), else the architecture ('aarch64'). Several models (big and little cores) are joined.
+    Read once per process and file."""
     try:
         names = [line.split(":", 1)[1].strip() for line in Path(cpuinfo).read_text().splitlines()
                  if line.split(":", 1)[0].strip() in ("model name", "cpu model")]
@@ -130,11 +132,9 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
-    model = _cpu_model()
+    model = cpu_model()
     return f"cpu ({model + ', ' if model else ''}{threads} thread{'' if threads == 1 else 's'})"
 
-
-_cpu_model = functools.cache(cpu_model)
 
 
 @dataclass(frozen=True)

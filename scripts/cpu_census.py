@@ -77,8 +77,9 @@ def main() -> int:
     for key, (line, seconds) in last.items():
         used = seconds - before.get(key, ("", 0.0))[1]
         if used > 0:
-            cpu[kind(line)] += used
-            count[kind(line)] += 1
+            label = kind(line)
+            cpu[label] += used
+            count[label] += 1
     print(f"\n{' '.join(command)}: exit {code}, {wall:.0f} s; machine busy {busy1 - busy0:.0f} CPU-s, "
           f"idle {idle1 - idle0:.0f} CPU-s on {os.cpu_count()} cores\n")
     print("| processes | count | CPU-s |\n|---|---:|---:|")

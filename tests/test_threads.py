@@ -77,7 +77,7 @@ def _cpuinfo(tmp_path, *models: str):
 def test_a_cpu_device_is_named_by_its_model_and_threads(tmp_path, monkeypatch):
     """RTE on one CPU model does not compare with another's: the name that records and `bench perf` carry says which."""
     assert device.cpu_model(_cpuinfo(tmp_path, EPYC, EPYC)) == EPYC
-    monkeypatch.setattr(device, "_cpu_model", lambda: EPYC)
+    monkeypatch.setattr(device, "cpu_model", lambda: EPYC)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert device.device_name(torch.device("cpu")) == f"cpu ({EPYC}, 1 thread)"
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
@@ -96,7 +96,7 @@ def test_records_from_two_cpu_models_are_flagged_as_mixed_devices(tmp_path, monk
 
     names = []
     for model in (EPYC, "Intel(R) Xeon(R) Platinum 8480+"):
-        monkeypatch.setattr(device, "_cpu_model", lambda model=model: model)
+        monkeypatch.setattr(device, "cpu_model", lambda model=model: model)
         names.append(device.device_name(torch.device("cpu")))
     runs = [{"preset": "digits", "protocol": {"name": "paper"}, "provenance": {"device": name}} for name in names]
     assert mixed_devices(runs) == {("digits", "paper"): {names[0]: 1, names[1]: 1}}
