@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Which CPU speed-ups keep every number? Measures the candidates of issue 27 item 2 against the plain path.
 
-For the digits UNet on one CPU thread, each candidate is timed back to back with the plain path, interleaved
-(plain, candidate, plain, candidate, ...) so that a change in the machine's load hits both arms alike, and checked
-for bitwise equality with it: a training candidate after `--steps` Adam steps of batch 64 (the weights), a sampling
-candidate on one guided forward (the prediction). The ratio is the median of the per-pair ratios.
+For a preset's UNet (`--preset`, digits by default) on one CPU thread, each candidate is timed back to back with
+the plain path, interleaved (plain, candidate, plain, candidate, ...) so that a change in the machine's load hits
+both arms alike, and checked for bitwise equality with it: a training candidate after `--steps` Adam steps of batch
+64 (the weights), a sampling candidate on one guided forward (the prediction). The ratio is the median of the
+per-pair ratios. The sampling batches are the preset's evaluation's: one retained class per batch, or all of them.
 
     python scripts/cpu_options.py                 # prints a Markdown table
     python scripts/cpu_options.py --compile       # torch.compile too (a minute or more of compilation)
+    python scripts/cpu_options.py --preset tiny   # the UNet and evaluation batches of the preset the tests use
 
 Candidates: channels-last layout; oneDNN off (PyTorch's own convolution); Adam without foreach / fused; a larger
 sampling batch (every retained class in one batch instead of one class per batch); torch.compile (inductor).
@@ -27,17 +29,16 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.config import get_preset  # noqa: E402
+from bench.config import UNetConfig, get_preset  # noqa: E402
 from bench.unet import ConditionalUNet  # noqa: E402
 
 BATCH = 64
 
 
-def train_arm(steps: int, channels_last: bool = False, mkldnn: bool = True, compile_model: bool = False,
-              **adam) -> tuple[dict, list[float]]:
+def train_arm(config: UNetConfig, steps: int, channels_last: bool = False, mkldnn: bool = True,
+              compile_model: bool = False, **adam) -> tuple[dict, list[float]]:
     """Weights after `steps` Adam steps of the DDPM-style squared error on fixed random data, and each step's
     seconds. Every arm draws the same data and dropout."""
-    config = get_preset("digits").unet
     torch.manual_seed(0)
     model = ConditionalUNet(config)
     if channels_last:
@@ -66,11 +67,10 @@ def train_arm(steps: int, channels_last: bool = False, mkldnn: bool = True, comp
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, seconds
 
 
-def sample_arm(images: int, per_batch: int, channels_last: bool = False, compile_model: bool = False
-               ) -> tuple[torch.Tensor, float]:
+def sample_arm(config: UNetConfig, images: int, per_batch: int, channels_last: bool = False,
+               compile_model: bool = False) -> tuple[torch.Tensor, float]:
     """The guided forward of `images` images in batches of `per_batch` (x2 for the unconditional half): the
     prediction and the seconds per image."""
-    config = get_preset("digits").unet
     torch.manual_seed(0)
     model = ConditionalUNet(config).eval()
     if channels_last:
@@ -114,28 +114,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="training steps per arm (default 20)")
     parser.add_argument("--pairs", type=int, default=3, help="interleaved plain/candidate pairs (default 3)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile (slow to compile)")
+    parser.add_argument("--preset", default="digits", help="whose UNet and evaluation batches (default digits)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    preset = get_preset(args.preset)
+    protocol = preset.protocol(None)
+    per_class = min(protocol.retain_samples_per_class, protocol.batch_size)  # one sampler batch per retained class
+    retained = (preset.num_classes - 1) * per_class
 
     def train(**kw):
         def run():
-            weights, seconds = train_arm(args.steps, **kw)
+            weights, seconds = train_arm(preset.unet, args.steps, **kw)
             return weights, statistics.median(seconds[2:])
         return run
+
+    def sampled(images: int, per_batch: int, **kw):
+        return lambda: sample_arm(preset.unet, images, per_batch, **kw)
 
     rows = [compare("channels-last (training step)", train(), train(channels_last=True), args.pairs, "train"),
             compare("oneDNN off (training step)", train(), train(mkldnn=False), args.pairs, "train"),
             compare("Adam for-loop instead of foreach", train(), train(foreach=False), args.pairs, "train"),
             compare("Adam fused", train(), train(foreach=False, fused=True), args.pairs, "train"),
-            compare("9 classes per sampling batch (900 vs 100 images)", lambda: sample_arm(900, 100),
-                    lambda: sample_arm(900, 900), args.pairs, "sample"),
-            compare("channels-last (sampling)", lambda: sample_arm(900, 100),
-                    lambda: sample_arm(900, 100, channels_last=True), args.pairs, "sample")]
+            compare(f"{preset.num_classes - 1} classes per sampling batch ({retained} vs {per_class} images)",
+                    sampled(retained, per_class), sampled(retained, retained), args.pairs, "sample"),
+            compare("channels-last (sampling)", sampled(retained, per_class),
+                    sampled(retained, per_class, channels_last=True), args.pairs, "sample")]
     if args.compile:
         rows += [compare("torch.compile (training step)", train(), train(compile_model=True), 1, "train"),
-                 compare("torch.compile (sampling)", lambda: sample_arm(900, 100),
-                         lambda: sample_arm(900, 100, compile_model=True), 1, "sample")]
-    print(f"torch {torch.__version__}, 1 thread, digits UNet, batch {BATCH}, {args.steps} steps, "
+                 compare("torch.compile (sampling)", sampled(retained, per_class),
+                         sampled(retained, per_class, compile_model=True), 1, "sample")]
+    print(f"torch {torch.__version__}, 1 thread, {preset.name} UNet, training batch {BATCH}, {args.steps} steps, "
           f"{args.pairs} interleaved pairs\n")
     print("| candidate | plain | candidate | candidate / plain time (median of pairs; < 1 is faster) "
           "| bitwise equal | largest difference |")
