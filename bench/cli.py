@@ -1,4 +1,9 @@
-"""`bench`: the command line. Each command parses, delegates, and reports where its outputs are."""
+"""`bench`: the command line. Each command parses, delegates, and reports where its outputs are.
+
+This module holds the group and the commands that make things (ls, pretrain, classifier, run, prepare, perf);
+bench/cli_attack.py the attacks, bench/cli_results.py the commands on records and the cache, and
+bench/cli_common.py what they share.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,25 @@ from pathlib import Path
 import click
 
 from bench import interrupts
-from bench.cache import Cache, CheckpointError, default_cache_dir
+from bench.cache import Cache, CheckpointError
+from bench.cli_attack import attack_group
+from bench.cli_common import (
+    cache_option,
+    cluster_settings,
+    data_root_option,
+    device_option,
+    download_if_asked,
+    download_option,
+    exit_code,
+    fail,
+    grid_options,
+    grid_specs,
+    outcomes_code,
+    preset_named,
+    preset_option,
+    report_attacks,
+)
+from bench.cli_results import clean_cmd, compare_cmd, export_cmd, import_checkpoint_cmd, report_cmd, status_cmd
 from bench.config import PRESETS, get_preset
 from bench.device import pick_device
 from methods import METHODS, load_plugins
@@ -21,45 +44,6 @@ log = logging.getLogger("bench")
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
-
-
-def _fail(message: str) -> None:
-    raise click.ClickException(message)
-
-
-preset_option = click.option("--preset", default="digits", show_default=True,
-                             help=f"one of: {', '.join(PRESETS)}")
-cache_option = click.option(
-    "--cache", "cache_dir", default=None,
-    help=f"cache folder for base models and classifiers [default: $BENCH_CACHE or {default_cache_dir()}]")
-data_root_option = click.option(
-    "--data-root", default=None, help="data set root (CIFAR-10: torchvision root or ImageFolder tree)")
-device_option = click.option("--device", default=None, help="torch device [default: cuda if available, else cpu]")
-download_option = click.option(
-    "--download", is_flag=True, expose_value=False, callback=lambda ctx, _, value: ctx.meta.update(download=value),
-    help="download CIFAR-10 into --data-root first (torchvision; needs network access)")
-
-
-def _download(preset, data_root: str | None) -> None:
-    """With --download, fetch the preset's data set into `data_root` before any work (CIFAR-10 only)."""
-    if not click.get_current_context().meta.get("download"):
-        return
-    if preset.dataset != "cifar10" or not data_root:
-        _fail("--download fetches CIFAR-10 into --data-root: use it with --preset cifar10 --data-root PATH")
-    from bench.data import load_cifar10
-
-    try:
-        for split in ("train", "test"):
-            load_cifar10(split, data_root, download=True)
-    except (OSError, RuntimeError) as exc:  # URLError is an OSError
-        _fail(f"cannot download CIFAR-10 into {data_root} ({exc}); copy a CIFAR-10 root or ImageFolder tree there")
-
-
-def _preset(name: str):
-    try:
-        return get_preset(name)
-    except ValueError as exc:
-        _fail(str(exc))
 
 
 # Options of `bench` itself that may also follow the subcommand: `bench run --method-module m:C` is
@@ -99,7 +83,7 @@ class BenchGroup(click.Group):
 
     def invoke(self, ctx):
         """SIGTERM is Ctrl-C; either one, where no sweep reported what finished, ends the command with 130 and a
-        line saying so (not click's "Aborted!" and 1): one rule for every command (`_exit_code`)."""
+        line saying so (not click's "Aborted!" and 1): one rule for every command (`exit_code`)."""
         previous = interrupts.install()
         try:
             return super().invoke(ctx)
@@ -131,7 +115,7 @@ def main(ctx, verbose: bool, preset_files, method_modules) -> None:
     try:
         load_extensions(extensions)
     except (ValueError, ImportError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     ctx.obj = {"extensions": extensions}
     _take_threads()
 
@@ -156,10 +140,10 @@ def list_cmd(method, preset) -> None:
     """List the registered methods and presets; with METHOD, its resolved configuration; with --preset NAME alone,
     the preset's."""
     if method:
-        _describe_method(method, _preset(preset or "digits"))
+        _describe_method(method, preset_named(preset or "digits"))
         return
     if preset:
-        _describe_preset(_preset(preset))
+        _describe_preset(preset_named(preset))
         return
     click.echo("methods:")
     for name, cls in METHODS.items():
@@ -193,7 +177,7 @@ def _describe_method(name: str, preset) -> None:
     try:
         cls, config, scaled = resolve_method_config(preset, name)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     hints, paper = typing.get_type_hints(cls.Config), cls.Config()
     click.echo(f"{name}: {cls.description}")
     click.echo(f"preset {preset.name}; set with --set {name}.FIELD=V1,V2 (a list sweeps)\n")
@@ -227,8 +211,8 @@ def pretrain_cmd(preset, cache_dir, data_root, device, seed, force, iterations, 
     from bench.prerequisites import pretrain
     from bench.sweep import parse_speed
 
-    preset, cache = _preset(preset), Cache(cache_dir, data_root)
-    _download(preset, data_root)
+    preset, cache = preset_named(preset), Cache(cache_dir, data_root)
+    download_if_asked(preset, data_root)
     path = cache.base_path(preset)
     if path.exists() and not force:
         click.echo(f"base model already at {path} (use --force to retrain)")
@@ -237,7 +221,7 @@ def pretrain_cmd(preset, cache_dir, data_root, device, seed, force, iterations, 
         switches, dev = parse_speed(speed_items), pick_device(device)
         cache.dataset(preset, "train")
     except (ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     speed = Speed(**dict(switches)) if switches else PLAIN
     if force:  # a new base model: its resumable checkpoint belongs to the old one
         path.with_name("base.partial.pt").unlink(missing_ok=True)
@@ -262,8 +246,8 @@ def classifier_cmd(preset, cache_dir, data_root, device, seed, force, steps, tes
     """Train the evaluation classifier of a preset and store its test accuracy."""
     from bench.prerequisites import train_classifier
 
-    preset, cache = _preset(preset), Cache(cache_dir, data_root)
-    _download(preset, data_root)
+    preset, cache = preset_named(preset), Cache(cache_dir, data_root)
+    download_if_asked(preset, data_root)
     path = cache.classifier_path(preset)
     if path.exists() and not force:
         click.echo(f"classifier already at {path} (use --force to retrain)")
@@ -272,67 +256,11 @@ def classifier_cmd(preset, cache_dir, data_root, device, seed, force, steps, tes
         dev = pick_device(device)
         cache.dataset(preset, "train")
     except (ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     payload = train_classifier(preset, cache, dev, seed=seed, steps=steps, test_images=test_images,
                                batch_size=batch_size)
     click.echo(f"classifier: {path} ({payload['source']}; test accuracy {100 * payload['test_accuracy']:.2f}% on "
                f"{payload['test_images']} images, {payload['seconds']:.0f} s)")
-
-
-def grid_options(command):
-    """The options that say which runs: shared by `bench run` and `bench prepare`."""
-    for option in reversed([
-        click.option("--methods", "methods_spec", default="all", show_default=True,
-                     help=f"'all' or a comma-separated list of: {', '.join(METHODS)}"),
-        click.option("--classes", "classes_spec", default="0-9", show_default=True,
-                     help="forget classes: 0-9 or 0,3,7"),
-        preset_option,
-        click.option("--seeds", default="0", show_default=True, help="seeds: 0, 0,1,2 or 0-2"),
-        click.option("--protocol", default=None, help="evaluation protocol of the preset [default: the preset's]"),
-        click.option("--set", "sets", multiple=True, metavar="METHOD.FIELD=V1,V2",
-                     help="override (and sweep) a hyperparameter, or protocol.FIELD=V; repeatable"),
-        click.option("--results", "--out", "results", default="results", show_default=True,
-                     help="results folder (the records)"),
-        cache_option, data_root_option, download_option, device_option,
-        click.option("--speed", "speed_items", multiple=True, metavar="SWITCH=V",
-                     help="speed switch for training and sampling (amp, channels_last, fused_adam, compile, "
-                          "cuda_graphs); repeatable; recorded, and a record made with others is run again"),
-    ]):
-        command = option(command)
-    return command
-
-
-def _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root, device,
-           speed_items, absolute: bool, progress: bool, save_model: bool = False):
-    """Parse and check every grid option before any work; the RunSpecs they ask for."""
-    from bench.sweep import build_specs, parse_classes, parse_seeds, parse_sets, parse_speed, resolve_protocol
-    from methods import parse_methods
-
-    preset_obj = _preset(preset)
-    _download(preset_obj, data_root)
-    try:
-        methods = parse_methods(methods_spec)
-        classes = parse_classes(classes_spec, preset_obj.num_classes)
-        seed_list = parse_seeds(seeds)
-        preset_obj.protocol(protocol)
-        sweep = parse_sets(sets, methods)
-        speed = parse_speed(speed_items)
-        pick_device(device)
-    except ValueError as exc:
-        _fail(str(exc))
-    if absolute:  # jobs may start elsewhere: give them absolute paths, and the default cache explicitly
-        results, cache_dir = str(Path(results).resolve()), str(Path(cache_dir or default_cache_dir()).resolve())
-        data_root = str(Path(data_root).resolve()) if data_root else None
-    extensions = (click.get_current_context().obj or {}).get("extensions", ())
-    specs = build_specs(preset_obj, methods, classes, seed_list, sweep, results=results, cache=cache_dir,
-                        protocol=protocol, data_root=data_root, device=device, speed=speed, progress=progress,
-                        save_model=save_model, extensions=extensions)
-    try:
-        for spec in {s.protocol_overrides: s for s in specs}.values():
-            resolve_protocol(preset_obj, spec)
-    except ValueError as exc:
-        _fail(str(exc))
-    return preset_obj, methods, specs
 
 
 @main.command("run")
@@ -372,22 +300,22 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
     try:
         attack_names = parse_attacks(attack_names) if attack_names.strip() else ()
     except ValueError as exc:
-        _fail(f"--attacks: {exc}")
+        fail(f"--attacks: {exc}")
     if dry_run and click.get_current_context().meta.get("download"):
-        _fail("--dry-run downloads nothing: drop --download (or run without --dry-run)")
-    preset_obj, methods, specs = _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results,
+        fail("--dry-run downloads nothing: drop --download (or run without --dry-run)")
+    preset_obj, methods, specs = grid_specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results,
                                         cache_dir, data_root, device, speed_items, absolute=cluster is not None,
                                         progress=not no_progress and cluster is None and workers == 1 and not as_json,
                                         save_model=save_model or bool(attack_names))
     specs = [dataclasses.replace(spec, attacks=attack_names) for spec in specs]
     try:
-        config = _cluster_config(cluster, cluster_config, no_wait)
+        config = cluster_settings(cluster, cluster_config, no_wait)
         if dry_run:
             _dry_run(specs, cluster, config, force, workers, as_json)
             return
         check_writable(results)
     except (ValueError, PermissionError, FileNotFoundError, CheckpointError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if cluster is not None:
         results = str(Path(results).resolve())
     click.echo(f"{len(specs)} run(s): methods {', '.join(methods)} x classes {classes_spec} x seeds {seeds}; "
@@ -401,12 +329,12 @@ def run_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, results, 
             outcomes = _run_on_cluster(specs, cluster, config, jobs_folder or str(Path(results) / ".submitit"), force,
                                        no_wait, not no_progress, results, as_json)
     except (CheckpointError, FileNotFoundError, ValueError, PrerequisitesFailed, FailedSubmissionError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if outcomes is not None:
         try:
             code = _report(outcomes, results, as_json)
         finally:  # the attacks' lines follow the runs' table, also when a run failed
-            code = _exit_code([code, _report_attacks([a for o in outcomes for a in o.attacks], err=as_json)])
+            code = exit_code([code, report_attacks([a for o in outcomes for a in o.attacks], err=as_json)])
         _unread_cache_note(cache_dir)
         if code:
             sys.exit(code)
@@ -437,7 +365,7 @@ def prepare_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, resul
     """Build what the runs of a grid share (base model, classifier, preparations, FID statistics), nothing else."""
     from bench.prerequisites import build, prerequisites_for
 
-    _, _, specs = _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root,
+    _, _, specs = grid_specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root,
                          device, speed_items, absolute=False, progress=not no_progress)
     try:
         for task in prerequisites_for(specs):
@@ -446,24 +374,7 @@ def prepare_cmd(methods_spec, classes_spec, preset, seeds, protocol, sets, resul
             click.echo(f"{task.preset}: built {what}; base model {built['base']} ({built['base_id']}), classifier "
                        f"{built['classifier']} (test accuracy {100 * built['classifier_accuracy']:.2f}%)")
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-
-
-def _cluster_config(cluster: str | None, name_or_path: str | None, no_wait: bool) -> dict:
-    from bench.cluster import load_cluster_config
-
-    if cluster is None:
-        if name_or_path or no_wait:
-            raise ValueError("--cluster-config and --no-wait need --cluster local, slurm or debug")
-        return {}
-    if no_wait and cluster == "debug":
-        raise ValueError("--no-wait needs --cluster local or slurm: debug jobs run in this process")
-    if name_or_path is None:
-        if cluster == "slurm":
-            raise ValueError("--cluster slurm needs --cluster-config NAME|PATH (slurm/clusters/NAME.yaml; "
-                             "copy example.yaml)")
-        return {"timeout_min": 7 * 24 * 60}  # local processes: no time limit to speak of
-    return load_cluster_config(name_or_path)
+        fail(str(exc))
 
 
 def _dry_run(specs, cluster: str | None, config: dict, force: bool, workers: int, as_json: bool) -> None:
@@ -530,18 +441,9 @@ def _run_on_cluster(specs, cluster: str, config: dict, jobs_folder: str, force: 
     return wait_runs(submission, progress=progress)
 
 
-def _exit_code(codes) -> int:
-    """One rule for every command: 130 if anything was interrupted (Ctrl-C, SIGTERM), else 1 if anything failed."""
-    return 130 if 130 in codes else max(codes, default=0)
-
-
-def _outcomes_code(count: dict) -> int:
-    return _exit_code([130 if count.get("interrupted") else 0, 1 if count.get("failed") else 0])
-
-
 def _report(outcomes, out: str, as_json: bool = False) -> int:
     """The summary table over every record of the sweep, then each failure with its log; returns the exit code
-    (`_exit_code`). With `as_json`, one JSON object instead: every run's identity, status, record path, error and
+    (`exit_code`). With `as_json`, one JSON object instead: every run's identity, status, record path, error and
     metrics."""
     from bench.orchestrate import finished_record
     from reports.summary import summary_text
@@ -556,7 +458,7 @@ def _report(outcomes, out: str, as_json: bool = False) -> int:
                  "log": o.log_path, "metrics": record["metrics"] if record else None}
                 for o, record in zip(outcomes, records)]
         click.echo(json.dumps({"results": out, "counts": count, "runs": runs}, indent=2, default=str))
-        return _outcomes_code(count)
+        return outcomes_code(count)
     click.echo("\n" + summary_text([record for record in records if record is not None]))
     busy = f", {count['busy']} left to another process running them" if count["busy"] else ""
     stopped = f", {count['interrupted']} not finished (stopped)" if count["interrupted"] else ""
@@ -569,372 +471,7 @@ def _report(outcomes, out: str, as_json: bool = False) -> int:
         label = "FAILED" if outcome.status == "failed" else "NOT FINISHED"
         click.echo(f"{label} {spec.method} [{spec.variant}] class {spec.forget_class} seed {spec.seed}: "
                    f"{outcome.error}{where}", err=True)
-    return _outcomes_code(count)
-
-
-def _report_attacks(outcomes, as_json: bool = False, err: bool = False) -> int:
-    """One line per attack (or JSON), failures with their log; returns the exit code (`_exit_code`). `err` writes
-    to stderr."""
-    from bench.attacks import summary
-
-    if not outcomes:
-        return 0
-    if as_json:
-        keys = ("auc", "steps_to_relearn", "curve", "success_rate", "success_rate_before", "budget")
-        rows = [{"attack": o.spec.attack, "variant": o.spec.variant, "method": o.spec.run.method,
-                 "run_variant": o.spec.run.variant, "forget_class": o.spec.run.forget_class, "seed": o.spec.run.seed,
-                 "status": o.status, "directory": str(o.spec.directory), "error": o.error, "log": o.log_path,
-                 "result": {k: o.record[k] for k in keys if k in o.record} if o.record else None} for o in outcomes]
-        click.echo(json.dumps({"attacks": rows}, indent=2, default=str), err=err)
-    for outcome in outcomes if not as_json else ():
-        line = summary(outcome.record) if outcome.record else f"{outcome.spec.describe()}: {outcome.error}"
-        where = f" (log: {outcome.log_path})" if outcome.status == "failed" and outcome.log_path else ""
-        click.echo(f"{outcome.status:8s} {line}{where}", err=err or outcome.status in ("failed", "interrupted"))
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "busy", "failed", "interrupted")}
-    if not as_json:
-        stopped = "; stopped: run the command again to resume" if counts["interrupted"] else ""
-        click.echo(f"attacks: {', '.join(f'{n} {s}' for s, n in counts.items())}; records in <run>/attacks/"
-                   f"{stopped}", err=err)
-    return _outcomes_code(counts)
-
-
-def attack_run_options(command):
-    """Where and how attacks run: shared by `bench attack relearn` and `bench attack embedding`."""
-    for option in reversed([
-        click.option("--force", is_flag=True, help="redo attacks that already have a record"),
-        click.option("--no-progress", is_flag=True, help="no progress bars"),
-        click.option("--cluster", type=click.Choice(["local", "slurm", "debug"]), default=None,
-                     help="run each attack as a submitit job, as `bench run --cluster` runs runs [default: here]"),
-        click.option("--cluster-config", default=None, metavar="NAME|PATH",
-                     help="cluster parameters: slurm/clusters/NAME.yaml or a YAML path (needed with --cluster slurm)"),
-        click.option("--jobs-folder", default=None, help="submitit pickles and job logs [default: RESULTS/.submitit]"),
-        click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
-                     help="without --cluster: attacks at once in worker processes on this machine"),
-        click.option("--json", "as_json", is_flag=True, help="print the outcome of every attack as JSON"),
-    ]):
-        command = option(command)
-    return command
-
-
-def _int_list(text: str | None, name: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        _fail(f"{name} {text!r}: give integers separated by commas, such as 5,30")
-
-
-@main.group("attack")
-def attack_group() -> None:
-    """Is it really forgotten? Attack the saved models of finished runs (`bench run --save-model` or `--attacks`).
-
-    Each attack writes <run dir>/attacks/<attack>/<variant>/attack.json; a rerun skips finished ones.
-    """
-
-
-@attack_group.command("relearn")
-@grid_options
-@click.option("--k", "k_values", default=None, metavar="K1,K2",
-              help="held-out (test split) forget-class images to fine-tune on; a list sweeps [default: 5,50; "
-                   "digits 5,30]")
-@click.option("--schedule", default=None, metavar="S0,S1,...",
-              help="fine-tuning step counts after which forget-class accuracy (100 - UA) is measured "
-                   "[default: 0,10,50,100,200]")
-@click.option("--samples", type=int, default=None, help="guided forget-class samples per point [default: the "
-                                                          "protocol's forget_samples]")
-@click.option("--lr", type=float, default=None, help="fine-tuning rate [default: the preset's pretraining rate]")
-@click.option("--batch-size", type=int, default=None, help="[default: min(k, the pretraining batch)]")
-@click.option("--checkpoint-every", type=int, default=None, help="resumable checkpoint every N steps [default: 50]")
-@attack_run_options
-def attack_relearn_cmd(k_values, schedule, samples, lr, batch_size, checkpoint_every, **grid) -> None:
-    """Fine-tune each run's model on k real forget-class images (pretraining loss) and measure the forget-class
-    accuracy (100 - UA), H and forget-class probability of its guided samples after each step count of a schedule."""
-    schedule = _int_list(schedule, "--schedule")
-    _attack("relearn", {"k": _int_list(k_values, "--k"), "schedule": tuple(schedule) if schedule else None,
-                        "samples": samples, "lr": lr, "batch_size": batch_size, "checkpoint_every": checkpoint_every},
-            **grid)
-
-
-@attack_group.command("embedding")
-@grid_options
-@click.option("--targets", default=None, metavar="embedding,embedding+guidance",
-              help="what the search may change: the class embedding, or it and the guidance weight; a list sweeps "
-                   "[default: both]")
-@click.option("--steps", type=int, default=None, help="optimisation steps [default: 100]")
-@click.option("--batch-size", type=int, default=None, help="samples per optimisation step [default: 16]")
-@click.option("--sampler-steps", type=int, default=None,
-              help="DDIM (eta 0) steps of the differentiable sampler [default: 10]")
-@click.option("--lr", type=float, default=None, help="Adam rate of the search [default: 0.05]")
-@click.option("--max-guidance", type=float, default=None, help="largest guidance weight tried [default: 10]")
-@click.option("--samples", type=int, default=None, help="protocol samples the forget-class accuracy is measured on "
-                                                          "[default: the protocol's forget_samples]")
-@click.option("--checkpoint-every", type=int, default=None, help="resumable checkpoint every N steps [default: 25]")
-@attack_run_options
-def attack_embedding_cmd(targets, steps, batch_size, sampler_steps, lr, max_guidance, samples, checkpoint_every,
-                         **grid) -> None:
-    """Freeze each run's model and search a forget-class embedding (and guidance weight) whose guided samples the
-    classifier labels as the forget class; report the forget-class accuracy (100 - UA) before and after."""
-    names = [name.strip() for name in targets.split(",") if name.strip()] if targets else None
-    _attack("embedding", {"target": names, "steps": steps, "batch_size": batch_size, "sampler_steps": sampler_steps,
-                          "lr": lr, "max_guidance": max_guidance, "samples": samples,
-                          "checkpoint_every": checkpoint_every}, **grid)
-
-
-def _attack(name: str, options: dict, methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir,
-            data_root, device, speed_items, force, no_progress, cluster, cluster_config, jobs_folder, workers,
-            as_json) -> None:
-    """Check everything before any work, then run (or submit) the attacks and report them."""
-    from submitit.core.utils import FailedSubmissionError
-
-    from bench.attacks import attack_specs, check_attacked, check_held_out, check_options, scaling_note
-    from bench.orchestrate import check_writable, run_attacks_local, submit_attacks, wait_runs
-
-    options = {key: value for key, value in options.items() if value is not None}
-    _, _, runs = _specs(methods_spec, classes_spec, preset, seeds, protocol, sets, results, cache_dir, data_root,
-                        device, speed_items, absolute=cluster is not None,
-                        progress=not no_progress and cluster is None and workers == 1 and not as_json)
-    try:
-        check_options(name, options)
-        specs = [spec for run in runs for spec in attack_specs(run, name, options)]
-        check_held_out(specs)
-        check_attacked(specs)
-        config = _cluster_config(cluster, cluster_config, False)
-        check_writable(results)
-    except (ValueError, PermissionError, FileNotFoundError, CheckpointError) as exc:
-        _fail(str(exc))
-    click.echo(f"{len(specs)} {name} attack(s) on {len(runs)} run(s); records in each run's attacks/{name}/",
-               err=as_json)
-    if note := scaling_note(specs):
-        click.echo(note, err=as_json)
-    try:
-        if cluster is None:
-            outcomes = run_attacks_local(specs, force=force, workers=workers)
-        else:
-            folder = jobs_folder or str(Path(specs[0].run.results) / ".submitit")
-            outcomes = wait_runs(submit_attacks(specs, cluster, config, folder, force), progress=not no_progress)
-    except (CheckpointError, FileNotFoundError, ValueError, FailedSubmissionError) as exc:
-        _fail(str(exc))
-    if code := _report_attacks(outcomes, as_json):
-        sys.exit(code)
-
-
-@main.command("status")
-@click.option("--results", "--out", "out", default="results", show_default=True, help="results folder (the records)")
-@click.option("--jobs-folder", default=None,
-              help="the submitit folder given to `bench run` [default: RESULTS/.submitit]")
-@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON")
-@cache_option
-def status_cmd(out, jobs_folder, as_json, cache_dir) -> None:
-    """Show done / stale / running / failed / missing for every (method, class, seed) submitted or recorded; stale:
-    `bench run` with this --cache would run it again (the reason is shown)."""
-    import dataclasses
-
-    from bench.status import STATES, status
-
-    if not Path(out).is_dir():
-        _fail(f"results folder {out} does not exist")
-    rows = status(out, jobs_folder or Path(out) / ".submitit", cache_dir)
-    if as_json:
-        counts = {state: sum(r.state == state for r in rows) for state in STATES}
-        click.echo(json.dumps({"results": out, "counts": counts, "runs": [dataclasses.asdict(r) for r in rows]},
-                              indent=2))
-        return
-    if not rows:
-        click.echo(f"nothing submitted or recorded under {out}")
-        return
-    width = max(len(r.method) for r in rows), max(len(r.variant) for r in rows), max(len(r.attack) for r in rows)
-    width += (max(8, *(len(r.state) for r in rows)),)
-    attack = f"{'attack':{width[2]}}  " if width[2] else ""
-    click.echo(f"{'method':{width[0]}}  {'variant':{width[1]}}  {attack}class  seed  {'state':{width[3]}} detail")
-    for r in rows:
-        attack = f"{r.attack:{width[2]}}  " if width[2] else ""
-        click.echo(f"{r.method:{width[0]}}  {r.variant:{width[1]}}  {attack}{r.forget_class:5d}  {r.seed:4d}  "
-                   f"{r.state:{width[3]}} {r.detail}")
-    runs, attacks = [r for r in rows if not r.attack], [r for r in rows if r.attack]
-    click.echo(", ".join(f"{sum(r.state == s for r in runs)} {s}" for s in STATES))
-    if attacks:
-        click.echo("attacks: " + ", ".join(f"{sum(r.state == s for r in attacks)} {s}" for s in STATES))
-
-
-@main.command("clean")
-@cache_option
-@click.option("--dry-run", is_flag=True, help="list what would be removed; remove nothing")
-def clean_cmd(cache_dir, dry_run) -> None:
-    """Remove the cached files this code no longer reads: preparations, samples and FID statistics made by other
-    code or for a base model or classifier since trained again, and unfinished writes (bench/clean.py). Base models,
-    classifiers and data sets stay; whatever is removed is rebuilt when a run needs it. Run it when no sweep runs; a
-    checkout of other code sharing the cache would compute its files again."""
-    from bench import clean
-    from bench.cache import Cache
-
-    root = Cache(cache_dir).root
-    if not root.is_dir():
-        _fail(f"cache folder {root} does not exist")
-    removals, kept = clean.find(root)
-    verb = "would remove" if dry_run else "removed"
-    for removal in removals:
-        try:
-            if not dry_run:
-                clean.remove(removal)
-        except OSError as exc:
-            _fail(f"cannot remove {exc.filename or removal.path} ({exc.strerror or exc}); the rest was left")
-        click.echo(f"{verb} {clean.readable(removal.size):>10}  {removal.path}  ({removal.why})")
-    for note in kept:
-        click.echo(f"kept: {note}")
-    click.echo(f"{verb} {clean.total(removals)}, from {root}" if removals else
-               f"nothing to remove in {root}" + ("" if kept else ": every derived file is of the current code and models"))
-
-
-@main.command("report")
-@click.option("--results", default="results", show_default=True, help="results folder holding the records (read)")
-@click.option("--report-dir", "out", default=None, help="where the report goes (written) [default: RESULTS/report]")
-@click.option("--out", "old_out", default=None, hidden=True,
-              help="deprecated name of --report-dir (in `bench run`, --out is the results folder)")
-@data_root_option
-@click.option("--no-figure1", is_flag=True, help="skip Figure 1 (latent entropy against t), which reads the data set")
-@click.option("--methods", "methods_spec", default=None,
-              help="comma-separated methods to show, in the tables' order (e.g. sa,salun,safemax), with a missing-run "
-                   "command for those without records [default: the methods that have records]")
-@click.option("--classes", "classes_spec", default=None,
-              help="forget classes to show, e.g. 0-9 or 0,3,7 [default: the classes that have records]")
-@click.option("--reference", default=None, metavar="METHOD",
-              help="the method the paired differences subtract [default: safemax if it has records, else the first "
-                   "method]")
-@click.option("--allow-mixed", is_flag=True,
-              help="report records of one preset made from different base models or classifiers together (the page "
-                   "says so) instead of refusing")
-def report_cmd(results, out, old_out, data_root, no_figure1, methods_spec, classes_spec, reference,
-               allow_mixed) -> None:
-    """Tables (Markdown, CSV, LaTeX), figures, runs.csv/runs.jsonl and one self-contained report.html from the
-    records (and attack files) under --results, written to --report-dir; --methods/--classes choose the tables'
-    columns and rows (e.g. the paper's grid, with commands for the runs it lacks)."""
-    from bench.sweep import parse_classes
-    from reports.build import build_report
-
-    if old_out:
-        click.echo("bench report: --out is deprecated here (it means the results folder in `bench run`); use "
-                   "--report-dir", err=True)
-        if out and Path(out) != Path(old_out):
-            _fail(f"--out {old_out} and --report-dir {out} disagree: give --report-dir only")
-        out = out or old_out
-    out = out or str(Path(results) / "report")
-    methods = [m.strip() for m in methods_spec.split(",") if m.strip()] if methods_spec else None
-    try:
-        classes = parse_classes(classes_spec, 10**6) if classes_spec else None
-    except ValueError as exc:
-        _fail(f"--classes: {exc}")
-    _check_records(results, methods, classes, reference)
-    extensions = (click.get_current_context().obj or {}).get("extensions", ())
-    try:
-        written = build_report(results, out, data_root=data_root, figure1=not no_figure1, methods=methods,
-                               classes=classes, reference=reference, extensions=extensions, allow_mixed=allow_mixed)
-    except ValueError as exc:  # reports.mixing.MixedModels: the message lists the models and the fix
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(f"cannot write the report to {out}: {exc.strerror or exc}")
-    click.echo(f"report: {Path(out) / 'report.html'} ({len(written)} files under {out}/; runs: "
-               f"{Path(out) / 'runs.csv'}, {Path(out) / 'runs.jsonl'})")
-
-
-def _check_records(results: str, methods, classes, reference: str | None) -> None:
-    """Before any report is written: `results` holds records (of `methods` and `classes`, when given) and one of
-    `reference`; read from the records' paths (<preset>/<protocol>/<method>/<variant>/class<k>/seed<s>)."""
-    from bench.records import RECORD_NAME, parse_run_dir
-
-    if not Path(results).is_dir():
-        _fail(f"--results {results}: no such folder; give the folder `bench run --results` wrote the records to")
-    found = []
-    for path in Path(results).rglob(RECORD_NAME):
-        try:
-            found.append(parse_run_dir(path.parent))
-        except ValueError:  # a stray record.json outside the layout: the reader reports it
-            continue
-    kept = [run for run in found if (not methods or run["method"] in methods)
-            and (classes is None or run["forget_class"] in classes)]
-    if not kept:
-        asked = " of the methods and classes asked for" if found else ""
-        _fail(f"no record{asked} under {results}: nothing to report (run `bench run --results {results}` first, "
-              "or give --results the folder that holds the records)")
-    if reference and reference not in {run["method"] for run in kept}:
-        _fail(f"--reference {reference}: no record of that method under {results}; choose from "
-              f"{', '.join(sorted({run['method'] for run in kept}))}")
-
-
-@main.command("compare")
-@click.argument("results_a", type=click.Path(exists=True, file_okay=False))
-@click.argument("results_b", type=click.Path(exists=True, file_okay=False))
-@click.option("--csv", "csv_path", default=None, type=click.Path(dir_okay=False),
-              help="also save every matched run (A, B and B - A per metric) as CSV")
-@click.option("--by", type=click.Choice(["variant", "protocol", "preset"]), default=None,
-              help="pair runs that differ in this (a --set variant, a protocol, a preset) and match on the other keys; "
-                   "A and B may be one folder [default: match on all keys]")
-@click.option("--allow-mixed", is_flag=True,
-              help="compare A and B although they were made from different base models or classifiers (the output "
-                   "says so); a folder that mixes them itself is refused all the same")
-def compare_cmd(results_a, results_b, csv_path, by, allow_mixed) -> None:
-    """Metric deltas B - A between two results folders (UA, H, FID/FD, retained accuracy, RTE), per method,
-    variant, class and shared seed, with a summary per method: Markdown on stdout. With --by, runs of different
-    variants, protocols or presets are paired (e.g. `bench compare R R --by variant`)."""
-    from reports.compare import KEYS, compare_results
-
-    try:
-        text, deltas = compare_results(results_a, results_b, by=by, allow_mixed=allow_mixed)
-    except ValueError as exc:  # reports.mixing.MixedModels: the message lists the models and the fix
-        _fail(str(exc))
-    click.echo(text)
-    if deltas.empty:
-        keys = ", ".join(k for k in KEYS if k != by)
-        _fail(f"no run of {results_b} matches one of {results_a} ({keys}, seed or seed means)"
-              + ("" if by else "; to pair runs across variants, protocols or presets, add --by variant|protocol|preset"))
-    if csv_path:
-        try:
-            Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-            deltas.to_csv(csv_path, index=False)
-        except OSError as exc:
-            where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(csv_path) else ""
-            _fail(f"cannot write --csv {csv_path}: {exc.strerror or exc}{where}; choose a file in a folder you can write")
-        click.echo(f"deltas: {csv_path}")
-
-
-@main.command("import-checkpoint")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@preset_option
-@cache_option
-@click.option("--force", is_flag=True, help="replace an existing base model")
-def import_checkpoint_cmd(checkpoint, preset, cache_dir, force) -> None:
-    """Import a checkpoint written by the published SA/SalUn code (ckpt.pth) as the preset's base model."""
-    from bench.checkpoints import import_published_checkpoint
-
-    try:
-        path = import_published_checkpoint(Path(checkpoint), _preset(preset), Cache(cache_dir), force=force)
-    except (CheckpointError, ValueError, FileExistsError) as exc:
-        _fail(str(exc))
-    click.echo(f"base model: {path}")
-
-
-@main.command("export")
-@click.argument("run", type=click.Path(exists=True))
-@click.option("--format", "fmt", type=click.Choice(["published", "safetensors"]), default="published",
-              show_default=True, help="published: the SA/SalUn code's ckpt.pth; safetensors: the weights file "
-                                      "(both carry the UNet configuration; see docs/export.md)")
-@click.option("--to", "dst", required=True, type=click.Path(dir_okay=False),
-              help="the file to write, outside every run folder")
-@click.option("--force", is_flag=True, help="replace an existing file at --to")
-def export_cmd(run, fmt, dst, force) -> None:
-    """Write a run's unlearned weights (saved by `bench run --save-model`) as a published ckpt.pth or safetensors.
-
-    RUN is the run's folder or its record.json.
-    """
-    from bench.checkpoints import export_run
-
-    try:
-        path = export_run(Path(run), fmt, Path(dst), force=force)
-    except (CheckpointError, ValueError, FileExistsError) as exc:
-        _fail(str(exc))
-    except OSError as exc:
-        _fail(f"cannot write --to {dst}: {exc.strerror or exc}")
-    click.echo(f"{fmt} checkpoint: {path}")
+    return outcomes_code(count)
 
 
 @main.command("perf")
@@ -971,13 +508,17 @@ def perf_cmd(preset, methods_spec, variants, sampler_variants, iterations, warmu
     try:
         options.check()
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     result = run_perf(options)
     json_path, md_path = write_outputs(result, out)
     click.echo(md_path.read_text())
     click.echo(f"wrote {json_path} and {md_path}")
     if any("error" in row for row in result["rows"]):
         sys.exit(1)
+
+
+for command in (attack_group, status_cmd, clean_cmd, report_cmd, compare_cmd, import_checkpoint_cmd, export_cmd):
+    main.add_command(command)
 
 
 if __name__ == "__main__":
