@@ -1,11 +1,11 @@
 """Run specs (bench.sweep) -> prerequisites -> skip finished -> run here, in worker processes, or through submitit.
 
 Every run goes through one job callable, `Job`: in this process (`run_local`, one worker), in local worker
-processes (`run_local` with `workers` > 1), or through submitit (`submit_runs`: `debug`, `local`, `slurm`). A run is
-claimed (`bench.claims`) while it runs, so two orchestrators on one results folder never run or write it twice; a
-run that fails leaves `failure.json` where its record would be. A record is reused only if it was made from the
-current base model and classifier with the same speed switches, hyperparameters and method code (`bench.fingerprint`):
-a stale one is run again.
+processes (`run_local` with `workers` > 1: bench/workers.py), or through submitit (`submit_runs`: `debug`, `local`,
+`slurm`). A run is claimed (`bench.claims`) while it runs, so two orchestrators on one results folder never run or
+write it twice; a run that fails leaves `failure.json` where its record would be. A record is reused only if it was
+made from the current base model and classifier with the same speed switches, hyperparameters and method code
+(`bench.fingerprint`): a stale one is run again.
 A submission leaves a manifest in the jobs folder, from which `bench status` tells done, running, failed and missing.
 """
 
@@ -13,14 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
-import pickle
-import select
-import signal
 import socket
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -28,14 +22,12 @@ from pathlib import Path
 
 import submitit
 import torch
-from tqdm import tqdm
 
 from bench import claims, fingerprint, records
 from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, finished_attack, pending_attacks
 from bench.cache import Cache, checkpoint_id
 from bench.cluster import make_executor, resources, submit_all, submit_grouped, wait_all
 from bench.config import get_preset
-from bench.device import choose_threads, progress_bar
 from bench.experiment import run_one
 from bench.extensions import load_extensions
 from bench.prerequisites import Prerequisites, build, missing, prerequisites_for
@@ -283,13 +275,15 @@ def run_local(specs: list[RunSpec], force: bool = False, workers: int = 1, progr
         build(dataclasses.replace(task, progress=show_progress))
     outcomes, todo = split_finished(specs, force)
     if workers > 1 and len(todo) > 1:
+        from bench.workers import WorkerPool  # it imports this module
+
         pool = WorkerPool(workers, force, show_progress)
         return in_spec_order(outcomes + pool.run(todo, progress), specs)
     job, started = Job(force), time.perf_counter()
     try:
         for index, spec in enumerate(todo, 1):
             log.info("[%d/%d] %s%s", index, len(todo), spec.describe(), eta(started, index - 1, len(todo)))
-            outcomes.append(_run_guarded(job, spec))
+            outcomes.append(run_guarded(job, spec))
             if progress:
                 progress(outcomes[-1])
     except KeyboardInterrupt:
@@ -340,7 +334,7 @@ def _duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
 
 
-def _run_guarded(job: Job, spec: RunSpec) -> Outcome:
+def run_guarded(job: Job, spec: RunSpec) -> Outcome:
     try:
         return job(spec)
     except Exception as exc:  # one failed run must not stop the sweep
@@ -352,187 +346,6 @@ def error_text(exc: BaseException) -> str:
     """`Type: message at file:line in function` (the innermost frame in the project or a plug-in)."""
     where = records.failure_where(exc)
     return f"{type(exc).__name__}: {exc}" + (f" at {where}" if where else "")
-
-
-def _worker_main(conn, threads: int, force: bool, orchestrator: int) -> None:
-    """A worker process: receive (index, spec) on its own pipe until None, send back each run's Outcome."""
-    _die_with_orchestrator(orchestrator)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
-    torch.set_num_threads(threads)
-    # tqdm's default lock is a multiprocessing semaphore, which a worker process registers with the resource
-    # tracker (a "leaked semaphore" warning when it is terminated); a worker draws no bars: a thread lock does
-    tqdm.set_lock(threading.RLock())
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    job = Job(force)
-    while (task := conn.recv()) is not None:
-        index, spec = task
-        conn.send(_run_guarded(job, spec))
-
-
-def _die_with_orchestrator(orchestrator: int) -> None:
-    """SIGTERM to this worker when the orchestrator dies, however it dies (a kill, a lost session): a worker left
-    behind would go on taking CPU and writing records for a sweep nobody waits for.
-
-    The worker's parent is the fork server (`worker_context`), which outlives a killed orchestrator for as long as
-    a worker holds its liveness pipe, so the parent-death signal cannot tell: a thread waits on the orchestrator
-    itself (a pidfd on Linux, else a poll every second)."""
-    try:
-        handle = os.pidfd_open(orchestrator)
-    except ProcessLookupError:  # it died before this worker started
-        os._exit(1)
-    except (AttributeError, OSError):  # no pidfd here (not Linux 5.3+)
-        handle = None
-
-    def watch() -> None:
-        if handle is not None:
-            select.select([handle], [], [])
-        else:
-            while _alive(orchestrator):
-                time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="orchestrator-watch", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):  # gone, or its number taken by someone else's process
-        return False
-    return True
-
-
-# What a worker imports before its first run, imported once per sweep by the fork server the workers come from
-# instead of once per worker (~3 CPU-s each): bench, torch, and torch._dynamo, which torch.optim imports on the
-# first step (~1 CPU-s).
-WORKER_PRELOAD = ["bench.orchestrate", "torch._dynamo"]
-
-
-def worker_context():
-    """Workers forked from multiprocessing's fork server: a fresh interpreter that only imported WORKER_PRELOAD
-    and so never ran an OpenMP thread (the orchestrator may have, and is never forked). Fresh interpreters for
-    each worker (spawn) where the platform has no fork server."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(WORKER_PRELOAD)
-    return context
-
-
-class WorkerPool:
-    """Worker processes, each fed one run at a time over its own pipe; a dead worker is replaced and only the run
-    it held fails.
-
-    The orchestrator hands out the runs, so it knows which run every worker holds without the worker saying so,
-    and no lock is shared between workers: a worker killed at any instant (even in the middle of a message) costs
-    its own run and nothing else.
-    """
-
-    def __init__(self, workers: int, force: bool, show_progress: bool = True):
-        self.workers, self.force, self.show_progress = workers, force, show_progress
-        self.context = worker_context()
-        self.threads, self.why_threads = choose_threads(workers)  # fewer where other programs keep cores busy
-
-    def _spawn(self) -> tuple:
-        ours, theirs = self.context.Pipe()
-        process = self.context.Process(target=_worker_main, daemon=True,
-                                       args=(theirs, self.threads, self.force, os.getpid()))
-        process.start()
-        theirs.close()  # the worker's end lives in the worker: its death is an end of file here
-        return ours, process
-
-    def run(self, todo: list[RunSpec], progress=None) -> list[Outcome]:
-        log.info("running %d run(s) in %d worker processes, %d thread(s) each (%s)", len(todo), self.workers,
-                 self.threads, self.why_threads)
-        waiting = list(enumerate(todo))[::-1]  # popped from the end: spec order
-        outcomes: dict[int, Outcome] = {}
-        held: dict = {}  # pipe -> (process, index of the run it holds)
-        bar = progress_bar(total=len(todo), desc="sweep", unit="run", disable=not self.show_progress)
-        started = time.perf_counter()
-
-        def hand_out(conn, process) -> None:
-            """Give this worker the next run, or let it finish; one found dead fails that run and is replaced."""
-            while waiting:
-                index, spec = waiting.pop()
-                try:
-                    conn.send((index, spec))
-                except OSError:  # it died before its run (BrokenPipeError)
-                    conn.close()
-                    finish(index, self._died(spec, process))
-                    conn, process = start()
-                    continue
-                held[conn] = (process, index)
-                return
-            try:
-                conn.send(None)
-            except OSError:
-                pass  # it is gone already, with nothing to do
-            conn.close()
-
-        def start() -> tuple:
-            conn, process = self._spawn()
-            processes.append(process)
-            return conn, process
-
-        def finish(index: int, outcome: Outcome) -> None:
-            outcomes[index] = outcome
-            log.info("[%d/%d] %s: %s%s", len(outcomes), len(todo), outcome.spec.describe(), outcome.status,
-                     eta(started, len(outcomes), len(todo)))
-            if progress:
-                progress(outcome)
-            failed = sum(o.status == "failed" for o in outcomes.values())
-            bar.set_postfix(running=len(held), failed=failed, refresh=False)
-            bar.n = len(outcomes)
-            bar.refresh()
-
-        processes = []
-        try:
-            for _ in range(min(self.workers, len(todo))):
-                hand_out(*start())
-            while held:
-                for conn in multiprocessing.connection.wait(list(held), timeout=1.0):
-                    process, index = held.pop(conn)
-                    try:
-                        outcome = conn.recv()
-                    except (EOFError, OSError, pickle.UnpicklingError):  # the worker died, maybe mid-message
-                        conn.close()
-                        finish(index, self._died(todo[index], process))
-                        if waiting:
-                            hand_out(*start())
-                        continue
-                    finish(index, outcome)
-                    hand_out(conn, process)
-        except KeyboardInterrupt:
-            log.warning("interrupted: stopping %d worker(s)", len(held))
-        finally:
-            bar.close()
-            self._stop(processes, busy={process for process, _ in held.values()})
-            for conn in held:
-                conn.close()
-        return list(outcomes.values()) + stopped(todo, list(outcomes.values()))
-
-    @staticmethod
-    def _stop(processes: list, busy: set) -> None:
-        """End the workers still holding a run (interrupted); let the others, told to finish, exit on their own,
-        which releases what they opened."""
-        for process in busy:
-            process.terminate()
-        for process in processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
-
-    @staticmethod
-    def _died(spec: RunSpec, process) -> Outcome:
-        """The outcome of the run a dead worker held: failed, with `failure.json` saying so, unless the worker died
-        after writing its record (then done)."""
-        process.join(timeout=10)  # for its exit code
-        outcome = ended(spec, "failed", f"worker process {process.pid} died (exit code {process.exitcode})",
-                        mark=True)
-        log.log(logging.ERROR if outcome.status == "failed" else logging.WARNING, "%s: worker process %s died; %s",
-                spec.describe(), process.pid, outcome.error or "its record was written")
-        return outcome
 
 
 # -- submitit: prerequisites job, then one job array; a manifest for `status` ------------------------------------
@@ -690,12 +503,14 @@ def run_attacks_local(specs: list[AttackSpec], force: bool = False, workers: int
     """Run every unfinished attack here, in this process or in `workers` worker processes."""
     outcomes, todo = split_attacks(specs, force)
     if workers > 1 and len(todo) > 1:
+        from bench.workers import WorkerPool  # it imports this module
+
         return in_spec_order(outcomes + WorkerPool(workers, force).run(todo), specs)
     job = Job(force)
     try:
         for index, spec in enumerate(todo, 1):
             log.info("[%d/%d] %s", index, len(todo), spec.describe())
-            outcomes.append(_run_guarded(job, spec))
+            outcomes.append(run_guarded(job, spec))
     except KeyboardInterrupt:
         outcomes += stopped(todo, outcomes)
     return in_spec_order(outcomes, specs)

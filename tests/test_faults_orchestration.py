@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bench import claims, orchestrate, records
+from bench import claims, orchestrate, records, workers
 from bench.cli import main
 from bench.config import get_preset
 from bench.sweep import build_specs, parse_sets
@@ -70,7 +70,7 @@ def test_a_worker_that_died_after_writing_its_record_leaves_the_run_done(saved_r
     spec = _spec(out, tiny_cache, save_model=True)
     dead = multiprocessing.get_context("spawn").Process(target=os._exit, args=(9,))  # a worker that died
     dead.start()
-    outcome = orchestrate.WorkerPool._died(spec, dead)
+    outcome = workers.WorkerPool._died(spec, dead)
     assert outcome.status == "done" and outcome.record["forget_class"] == 0
     assert not (spec.directory / records.FAILURE_NAME).exists()  # was: failure.json beside the good record
     # a marker an earlier attempt left beside a valid record: status says done, not failed

@@ -192,7 +192,8 @@ def test_the_bench_code_a_run_executes_is_fingerprinted_but_not_the_presets_or_t
     assert {"bench/runner.py", "bench/diffusion.py", "bench/unet.py", "bench/data.py", "bench/evaluate.py",
             "bench/metrics.py", "bench/experiment.py"} <= files
     # Presets are compared by value (hyperparameters, protocol, base model); commands and reports make no numbers
-    assert not files & {"bench/config.py", "bench/cli.py", "bench/orchestrate.py", "bench/status.py"}
+    assert not files & {"bench/config.py", "bench/cli.py", "bench/cli_common.py", "bench/orchestrate.py",
+                        "bench/workers.py", "bench/status.py"}
 
 
 def test_a_record_of_other_bench_code_is_stale_and_one_made_before_bench_fingerprints_stands(tmp_path, tiny_cache):
