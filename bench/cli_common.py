@@ -1,5 +1,5 @@
 """What the `bench` commands share: option definitions, the grid's parsing, the cluster settings, exit codes and
-the attacks' summary. Errors a user can cause end here as `fail(message)` (click prints it and exits 2)."""
+the attacks' summary. Errors a user can cause end as `fail(message)`: click prints "Error: message" and exits with 1."""
 
 from __future__ import annotations
 

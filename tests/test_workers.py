@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from slurm_cluster import process_alive
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,14 +45,6 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers in /proc (Linux only)")
 @pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 @pytest.mark.slow
@@ -76,10 +69,10 @@ def test_killing_the_orchestrator_stops_its_workers(tiny_cache, tmp_path, how):
         parent.send_signal(how)
         parent.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(_alive(pid) for pid in [*workers, *servers]):
+        while time.monotonic() < deadline and any(process_alive(pid) for pid in [*workers, *servers]):
             time.sleep(0.5)
-        assert not any(_alive(pid) for pid in workers), "workers outlived the orchestrator"
-        assert not any(_alive(pid) for pid in servers), "the fork server outlived the orchestrator"
+        assert not any(process_alive(pid) for pid in workers), "workers outlived the orchestrator"
+        assert not any(process_alive(pid) for pid in servers), "the fork server outlived the orchestrator"
         assert not list(tmp_path.rglob("record.json"))  # and nothing half-done was recorded
     finally:
         for pid in [parent.pid, *_children(parent.pid), *servers, *workers]:  # whatever the outcome
