@@ -136,7 +136,6 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({model + ', ' if model else ''}{threads} thread{'' if threads == 1 else 's'})"
 
 
-
 @dataclass(frozen=True)
 class Speed:
     """Switches that make a step faster without changing what it computes beyond bf16 rounding.
