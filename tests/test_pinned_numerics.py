@@ -164,6 +164,10 @@ def test_sfron_fisher_and_mask_are_pinned(fisher_hflip):
     decided = torch.maximum(forget, retain) > 1e-12
     selected = ((forget + 1e-15) / (retain + 1e-15) >= 1.0)[decided]
     pinned = SFRON_FISHER[fisher_hflip]
-    assert (int(decided.sum()), int(selected.sum())) == (pinned["decided"], pinned["selected"])
+    # Counts past a threshold are pinned to RELATIVE, as every other number here: another CPU's kernels add the
+    # Fisher's float32 sums in another order, and an entry whose ratio lies near 1 then falls on the other side (one
+    # of 750,593 flipped on a Xeon with AVX-512 and AMX; the sums below agreed to 1e-7).
+    assert int(decided.sum()) == pytest.approx(pinned["decided"], rel=RELATIVE)
+    assert int(selected.sum()) == pytest.approx(pinned["selected"], rel=RELATIVE)
     assert float(forget.sqrt().sum()) == pytest.approx(pinned["forget"], rel=RELATIVE)
     assert float(retain.sqrt().sum()) == pytest.approx(pinned["retain"], rel=RELATIVE)
