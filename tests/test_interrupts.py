@@ -22,6 +22,9 @@ def test_a_signal_python_drops_inside_a_finalizer_still_stops_the_training_loop(
     """Seen in `make test`: a Ctrl-C that landed in a weakref callback during an import was printed as "Exception
     ignored" and the attack ran on for its 100,000 steps."""
     model, steps, dropped = nn.Linear(2, 1), [], []
+    # Ctrl-C's handler as a command started from a terminal has it: a test run started in the background (a shell
+    # without job control) inherits SIGINT ignored, and `install` then rightly leaves it alone.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(sys, "unraisablehook", dropped.append)  # where Python reports "Exception ignored in: ..."
 
     def update(step, trainer, _):
@@ -37,6 +40,7 @@ def test_a_signal_python_drops_inside_a_finalizer_still_stops_the_training_loop(
                   torch.device("cpu"), progress=False)
     finally:
         interrupts.restore(previous)
+        signal.signal(signal.SIGINT, previous_int)
     assert [d.exc_type for d in dropped] == [KeyboardInterrupt]  # Python did drop the first one
     assert steps == [0, 1]  # stopped before step 2
     assert signal.getsignal(signal.SIGTERM) is previous[signal.SIGTERM]
