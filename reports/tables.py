@@ -337,10 +337,10 @@ def table2(df: pd.DataFrame, grid: Grid, reference: str | None = None) -> Table:
 
 FLOPS_NOTE = ("TFLOPs: floating-point operations counted by torch's FlopCounterMode (matrix products, convolutions, "
               "attention; 2 per multiply-add), of the unlearning loop (train; the preparation's are in the preparation "
-              "table) and of "
-              "the evaluation (sampling, classifier, FD features; sampling not counted where samples were cached). "
-              "Unlike RTE they do not depend on the machine or its load; n/a: a record made before FLOPs were "
-              "counted.")
+              "table) and of the evaluation (sampling, classifier, FD features; sampling not counted where samples "
+              "were cached: the original model's runs share their samples, so its eval count depends on which run "
+              "drew them first). Unlike RTE the train counts do not depend on the machine or its load; n/a: a record "
+              "made before FLOPs were counted.")
 
 
 def _ratio(value: float, reference: float) -> str:
