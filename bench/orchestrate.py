@@ -28,6 +28,7 @@ from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, fin
 from bench.cache import Cache, checkpoint_id
 from bench.cluster import make_executor, resources, submit_all, submit_grouped, wait_all
 from bench.config import get_preset
+from bench.eta import SweepEta
 from bench.experiment import run_one
 from bench.extensions import load_extensions
 from bench.prerequisites import Prerequisites, build, missing, prerequisites_for
@@ -279,11 +280,13 @@ def run_local(specs: list[RunSpec], force: bool = False, workers: int = 1, progr
 
         pool = WorkerPool(workers, force, show_progress)
         return in_spec_order(outcomes + pool.run(todo, progress), specs)
-    job, started = Job(force), time.perf_counter()
+    job, clock = Job(force), SweepEta(todo)
     try:
-        for index, spec in enumerate(todo, 1):
-            log.info("[%d/%d] %s%s", index, len(todo), spec.describe(), eta(started, index - 1, len(todo)))
+        for index, spec in enumerate(todo):
+            log.info("[%d/%d] %s%s", index + 1, len(todo), spec.describe(), clock.text())
+            clock.begun(index)
             outcomes.append(run_guarded(job, spec))
+            clock.ended(index, outcomes[-1])
             if progress:
                 progress(outcomes[-1])
     except KeyboardInterrupt:
@@ -318,20 +321,6 @@ def ended(spec: RunSpec | AttackSpec, state: str, error: str, mark: bool = False
         elif not records.read_failure(spec.directory, records.INTERRUPTED_NAME):  # a run's own, from `run_claimed`
             records.write_interrupted(spec.directory, INTERRUPTED)
     return Outcome(spec, state, error=error)
-
-
-def eta(started: float, done: int, total: int) -> str:
-    """' (elapsed 1m 20s, ETA 4m 00s)' after `done` of `total` runs begun at `started`; '' before the first ends."""
-    if done == 0:
-        return ""
-    elapsed = time.perf_counter() - started
-    return f" (elapsed {_duration(elapsed)}, ETA {_duration(elapsed / done * (total - done))})"
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
 
 
 def run_guarded(job: Job, spec: RunSpec) -> Outcome:

@@ -17,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 from bench.device import choose_threads, progress_bar
-from bench.orchestrate import Job, Outcome, ended, eta, run_guarded, stopped
+from bench.eta import SweepEta
+from bench.orchestrate import Job, Outcome, ended, run_guarded, stopped
 from bench.sweep import RunSpec
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,10 @@ class WorkerPool:
         waiting = list(enumerate(todo))[::-1]  # popped from the end: spec order
         outcomes: dict[int, Outcome] = {}
         held: dict = {}  # pipe -> (process, index of the run it holds)
-        bar = progress_bar(total=len(todo), desc="sweep", unit="run", disable=not self.show_progress)
-        started = time.perf_counter()
+        # tqdm's own remaining time counts runs, which differ tenfold in cost: the bar shows the weighted ETA instead
+        bar = progress_bar(total=len(todo), desc="sweep", unit="run", disable=not self.show_progress,
+                           bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        clock = SweepEta(todo, self.workers)
 
         def hand_out(conn, process) -> None:
             """Give this worker the next run, or let it finish; one found dead fails that run and is replaced."""
@@ -131,6 +134,7 @@ class WorkerPool:
                     conn, process = start()
                     continue
                 held[conn] = (process, index)
+                clock.begun(index)
                 return
             try:
                 conn.send(None)
@@ -145,12 +149,14 @@ class WorkerPool:
 
         def finish(index: int, outcome: Outcome) -> None:
             outcomes[index] = outcome
+            clock.ended(index, outcome)
             log.info("[%d/%d] %s: %s%s", len(outcomes), len(todo), outcome.spec.describe(), outcome.status,
-                     eta(started, len(outcomes), len(todo)))
+                     clock.text())
             if progress:
                 progress(outcome)
-            failed = sum(o.status == "failed" for o in outcomes.values())
-            bar.set_postfix(running=len(held), failed=failed, refresh=False)
+            failed, left = sum(o.status == "failed" for o in outcomes.values()), clock.left_text()
+            bar.set_postfix_str(f"failed={failed}, running={len(held)}" + (f", ETA {left}" if left else ""),
+                                refresh=False)
             bar.n = len(outcomes)
             bar.refresh()
 

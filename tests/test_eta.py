@@ -1,0 +1,84 @@
+"""A sweep's ETA weighs each run by the iterations it will train, read off the records of the runs that finished."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from bench import eta
+from bench.orchestrate import Outcome
+from bench.sweep import RunSpec
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    now = SimpleNamespace(t=0.0)
+    monkeypatch.setattr(eta, "time", SimpleNamespace(perf_counter=lambda: now.t))
+    return now
+
+
+def spec(method: str, forget_class: int = 0, **sets) -> RunSpec:
+    return RunSpec("tiny", method, forget_class, 0, "results", method_overrides=tuple(sets.items()))
+
+
+def done(run: RunSpec, total_s: float, rte_s: float, iterations: int, resumed_from_step: int = 0) -> Outcome:
+    return Outcome(run, "done", {"timings": {"total_s": total_s, "rte_s": rte_s, "iterations": iterations,
+                                             "resumed_from_step": resumed_from_step}})
+
+
+def test_planned_iterations_follow_the_preset_and_the_overrides():
+    assert eta.planned_iterations(spec("original")) == 0
+    assert eta.planned_iterations(spec("safemax", iterations=40)) == 40
+    assert eta.planned_iterations(spec("no-such-method")) is None  # the run itself reports that, not the ETA
+
+
+def test_runs_are_weighed_by_their_iterations_not_counted(clock):
+    # make run's order: the cheap original runs first, then the methods that train
+    todo = [spec("original", 0), spec("original", 1), spec("safemax", 0, iterations=100),
+            spec("safemax", 1, iterations=100), spec("sa", 0, iterations=600)]
+    sweep = eta.SweepEta(todo, workers=1)
+    assert sweep.text() == ""
+    sweep.begun(0)
+    clock.t = 5.0
+    sweep.ended(0, done(todo[0], total_s=5.0, rte_s=0.0, iterations=0))
+    # one original took 5 s; the runs that train have no weight yet, so the four left (5 s each for the evaluation
+    # alone) give a lower bound
+    assert sweep.left_text() == "> 0m 20s"
+    sweep.begun(2)
+    clock.t = 30.0
+    sweep.ended(2, done(todo[2], total_s=25.0, rte_s=12.0, iterations=100))
+    # original 5 s; safemax 13 + 100 x 0.12 = 25 s; sa 13 + 600 x 0.12 (the slowest rate seen) = 85 s
+    assert sweep.left_text() == "1m 55s"
+    assert sweep.text() == " (elapsed 0m 30s, ETA 1m 55s)"
+    # counting runs would have said 30 s / 2 x 3 = 45 s
+
+
+def test_two_workers_share_the_work_and_a_run_in_progress_counts_what_it_has_left(clock):
+    todo = [spec("safemax", c, iterations=100) for c in range(4)]
+    sweep = eta.SweepEta(todo, workers=2)
+    sweep.begun(0), sweep.begun(1)
+    clock.t = 20.0
+    sweep.ended(0, done(todo[0], total_s=20.0, rte_s=10.0, iterations=100))  # 10 s outside + 0.1 s per iteration
+    sweep.begun(2)
+    # run 1 has run for 20 of its 20 s; runs 2 and 3 have 20 s each: 40 s over two workers
+    assert sweep.left_text() == "0m 20s"
+    clock.t = 30.0  # run 2, begun at 20 s, has 10 s left
+    assert sweep.left_text() == "0m 15s"
+
+
+def test_a_resumed_run_teaches_the_rate_of_the_iterations_it_trained(clock):
+    todo = [spec("safemax", 0, iterations=100), spec("safemax", 1, iterations=100)]
+    sweep = eta.SweepEta(todo)
+    sweep.begun(0)
+    sweep.ended(0, done(todo[0], total_s=15.0, rte_s=5.0, iterations=100, resumed_from_step=50))
+    assert sweep.left_text() == "0m 20s"  # 10 s outside + 100 x (5 s / 50)
+
+
+def test_without_any_record_it_counts_runs(clock):
+    todo = [spec("safemax", c) for c in range(3)]
+    sweep = eta.SweepEta(todo)
+    sweep.begun(0)
+    clock.t = 12.0
+    sweep.ended(0, Outcome(todo[0], "failed", error="boom"))
+    assert sweep.text() == " (elapsed 0m 12s, ETA 0m 24s)"
