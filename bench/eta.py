@@ -19,7 +19,8 @@ from bench.sweep import RunSpec, resolve_method_config
 
 
 def planned_iterations(spec: RunSpec) -> int | None:
-    """The unlearning iterations `spec` will train; None where its method or preset cannot be resolved here."""
+    """The unlearning iterations `spec` will train; None where its method or preset cannot be resolved here, and for
+    what is not a run (an attack)."""
     try:
         return resolve_method_config(get_preset(spec.preset), spec.method, spec.method_overrides)[1].iterations
     except Exception:  # an ETA never stops a sweep: the run itself reports what is wrong with its spec
@@ -35,8 +36,8 @@ def duration(seconds: float) -> str:
 class SweepEta:
     """The ETA of `todo` run by `workers` processes: `begun(i)` when run i starts, `ended(i, outcome)` when it ends."""
 
-    def __init__(self, todo: list[RunSpec], workers: int = 1):
-        self.methods = [spec.method for spec in todo]
+    def __init__(self, todo: list, workers: int = 1):
+        self.methods = [getattr(spec, "method", None) for spec in todo]  # an attack (`AttackSpec`) has none: counted
         self.planned = [planned_iterations(spec) for spec in todo]
         self.workers, self.started = max(1, workers), time.perf_counter()
         self.left, self.running = set(range(len(todo))), {}  # running: index -> when it began

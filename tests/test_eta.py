@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from bench import eta
+from bench.attacks import AttackSpec
 from bench.orchestrate import Outcome
 from bench.sweep import RunSpec
 
@@ -82,3 +83,14 @@ def test_without_any_record_it_counts_runs(clock):
     clock.t = 12.0
     sweep.ended(0, Outcome(todo[0], "failed", error="boom"))
     assert sweep.text() == " (elapsed 0m 12s, ETA 0m 24s)"
+
+
+def test_attacks_in_a_worker_pool_are_counted(clock):
+    """`bench attack --workers N` hands the pool attacks, which have no method or iterations of their own."""
+    todo = [AttackSpec(spec("original", c), "relearn") for c in range(3)]
+    sweep = eta.SweepEta(todo, workers=2)
+    assert sweep.planned == [None] * 3
+    sweep.begun(0), sweep.begun(1)
+    clock.t = 10.0
+    sweep.ended(0, Outcome(todo[0], "done", {"attack": "relearn"}))
+    assert sweep.text() == " (elapsed 0m 10s, ETA 0m 20s)"
