@@ -3,9 +3,10 @@
 The runs of one sweep differ tenfold in cost (the original model is only evaluated; retrain trains 1,000 steps), and
 `bench run` orders them method by method, so counting runs put `make run`'s ETA at 10 minutes when 25 were left. A run
 is weighed instead as a + b x its planned iterations, in seconds, both read off the records of the runs that finished:
-a, the median time a run spends outside its unlearning loop (evaluation, loading); b, the median seconds per iteration
-of the run's method, or of every method until one of its own runs has finished. The time left is that weight over the
-workers, less what the runs in progress have done. Until a run that trains has finished, the runs that train have no
+a, the median time spent outside the unlearning loop (evaluation, loading) by the finished runs that trained, or by
+those that did not for a run that trains nothing; b, the median seconds per iteration of the run's method, or of the
+slowest method so far until one of its own runs has finished. The time left is that weight over the workers, less
+what the runs in progress have done. Until a run that trains has finished, the runs that train have no
 weight yet, and the ETA is a lower bound ('ETA > 4m 10s'); with no record at all (every run failed) it counts runs.
 """
 
