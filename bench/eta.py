@@ -5,13 +5,15 @@ The runs of one sweep differ tenfold in cost (the original model is only evaluat
 is weighed instead as a + b x its planned iterations, in seconds, both read off the records of the runs that finished:
 a, the median time spent outside the unlearning loop (evaluation, loading) by the finished runs that trained, or by
 those that did not for a run that trains nothing; b, the median seconds per iteration of the run's method, or of the
-slowest method so far until one of its own runs has finished. The time left is that weight over the workers, less
-what the runs in progress have done. Until a run that trains has finished, the runs that train have no
-weight yet, and the ETA is a lower bound ('ETA > 4m 10s'); with no record at all (every run failed) it counts runs.
+slowest method so far until one of its own runs has finished. The runs left are then handed out in order to the
+workers as they free up, the runs in progress counting what they have left, and the ETA is when the last one ends.
+Until a run that trains has finished, the runs that train have no weight yet, and the ETA is a lower bound
+('ETA > 4m 10s'); with no record at all (every run failed) it counts runs.
 """
 
 from __future__ import annotations
 
+import heapq
 import statistics
 import time
 
@@ -79,13 +81,21 @@ class SweepEta:
         outside = {trains: statistics.median(seconds or finished) for trains, seconds in self.outside_s.items()}
         rates = {method: statistics.median(seconds) for method, seconds in self.per_iteration.items()}
         slowest = max(rates.values(), default=None)  # a method not timed yet: the slowest so far, not the cheapest
-        work, lower_bound = 0.0, False
-        for index in self.left:
+        lower_bound, waiting, busy = False, [], []  # busy: seconds each running run has left
+        for index in sorted(self.left):
             iterations = self.planned[index]
             rate = rates.get(self.methods[index], slowest)
             if iterations and rate is None:
                 lower_bound = True
             seconds = outside[bool(iterations)] + (iterations or 0) * (rate or 0.0)
-            work += max(0.0, seconds - (now - self.running[index])) if index in self.running else seconds
-        left = work / min(self.workers, max(1, len(self.left)))
-        return ("> " if lower_bound else "") + duration(left)
+            if index in self.running:
+                busy.append(max(0.0, seconds - (now - self.running[index])))
+            else:
+                waiting.append(seconds)
+        # hand the waiting runs out in order to whichever worker frees first, as the pool does: the last ones may run
+        # alone, so the time left is when the last worker ends, not the work over the workers
+        free = busy + [0.0] * max(0, self.workers - len(busy))
+        heapq.heapify(free)
+        for seconds in waiting:
+            heapq.heappush(free, heapq.heappop(free) + seconds)
+        return ("> " if lower_bound else "") + duration(max(free))

@@ -62,10 +62,26 @@ def test_two_workers_share_the_work_and_a_run_in_progress_counts_what_it_has_lef
     clock.t = 20.0
     sweep.ended(0, done(todo[0], total_s=20.0, rte_s=10.0, iterations=100))  # 10 s outside + 0.1 s per iteration
     sweep.begun(2)
-    # run 1 has run for 20 of its 20 s; runs 2 and 3 have 20 s each: 40 s over two workers
+    # run 1 has run for 20 of its 20 s, so its worker takes run 3 (20 s) while run 2 (begun now) takes 20 s
     assert sweep.left_text() == "0m 20s"
-    clock.t = 30.0  # run 2, begun at 20 s, has 10 s left
+    clock.t = 30.0  # run 2 has 10 s left; run 1 overran and still holds its worker: run 3 starts when it ends
+    assert sweep.left_text() == "0m 20s"
+    sweep.ended(2, done(todo[2], total_s=10.0, rte_s=5.0, iterations=100))  # run 2 was quicker than thought
+    # the estimates are medians now (7.5 s outside, 0.075 s per iteration: 15 s a run); runs 1 and 3 are left, one
+    # running for 30 s already, and the last one starts on the free worker: it ends last, 15 s from now
     assert sweep.left_text() == "0m 15s"
+
+
+def test_the_last_long_runs_are_not_shared_between_workers(clock):
+    todo = [spec("safemax", 0, iterations=100), spec("safemax", 1, iterations=100), spec("retrain", 0)]
+    sweep = eta.SweepEta(todo, workers=2)
+    assert sweep.planned[2] == eta.planned_iterations(todo[2]) > 0
+    sweep.begun(0), sweep.begun(1)
+    clock.t = 20.0
+    sweep.ended(0, done(todo[0], total_s=20.0, rte_s=10.0, iterations=100))
+    sweep.ended(1, done(todo[1], total_s=20.0, rte_s=10.0, iterations=100))
+    # retrain runs alone on one worker: its whole time (10 s outside + its iterations at 0.1 s), not half of it
+    assert sweep.left_text() == eta.duration(10.0 + sweep.planned[2] * 0.1)
 
 
 def test_a_resumed_run_teaches_the_rate_of_the_iterations_it_trained(clock):
