@@ -21,9 +21,11 @@ from bench.config import get_preset
 from bench.sweep import RunSpec, resolve_method_config
 
 
-def planned_iterations(spec: RunSpec) -> int | None:
+def planned_iterations(spec: object) -> int | None:
     """The unlearning iterations `spec` will train; None where its method or preset cannot be resolved here, and for
     what is not a run (an attack)."""
+    if not isinstance(spec, RunSpec):
+        return None
     try:
         return resolve_method_config(get_preset(spec.preset), spec.method, spec.method_overrides)[1].iterations
     except Exception:  # an ETA never stops a sweep: the run itself reports what is wrong with its spec
@@ -64,9 +66,10 @@ class SweepEta:
         if trained > 0:
             self.per_iteration.setdefault(self.methods[index], []).append(loop / trained)
 
-    def text(self) -> str:
-        """' (elapsed 1m 20s, ETA 4m 00s)'; '' before the first run ends."""
-        left = self.left_text()
+    def text(self, left: str | None = None) -> str:
+        """' (elapsed 1m 20s, ETA 4m 00s)'; '' before the first run ends. `left`: `left_text()`, where the caller
+        has it already."""
+        left = self.left_text() if left is None else left
         return f" (elapsed {duration(time.perf_counter() - self.started)}, ETA {left})" if left else ""
 
     def left_text(self) -> str:

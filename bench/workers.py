@@ -150,11 +150,12 @@ class WorkerPool:
         def finish(index: int, outcome: Outcome) -> None:
             outcomes[index] = outcome
             clock.ended(index, outcome)
+            left = clock.left_text()  # once for the log line and the bar
             log.info("[%d/%d] %s: %s%s", len(outcomes), len(todo), outcome.spec.describe(), outcome.status,
-                     clock.text())
+                     clock.text(left))
             if progress:
                 progress(outcome)
-            failed, left = sum(o.status == "failed" for o in outcomes.values()), clock.left_text()
+            failed = sum(o.status == "failed" for o in outcomes.values())
             bar.set_postfix_str(f"failed={failed}, running={len(held)}" + (f", ETA {left}" if left else ""),
                                 refresh=False)
             bar.n = len(outcomes)
