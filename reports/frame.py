@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from numbers import Number
 from pathlib import Path
 
@@ -70,7 +71,25 @@ def _row(record: dict) -> dict:
         "classifier_id": record["classifier"].get("id"),
         **_cost(timings),
         "cores": record["provenance"].get("cores") or math.nan,  # usable cores where the run ran (newer records)
+        "cpu_share": cpu_share(timings, record["provenance"].get("device")),
     }
+
+
+# `bench.device.device_name` on a CPU: 'cpu (AMD EPYC 9654 96-Core Processor, 1 thread)'
+CPU_THREADS = re.compile(r"^cpu \((?:.*, )?(\d+) threads?\)$")
+
+
+def cpu_share(timings: dict, device) -> float:
+    """The share of its threads' time the unlearning loop got on the CPU: its process's CPU seconds over the loop
+    / (wall seconds x torch threads). Near 1 when the run had its cores; well under 1 when other work took them.
+    NaN on a GPU (the GPU does the work), without a loop, for a resumed loop (its CPU seconds cover the last
+    attempt only) and for records made before CPU seconds were recorded."""
+    found = CPU_THREADS.match(device) if isinstance(device, str) else None
+    rte, cpu = timings.get("rte_s"), timings.get("train_cpu_s")
+    if not found or not isinstance(rte, Number) or rte <= 0 or not isinstance(cpu, Number) \
+            or timings.get("resumed_from_step"):
+        return math.nan
+    return float(cpu) / (float(rte) * int(found.group(1)))
 
 
 def _tera(value) -> float:

@@ -165,6 +165,7 @@ def test_table2_shows_flops_and_their_ratio_and_old_records_read_as_na(sweep_res
 
 
 def test_runs_timed_under_clearly_different_loads_are_named(sweep_results):
+    """Records without a CPU share (GPU runs, older records) are judged by the load average at their start."""
     import copy
 
     from bench.records import read_all
@@ -173,6 +174,7 @@ def test_runs_timed_under_clearly_different_loads_are_named(sweep_results):
 
     records = copy.deepcopy(read_all(sweep_results)[0])
     for index, record in enumerate(records):
+        del record["timings"]["train_cpu_s"]  # as recorded before CPU seconds were
         record["timings"]["load_average"] = {"start": [0.5 if index else 6.0, 0, 0], "end": [0.5, 0, 0]}
     note = load_note(runs_frame(records))
     assert "different loads" in note and "0.50 to 6.00" in note
@@ -184,6 +186,46 @@ def test_runs_timed_under_clearly_different_loads_are_named(sweep_results):
         record["timings"]["load_average"]["start"][0] = 3.0
     note = load_note(runs_frame(records))
     assert note.startswith("Timed on a busy machine:") and f"{len(records)} of {len(records)} runs" in note
+
+
+def test_a_cpu_run_is_called_slowed_by_the_cpu_time_its_loop_got_not_by_the_load_of_the_sweeps_own_workers(
+        sweep_results):
+    """`make run` keeps a 2-core machine's load at 2.0-2.2 with its own two one-thread workers, each of which gets
+    its core: no note. A run whose loop got half its thread's time was slowed, whatever the load said."""
+    import copy
+
+    import torch
+
+    from bench.device import device_name
+    from bench.records import read_all
+    from reports.frame import runs_frame
+    from reports.tables import load_note
+
+    records = copy.deepcopy(read_all(sweep_results)[0])
+    assert records and all(r["provenance"]["device"].startswith("cpu (") for r in records)
+    for record in records:
+        timings = record["timings"]
+        timings["load_average"] = {"start": [2.07, 2.0, 2.0], "end": [2.0, 2.0, 2.0]}
+        timings["train_cpu_s"] = 0.98 * timings["rte_s"]
+        record["provenance"].update(cores=2, device="cpu (AMD EPYC, 1 thread)")
+    frame = runs_frame(records)
+    assert frame["cpu_share"].round(6).eq(0.98).all()
+    assert load_note(frame) == ""
+    records[0]["timings"]["train_cpu_s"] = 0.45 * records[0]["timings"]["rte_s"]
+    note = load_note(runs_frame(records))
+    assert note.startswith("Timed on a busy machine:") and f"1 of {len(records)} timed runs" in note
+    assert "as little as 45%" in note and "runnable processes" not in note
+    # Two threads: the share is of both threads' time
+    records[0]["provenance"]["device"] = "cpu (AMD EPYC, 2 threads)"
+    records[0]["timings"]["train_cpu_s"] = 1.9 * records[0]["timings"]["rte_s"]
+    assert runs_frame(records)["cpu_share"][0] == pytest.approx(0.95) and load_note(runs_frame(records)) == ""
+    # The share is read from what `bench.device` writes, and not for a GPU or a resumed loop
+    assert runs_frame([{**records[1], "provenance": {**records[1]["provenance"],
+                                                     "device": device_name(torch.device("cpu"))}}])[
+        "cpu_share"].notna().all()
+    for change in ({"provenance": {**records[1]["provenance"], "device": "NVIDIA H100 80GB HBM3"}},
+                   {"timings": {**records[1]["timings"], "resumed_from_step": 2}}):
+        assert runs_frame([{**records[1], **change}])["cpu_share"].isna().all()
 
 
 def test_the_tradeoff_axis_goes_logarithmic_and_names_an_outlier_fd(sweep_results):
