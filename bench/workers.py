@@ -147,7 +147,10 @@ class WorkerPool:
             processes.append(process)
             return conn, process
 
+        left = ""  # the ETA of the last finished run's log line, for the bar
+
         def finish(index: int, outcome: Outcome) -> None:
+            nonlocal left
             outcomes[index] = outcome
             clock.ended(index, outcome)
             left = clock.left_text()  # once for the log line and the bar
@@ -155,6 +158,9 @@ class WorkerPool:
                      clock.text(left))
             if progress:
                 progress(outcome)
+
+        def show() -> None:
+            """The bar, once the freed worker holds its next run (so `running` counts it)."""
             failed = sum(o.status == "failed" for o in outcomes.values())
             bar.set_postfix_str(f"failed={failed}, running={len(held)}" + (f", ETA {left}" if left else ""),
                                 refresh=False)
@@ -175,9 +181,11 @@ class WorkerPool:
                         finish(index, self._died(todo[index], process))
                         if waiting:
                             hand_out(*start())
+                        show()
                         continue
                     finish(index, outcome)
                     hand_out(conn, process)
+                    show()
         except KeyboardInterrupt:
             log.warning("interrupted: stopping %d worker(s)", len(held))
         finally:

@@ -4,6 +4,7 @@ behind when the orchestrator is killed."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,10 +20,15 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_workers_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache, tiny_sweep, tmp_path, bench_cli,
                                                     sweep_records):
-    result = bench_cli("run", *tiny_sweep, "--cache", tiny_cache, "--out", str(tmp_path), "--workers", "2")
+    shown = [arg for arg in tiny_sweep if arg != "--no-progress"]  # the sweep's bar too (records are the same)
+    result = bench_cli("run", *shown, "--cache", tiny_cache, "--out", str(tmp_path), "--workers", "2")
     assert result.returncode == 0, result.stderr
     assert "in 2 worker processes" in result.stderr
     assert sweep_records(tmp_path) == sweep_records(debug_sweep)
+    # 4 runs on 2 workers: after each of the first two ends, the freed worker already holds the next run
+    bars = re.findall(r"\| (\d)/4 \[[^\]]*running=(\d)", result.stderr.replace("\r", "\n"))
+    assert [running for n, running in bars if n in "12"] and all(running == "2" for n, running in bars if n in "12"), \
+        bars
 
 
 def _children(pid: int) -> list[int]:
