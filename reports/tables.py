@@ -376,7 +376,7 @@ def load_note(df: pd.DataFrame) -> str:
     load average at the start stands in: runs timed under clearly different loads, or with more runnable processes
     than cores."""
     timed = df[df["rte_s"].fillna(0) > 0] if "rte_s" in df else df.iloc[:0]
-    share = timed["cpu_share"] if "cpu_share" in timed else pd.Series(math.nan, index=timed.index, dtype=float)
+    share = timed.get("cpu_share", pd.Series(math.nan, index=timed.index, dtype=float))
     starved, by_load = timed[share < STARVED_SHARE], timed[share.isna()]
     busy = (f" {len(starved)} of {len(timed)} timed runs got under {STARVED_SHARE:.0%} of their CPU threads' time "
             f"over the unlearning loop (as little as {starved['cpu_share'].min():.0%}): other work slowed them, and "
