@@ -268,8 +268,10 @@ def classifier_cmd(preset, cache_dir, data_root, device, seed, force, steps, tes
 @click.option("--force", is_flag=True, help="redo runs that already have a record")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @click.option("--cluster", type=click.Choice(["local", "slurm", "debug"]), default=None,
-              help="run each (method, class, seed) as a submitit job: processes on this machine (local), a SLURM "
-                   "job array (slurm), or in this process through the job path (debug) [default: in this process]")
+              help="run each (method, class, seed) as a submitit job: processes on this machine, all started at "
+                   "once with the CPU threads split between them (local; for fewer at once, --workers without "
+                   "--cluster), a SLURM job array (slurm), or in this process through the job path (debug) "
+                   "[default: in this process]")
 @click.option("--cluster-config", default=None, metavar="NAME|PATH",
               help="cluster parameters: slurm/clusters/NAME.yaml or a YAML path (needed with --cluster slurm)")
 @click.option("--jobs-folder", default=None, help="submitit pickles and job logs, on storage the jobs can see "

@@ -28,6 +28,7 @@ from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, fin
 from bench.cache import Cache, checkpoint_id
 from bench.cluster import make_executor, resources, submit_all, submit_grouped, wait_all
 from bench.config import get_preset
+from bench.device import choose_threads
 from bench.eta import SweepEta
 from bench.experiment import run_one
 from bench.extensions import load_extensions
@@ -192,13 +193,35 @@ def _log_path() -> str | None:
         return os.environ.get("BENCH_WORKER_LOG")
 
 
-def _job_setup() -> None:
-    """Logging for the job's log file, and as many torch threads as SLURM gave CPUs (not the node's count)."""
+def _job_setup(threads: int | None, task) -> None:
+    """Logging for the job's log file, and the job's torch threads: as many as SLURM gave CPUs (not the node's
+    count), else `threads` (the share the orchestrator gave each of the local jobs it started at once), else
+    the process's own; said in the log, with what the job runs."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus and cpus.isdigit() and "OMP_NUM_THREADS" not in os.environ:
+    cpus, why = os.environ.get("SLURM_CPUS_PER_TASK"), "this process's"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        why = "OMP_NUM_THREADS"
+    elif cpus and cpus.isdigit():
         torch.set_num_threads(int(cpus))
+        why = "SLURM_CPUS_PER_TASK"
+    elif threads:
+        torch.set_num_threads(threads)
+        why = "the orchestrator's share for each local job"
+    if os.environ.get("SUBMITIT_EXECUTOR") in ("local", "slurm"):  # a job of its own (its log), not this process
+        what = task.describe() if isinstance(task, (RunSpec, AttackSpec)) else f"the {task.preset} prerequisites"
+        log.info("%s: %d CPU thread(s) (%s)", what, torch.get_num_threads(), why)
+
+
+def local_threads(kind: str, jobs: int) -> int | None:
+    """Torch threads for each of `jobs` jobs that submitit's local executor starts at once (it queues none): the
+    cores split between them (`choose_threads`), so that their OpenMP threads do not spin against each other.
+    None for SLURM (a job takes its CPUs) and debug (this process)."""
+    if kind != "local" or jobs < 1:
+        return None
+    threads, why = choose_threads(jobs)
+    log.info("%d local job(s) start at once, %d CPU thread(s) each (%s)", jobs, threads, why)
+    return threads
 
 
 class Job(submitit.helpers.Checkpointable):
@@ -210,11 +233,11 @@ class Job(submitit.helpers.Checkpointable):
     A job killed outright is resumed the same way by the next `bench run`.
     """
 
-    def __init__(self, force: bool = False):
-        self.force = force
+    def __init__(self, force: bool = False, threads: int | None = None):
+        self.force, self.threads = force, threads  # threads: `local_threads`, for submitit's local jobs
 
     def __call__(self, task: RunSpec | Prerequisites):
-        _job_setup()
+        _job_setup(self.threads, task)
         load_extensions(task.extensions if isinstance(task, (RunSpec, AttackSpec)) else task.specs[0].extensions
                         if task.specs else ())
         if isinstance(task, Prerequisites):
@@ -368,7 +391,8 @@ def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Pat
     prerequisites = _prerequisites(make_executor(kind, folder, resources(config, None)), specs, wait)
     known, todo = split_finished(specs, force)
     after = prerequisites if not wait_prerequisites else []
-    jobs, parameters = submit_grouped(kind, folder, config, Job(force), todo, lambda spec: spec.method, after)
+    job = Job(force, local_threads(kind, len(todo)))
+    jobs, parameters = submit_grouped(kind, folder, config, job, todo, lambda spec: spec.method, after)
     submission = Submission(kind, folder, known, todo, jobs, prerequisites, parameters)
     if jobs:
         write_manifest(submission)
@@ -380,7 +404,7 @@ def _prerequisites(executor, specs: list[RunSpec], wait: bool) -> list[str]:
     tasks = [task for task in prerequisites_for(specs) if missing(task)]
     if not tasks:
         return []
-    jobs = submit_all(executor, Job(), tasks)
+    jobs = submit_all(executor, Job(threads=local_threads(executor.cluster, len(tasks))), tasks)
     for task, job in zip(tasks, jobs):
         log.info("building the %s prerequisites first (%s): job %s (log %s)", task.preset, ", ".join(missing(task)),
                  job.job_id, job.paths.stderr)
@@ -509,5 +533,5 @@ def submit_attacks(specs: list[AttackSpec], kind: str, config: dict, folder: str
                    force: bool = False) -> Submission:
     """Submit every unfinished attack as one job array (their runs must have finished); wait with `wait_runs`."""
     known, todo = split_attacks(specs, force)
-    jobs = submit_all(make_executor(kind, Path(folder), config), Job(force), todo)
+    jobs = submit_all(make_executor(kind, Path(folder), config), Job(force, local_threads(kind, len(todo))), todo)
     return Submission(kind, Path(folder), known, todo, jobs)
