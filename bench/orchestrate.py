@@ -28,7 +28,7 @@ from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, fin
 from bench.cache import Cache, checkpoint_id
 from bench.cluster import make_executor, resources, submit_all, submit_grouped, wait_all
 from bench.config import get_preset
-from bench.device import choose_threads
+from bench.device import choose_threads, usable_cores
 from bench.eta import SweepEta
 from bench.experiment import run_one
 from bench.extensions import load_extensions
@@ -221,6 +221,9 @@ def local_threads(kind: str, jobs: int) -> int | None:
         return None
     threads, why = choose_threads(jobs)
     log.info("%d local job(s) start at once, %d CPU thread(s) each (%s)", jobs, threads, why)
+    if jobs > usable_cores():
+        log.warning("--cluster local starts all %d jobs at once on %d core(s), each with its own memory; for a "
+                    "bounded number at a time, run without --cluster and with --workers N", jobs, usable_cores())
     return threads
 
 

@@ -81,6 +81,7 @@ def test_local_jobs_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache,
     assert sweep_records(out) == reference  # same runs, and the same numbers: seeded, one thread
     assert "4 run(s) done, 0 skipped" in result.stdout
     assert "4 local job(s) start at once, 1 CPU thread(s) each" in result.stderr
+    assert f"starts all 4 jobs at once on {len(cores)} core(s)" in result.stderr  # and says how to bound them
     found, _ = records.read_all(out)
     assert {r["provenance"]["device"].split(", ")[-1] for r in found} == {"1 thread)"}
     logs = "".join(path.read_text() for path in (out / ".submitit").glob("*_log.err"))
