@@ -44,6 +44,9 @@ GROUP_KEYS = {"methods": "per-method resources, {method: {timeout_min: ..., mem_
               "prerequisites": "resources of the job building the base model, classifier and preparations"}
 
 
+RUNNING_STATES = ("RUNNING", "COMPLETING")  # submitit's job states (SLURM's; a local job's is RUNNING)
+
+
 class Finished(typing.NamedTuple):
     """One finished job: what it was given, its return value or exception, and its stderr log."""
 
@@ -255,21 +258,27 @@ def _submission_env(executor):
 
 
 def wait_all(jobs: list, items: list | None = None, progress: bool = True, poll_s: float = 2.0,
-             refresh_s: float = 30.0, timeout_s: float | None = None) -> list[Finished]:
+             refresh_s: float = 30.0, timeout_s: float | None = None,
+             on_start: typing.Callable[[int], None] | None = None,
+             on_finish: typing.Callable[[int, Finished], str] | None = None) -> list[Finished]:
     """Wait for every job; returns Finished(item, result or exception, stderr log path) in job order.
 
     `items` defaults to each job's submitted argument. The scheduler is asked at least every `refresh_s`
     (one sacct call covers all jobs), so a killed job is noticed; `timeout_s` raises TimeoutError when passed.
+    `on_start(i)` is called once job i is seen running (at the first poll for local jobs, at a refresh on SLURM,
+    from the state that refresh fetched), `on_finish(i, finished)` when it has ended; what it returns is shown
+    beside the bar, in place of tqdm's own remaining time, which counts jobs.
     """
     if items is None:
         items = [_first_argument(job) for job in jobs]
     if len(items) != len(jobs):
         raise ValueError(f"{len(items)} items for {len(jobs)} jobs")
     finished: list[Finished | None] = [None] * len(jobs)
-    pending = list(range(len(jobs)))
+    pending, started, first = list(range(len(jobs))), set(), True  # started: jobs seen running (on_start)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_refresh = time.monotonic()
-    with tqdm(total=len(jobs), desc="finished runs", unit="run", disable=not progress) as bar:
+    bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" if on_finish else None
+    with tqdm(total=len(jobs), desc="finished runs", unit="run", disable=not progress, bar_format=bar_format) as bar:
         while pending:
             refresh = time.monotonic() - last_refresh >= refresh_s
             if refresh:
@@ -277,12 +286,22 @@ def wait_all(jobs: list, items: list | None = None, progress: bool = True, poll_
             still = []
             for position, index in enumerate(pending):
                 job = jobs[index]
-                if _is_debug(job) or job.done(force_check=refresh and position == 0):
+                debug = _is_debug(job)
+                if debug or job.done(force_check=refresh and position == 0):
+                    if debug and on_start:  # it runs now, in _collect
+                        on_start(index)
                     finished[index] = _collect(job, items[index])
+                    if on_finish:
+                        bar.set_postfix_str(on_finish(index, finished[index]), refresh=False)
                     bar.update(1)
                 else:
                     still.append(index)
-            pending = still
+            if on_start and (refresh or first):  # on SLURM the state the refresh above fetched (no sacct call)
+                for index in still:
+                    if index not in started and jobs[index].state in RUNNING_STATES:
+                        started.add(index)
+                        on_start(index)
+            pending, first = still, False
             if pending:
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"{len(pending)} job(s) unfinished after {timeout_s:.0f} s: "

@@ -1,4 +1,4 @@
-"""How long a local sweep has left, each run weighted by the iterations it will train.
+"""How long a sweep has left, each run weighted by the iterations it will train.
 
 The runs of one sweep differ tenfold in cost (the original model is only evaluated; retrain trains 1,000 steps), and
 `bench run` orders them method by method, so counting runs put `make run`'s ETA at 10 minutes when 25 were left. A run
@@ -8,7 +8,8 @@ those that did not for a run that trains nothing; b, the median seconds per iter
 slowest method so far until one of its own runs has finished. The runs left are then handed out in order to the
 workers as they free up, the runs in progress counting what they have left, and the ETA is when the last one ends.
 Until a run that trains has finished, the runs that train have no weight yet, and the ETA is a lower bound
-('ETA > 4m 10s'); with no record at all (every run failed) it counts runs.
+('ETA > 4m 10s'); with no record at all (every run failed) it counts runs. Jobs on a cluster (`wait_runs`) are begun
+when they are seen running, and `workers` follows the most seen running at once.
 """
 
 from __future__ import annotations

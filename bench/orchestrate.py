@@ -26,7 +26,7 @@ import torch
 from bench import claims, fingerprint, records
 from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, finished_attack, pending_attacks
 from bench.cache import Cache, checkpoint_id
-from bench.cluster import make_executor, resources, submit_all, submit_grouped, wait_all
+from bench.cluster import Finished, make_executor, resources, submit_all, submit_grouped, wait_all
 from bench.config import get_preset
 from bench.device import choose_threads, usable_cores
 from bench.eta import SweepEta
@@ -420,15 +420,35 @@ def _prerequisites(executor, specs: list[RunSpec], wait: bool) -> list[str]:
 
 
 def wait_runs(submission: Submission, progress: bool = True) -> list[Outcome]:
-    """Wait for every job (progress bar over finished runs); returns all outcomes, failed ones with their log."""
-    outcomes = list(submission.known)
-    for finished in wait_all(submission.jobs, submission.todo, progress=progress, poll_s=2.0, refresh_s=10.0):
-        if finished.failed:
-            outcomes.append(Outcome(finished.item, "failed", error=job_error(finished.item, finished.outcome),
-                                    log_path=str(finished.log_path)))
+    """Wait for every job (progress bar over finished runs); returns all outcomes, failed ones with their log.
+
+    Each finished job gets a log line with the sweep's weighted ETA (`SweepEta`), its runs handed out to as many
+    slots as jobs have been seen running at once (all of them for local jobs; on SLURM what the queue allowed)."""
+    todo, ended = submission.todo, {}
+    clock, running = SweepEta(todo, 1), set()
+
+    def started(index: int) -> None:
+        clock.begun(index)
+        running.add(index)
+        clock.workers = max(clock.workers, len(running))
+
+    def finished(index: int, job: Finished) -> str:
+        if job.failed:
+            ended[index] = Outcome(job.item, "failed", error=job_error(job.item, job.outcome),
+                                   log_path=str(job.log_path))
         else:
-            outcomes.append(dataclasses.replace(finished.outcome, log_path=str(finished.log_path)))
-    return in_spec_order(outcomes, [o.spec for o in submission.known] + submission.todo)
+            ended[index] = dataclasses.replace(job.outcome, log_path=str(job.log_path))
+        running.discard(index)
+        clock.ended(index, ended[index])
+        left = clock.left_text()
+        log.info("[%d/%d] %s: %s%s", len(ended), len(todo), todo[index].describe(), ended[index].status,
+                 clock.text(left))
+        return f"failed={sum(o.status == 'failed' for o in ended.values())}" + (f", ETA {left}" if left else "")
+
+    wait_all(submission.jobs, todo, progress=progress, poll_s=2.0, refresh_s=10.0, on_start=started,
+             on_finish=finished)
+    outcomes = list(submission.known) + [ended[index] for index in range(len(todo))]
+    return in_spec_order(outcomes, [o.spec for o in submission.known] + todo)
 
 
 def job_error(spec: RunSpec | AttackSpec, error: BaseException | str) -> str:

@@ -82,6 +82,8 @@ def test_local_jobs_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache,
     assert "4 run(s) done, 0 skipped" in result.stdout
     assert "4 local job(s) start at once, 1 CPU thread(s) each" in result.stderr
     assert f"starts all 4 jobs at once on {len(cores)} core(s)" in result.stderr  # and says how to bound them
+    done = re.findall(r"\[(\d)/4\] (?:original|safemax) class \d seed 0: done \(elapsed \d+m \d+s", result.stderr)
+    assert sorted(done) == ["1", "2", "3", "4"], result.stderr  # a line per finished run, with the weighted ETA
     found, _ = records.read_all(out)
     assert {r["provenance"]["device"].split(", ")[-1] for r in found} == {"1 thread)"}
     logs = "".join(path.read_text() for path in (out / ".submitit").glob("*_log.err"))

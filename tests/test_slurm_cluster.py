@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -222,6 +223,11 @@ def test_bench_run_fans_the_sweep_out_as_one_job_array(slurm_cluster, slurm_swee
     assert manifest["prerequisites_jobs"] == []  # tiny_cache has them
     assert {finished_state(slurm_cluster, job_id) for job_id in job_ids} == {"COMPLETED"}
     assert "original default      0     0" in result.stdout and "4 run(s) done, 0 skipped" in result.stdout
+    # a line per finished run, as a local sweep's, with the weighted ETA; each job's log names its run and threads
+    done = re.findall(r"\[(\d)/4\] (?:original|safemax) class \d seed 0: done \(elapsed \d+m \d+s", result.stderr)
+    assert sorted(done) == ["1", "2", "3", "4"], result.stderr
+    logs = "".join(path.read_text() for path in (out / ".submitit").glob("*_log.err"))
+    assert len(re.findall(r"(?:original|safemax) class \d seed 0: 1 CPU thread\(s\)", logs)) == 4, logs
 
 
 @pytest.mark.slow
