@@ -194,21 +194,26 @@ def _log_path() -> str | None:
 
 
 def _job_setup(threads: int | None, task) -> None:
-    """Logging for the job's log file, and the job's torch threads: as many as SLURM gave CPUs (not the node's
-    count), else `threads` (the share the orchestrator gave each of the local jobs it started at once), else
+    """Logging for the job's log file, and the job's torch threads: as many as SLURM gave the job CPUs (not the
+    node's count), else `threads` (the share the orchestrator gave each of the local jobs it started at once), else
     the process's own; said in the log, with what the job runs."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    cpus, why = os.environ.get("SLURM_CPUS_PER_TASK"), "this process's"
+    executor, why = os.environ.get("SUBMITIT_EXECUTOR"), "this process's"
+    # SLURM sets SLURM_CPUS_PER_TASK only where --cpus-per-task was given; SLURM_CPUS_ON_NODE, always: the CPUs the
+    # job holds, which a node without core binding (TaskPlugin=task/none) does not show in the affinity mask. Only a
+    # SLURM job of ours reads them: runs in a process inside an allocation (workers, local jobs) have their share.
+    slurm = next((name for name in ("SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE") if os.environ.get(name, "").isdigit()),
+                 None)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         why = "OMP_NUM_THREADS"
-    elif cpus and cpus.isdigit():
-        torch.set_num_threads(int(cpus))
-        why = "SLURM_CPUS_PER_TASK"
+    elif executor == "slurm" and slurm:
+        torch.set_num_threads(int(os.environ[slurm]))
+        why = slurm
     elif threads:
         torch.set_num_threads(threads)
         why = "the orchestrator's share for each local job"
-    if os.environ.get("SUBMITIT_EXECUTOR") in ("local", "slurm"):  # a job of its own (its log), not this process
+    if executor in ("local", "slurm"):  # a job of its own (its log), not this process
         what = task.describe() if isinstance(task, (RunSpec, AttackSpec)) else f"the {task.preset} prerequisites"
         log.info("%s: %d CPU thread(s) (%s)", what, torch.get_num_threads(), why)
 

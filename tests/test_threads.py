@@ -100,3 +100,50 @@ def test_records_from_two_cpu_models_are_flagged_as_mixed_devices(tmp_path, monk
         names.append(device.device_name(torch.device("cpu")))
     runs = [{"preset": "digits", "protocol": {"name": "paper"}, "provenance": {"device": name}} for name in names]
     assert mixed_devices(runs) == {("digits", "paper"): {names[0]: 1, names[1]: 1}}
+
+
+@pytest.mark.parametrize(("env", "given", "threads", "why"), [
+    # a SLURM job: the CPUs it holds, also where only SLURM_CPUS_ON_NODE says so (no --cpus-per-task)
+    ({"SUBMITIT_EXECUTOR": "slurm", "SLURM_CPUS_ON_NODE": "1"}, None, 1, "SLURM_CPUS_ON_NODE"),
+    ({"SUBMITIT_EXECUTOR": "slurm", "SLURM_CPUS_PER_TASK": "1", "SLURM_CPUS_ON_NODE": "2"}, None, 1,
+     "SLURM_CPUS_PER_TASK"),
+    # a local job, also inside a SLURM allocation: the orchestrator's share
+    ({"SUBMITIT_EXECUTOR": "local", "SLURM_CPUS_ON_NODE": "2"}, 1, 1, "the orchestrator's share"),
+    ({"SUBMITIT_EXECUTOR": "slurm", "OMP_NUM_THREADS": "2", "SLURM_CPUS_ON_NODE": "1"}, None, 2, "OMP_NUM_THREADS"),
+])
+def test_a_job_takes_the_threads_it_was_given_and_says_so(monkeypatch, caplog, env, given, threads, why):
+    from bench.orchestrate import _job_setup
+    from bench.prerequisites import Prerequisites
+
+    for name in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "SLURM_CPUS_ON_NODE", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what torch starts with on two cores
+    try:
+        with caplog.at_level("INFO", logger="bench.orchestrate"):
+            _job_setup(given, Prerequisites("tiny", None))
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert f"the tiny prerequisites: {threads} CPU thread(s) ({why}" in caplog.text
+
+
+def test_a_worker_inside_a_slurm_allocation_keeps_its_share(monkeypatch):
+    """Not a job of ours (a worker of `--workers`, or `bench run` itself, in an allocation): the allocation's CPU
+    count is not its own, and taking it would oversubscribe the workers."""
+    from bench.orchestrate import _job_setup
+    from bench.prerequisites import Prerequisites
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "4")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the pool's share
+    try:
+        _job_setup(None, Prerequisites("tiny", None))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
