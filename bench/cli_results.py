@@ -20,7 +20,8 @@ from bench.cli_common import cache_option, data_root_option, fail, preset_named,
 @cache_option
 def status_cmd(out, jobs_folder, as_json, cache_dir) -> None:
     """Show done / stale / running / failed / missing for every (method, class, seed) submitted or recorded; stale:
-    `bench run` with this --cache would run it again (the reason is shown)."""
+    `bench run` with this --cache (without one: the cache each record's base model is in) would run it again (the
+    reason is shown)."""
     import dataclasses
 
     from bench.status import STATES, status

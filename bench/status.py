@@ -23,6 +23,7 @@ import submitit
 from bench import claims, fingerprint, records
 from bench.attacks import ATTACK_NAME, read_attack
 from bench.cache import Cache, CheckpointError
+from bench.config import get_preset
 from bench.orchestrate import current_ids, last_line, record_spec, stale_reason
 
 log = logging.getLogger(__name__)
@@ -99,18 +100,34 @@ def _scheduler_states(folder: Path, job_ids: list[str]) -> dict[str, str]:
 
 def _staleness(out: str | Path, cache: str | None):
     """record -> why `bench run` (with this cache) would run it again, or None; the same `stale_reason` as the
-    orchestrator's, with the record's own speed switches (which only the run command chooses)."""
-    ids: dict[str, tuple] = {}
+    orchestrator's, with the record's own speed switches (which only the run command chooses). Without a cache, each
+    record is judged against the cache its own base model came from (`_cache_of`)."""
+    ids: dict[tuple, tuple] = {}
 
     def reason(record: dict) -> str | None:
-        spec = record_spec(record, out, cache)
-        if spec.preset not in ids:
-            ids[spec.preset] = current_ids(spec)
-        if ids[spec.preset][0] is None:
-            raise ValueError(f"no {spec.preset} base model in the cache {Cache(cache).root}; pass the run's --cache")
-        return stale_reason(record, spec, ids[spec.preset])
+        spec = record_spec(record, out, cache if cache is not None else _cache_of(record))
+        key = (spec.preset, spec.cache)
+        if key not in ids:
+            ids[key] = current_ids(spec)
+        if ids[key][0] is None:
+            raise ValueError(f"no {spec.preset} base model in the cache {Cache(spec.cache).root}; pass the run's "
+                             "--cache")
+        return stale_reason(record, spec, ids[key])
 
     return reason
+
+
+def _cache_of(record: dict) -> str | None:
+    """The cache root holding the base model the record was made from (its `base_model.path`, <root>/<preset's
+    folder>/base.pt), where that file is still there; else None, the default cache."""
+    path = Path(str((record.get("base_model") or {}).get("path") or ""))
+    if path.name != "base.pt" or not path.is_file():
+        return None
+    try:
+        root = path.parent.parent
+        return str(root) if Cache(root).base_path(get_preset(record["preset"])) == path else None
+    except (KeyError, ValueError):  # an unregistered preset: the default cache, and `reason` says so
+        return None
 
 
 def _done(row: RunStatus, record: dict, path: Path, check) -> RunStatus:

@@ -114,6 +114,8 @@ def test_status_marks_a_record_of_an_older_base_model_stale_and_run_redoes_only_
     rows = {row.forget_class: row for row in status(results, results / ".submitit", cache)}
     assert (rows[0].state, rows[1].state) == ("stale", "done")  # was: done, done
     assert f"made with base model {old_id}, now tiny-pretrained-again" in rows[0].detail
+    # without --cache: the cache each record's base model is in (the default cache here has none)
+    assert status(results, results / ".submitit") == list(rows.values())
     with pytest.raises(MixedModels):
         build_report(results, tmp_path / "out", figure1=False)
     outcomes = run_local([spec(0), spec(1)], show_progress=False)
