@@ -22,6 +22,8 @@ import submitit
 import yaml
 from tqdm.auto import tqdm
 
+from bench.eta import BAR_FORMAT
+
 log = logging.getLogger(__name__)
 
 KINDS = ("debug", "local", "slurm")
@@ -277,8 +279,8 @@ def wait_all(jobs: list, items: list | None = None, progress: bool = True, poll_
     pending, started, first = list(range(len(jobs))), set(), True  # started: jobs seen running (on_start)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_refresh = time.monotonic()
-    bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]" if on_finish else None
-    with tqdm(total=len(jobs), desc="finished runs", unit="run", disable=not progress, bar_format=bar_format) as bar:
+    with tqdm(total=len(jobs), desc="finished runs", unit="run", disable=not progress,
+              bar_format=BAR_FORMAT if on_finish else None) as bar:
         while pending:
             refresh = time.monotonic() - last_refresh >= refresh_s
             if refresh:

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from bench.device import choose_threads, progress_bar
-from bench.eta import SweepEta
-from bench.orchestrate import Job, Outcome, ended, run_guarded, stopped
+from bench.eta import BAR_FORMAT, SweepEta
+from bench.orchestrate import Job, Outcome, ended, log_ended, run_guarded, stopped
 from bench.sweep import RunSpec
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,8 @@ class WorkerPool:
         waiting = list(enumerate(todo))[::-1]  # popped from the end: spec order
         outcomes: dict[int, Outcome] = {}
         held: dict = {}  # pipe -> (process, index of the run it holds)
-        # tqdm's own remaining time counts runs, which differ tenfold in cost: the bar shows the weighted ETA instead
         bar = progress_bar(total=len(todo), desc="sweep", unit="run", disable=not self.show_progress,
-                           bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+                           bar_format=BAR_FORMAT)
         clock = SweepEta(todo, self.workers)
 
         def hand_out(conn, process) -> None:
@@ -152,10 +151,7 @@ class WorkerPool:
         def finish(index: int, outcome: Outcome) -> None:
             nonlocal left
             outcomes[index] = outcome
-            clock.ended(index, outcome)
-            left = clock.left_text()  # once for the log line and the bar
-            log.info("[%d/%d] %s: %s%s", len(outcomes), len(todo), outcome.spec.describe(), outcome.status,
-                     clock.text(left))
+            left = log_ended(clock, index, outcome, len(outcomes), len(todo))
             if progress:
                 progress(outcome)
 
