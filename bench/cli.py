@@ -426,13 +426,15 @@ def _run_on_cluster(specs, cluster: str, config: dict, jobs_folder: str, force: 
 
     submission = submit_runs(specs, cluster, config, jobs_folder, force=force, wait_prerequisites=not no_wait)
     if submission.jobs:
-        ids = [job.job_id for job in submission.jobs]
-        if cluster == "slurm":  # one array per distinct method resources (`bench.cluster.submit_grouped`)
+        ids = [job.job_id for job in submission.jobs if job is not None]
+        if cluster == "slurm":  # one array per distinct method resources (`bench.cluster.Submitter`)
             arrays = [job_id.split("_")[0] for job_id in ids]
             shown = ", ".join(f"array {array} ({arrays.count(array)} tasks)" for array in dict.fromkeys(arrays))
         else:
             shown = ", ".join(ids)
-        click.echo(f"submitted {len(ids)} run(s) to {cluster}: job {shown}; logs in {jobs_folder}", err=err)
+        held = (f" ({submission.queued} more start as these end, {submission.slots} at a time)" if submission.queued
+                else "")
+        click.echo(f"submitted {len(ids)} run(s) to {cluster}: job {shown}{held}; logs in {jobs_folder}", err=err)
     if no_wait:
         if submission.prerequisites_jobs:
             click.echo(f"the runs wait for job {', '.join(submission.prerequisites_jobs)} (base model, classifier)",

@@ -4,7 +4,8 @@
 machine, `slurm` submits them as job arrays. Cluster parameters come from `slurm/clusters/<name>.yaml`
 (`load_cluster_config`), never from Python. A cluster file may give each method its own resources
 (`methods: {retrain: {timeout_min: 1440}}`) and the prerequisites job its own (`prerequisites: {...}`);
-`resources` resolves them, and `submit_grouped` sends one job array per distinct set of resources.
+`resources` resolves them, and a `Submitter` sends one job array per distinct set of resources. submitit's local
+executor starts every job at once, so `wait_all` can hold some back and start them as others end.
 """
 
 from __future__ import annotations
@@ -220,24 +221,35 @@ def submit_all(executor, fn: typing.Callable, items: typing.Iterable) -> list:
     return jobs
 
 
-def submit_grouped(kind: str, folder: str | Path, config: dict, fn: typing.Callable, items: list,
-                   method_of: typing.Callable[[typing.Any], str], after: list[str] = ()) -> tuple[list, list[dict]]:
-    """Submit `fn(item)` for every item, one executor (one job array on SLURM) per distinct `resources(config,
-    method_of(item))`, so that each method's jobs get its time, memory and GPUs; `after` are job ids every job waits
-    for (afterok). Returns the jobs in item order and, for each, the parameters its executor was given."""
-    groups: dict[str, list[int]] = {}
-    for index, item in enumerate(items):
-        groups.setdefault(json.dumps(resources(config, method_of(item)), sort_keys=True), []).append(index)
-    jobs, parameters = [None] * len(items), [{}] * len(items)
-    for key, indices in groups.items():
-        executor = make_executor(kind, folder, json.loads(key))
-        if after and kind == "slurm":  # added to the file's own additional parameters (a reservation, ...)
-            extra = {**executor_parameters(executor).get("additional_parameters", {}),
-                     "dependency": "afterok:" + ":".join(after), "kill-on-invalid-dep": "yes"}
-            executor.update_parameters(slurm_additional_parameters=extra)
-        for index, job in zip(indices, submit_all(executor, fn, [items[i] for i in indices])):
-            jobs[index], parameters[index] = job, executor_parameters(executor)
-    return jobs, parameters
+class Submitter:
+    """Submits `fn(items[i])` through the executor of the item's resources (`resources_of(item)`, a cluster file's
+    mapping): one executor, so one job array on SLURM, per distinct set, so that each method's jobs get its time,
+    memory and GPUs; `after` are job ids every job waits for (afterok, on SLURM)."""
+
+    def __init__(self, kind: str, folder: str | Path, fn: typing.Callable, items: list,
+                 resources_of: typing.Callable[[typing.Any], dict], after: typing.Sequence[str] = ()):
+        self.fn, self.items, self.executors, self.keys = fn, items, {}, []
+        for item in items:
+            key = json.dumps(resources_of(item), sort_keys=True)
+            if key not in self.executors:
+                self.executors[key] = executor = make_executor(kind, folder, json.loads(key))
+                if after and kind == "slurm":  # added to the file's own additional parameters (a reservation, ...)
+                    extra = {**executor_parameters(executor).get("additional_parameters", {}),
+                             "dependency": "afterok:" + ":".join(after), "kill-on-invalid-dep": "yes"}
+                    executor.update_parameters(slurm_additional_parameters=extra)
+            self.keys.append(key)
+
+    def submit(self, indices: typing.Iterable[int]) -> list:
+        """Submit the items at `indices` (one array per executor on SLURM); their jobs, in the order given."""
+        indices, jobs = list(indices), {}
+        for key, executor in self.executors.items():
+            mine = [index for index in indices if self.keys[index] == key]
+            jobs.update(zip(mine, submit_all(executor, self.fn, [self.items[index] for index in mine])))
+        return [jobs[index] for index in indices]
+
+    def parameters(self, index: int) -> dict:
+        """What item `index`'s job is (or will be) submitted with."""
+        return executor_parameters(self.executors[self.keys[index]])
 
 
 def executor_parameters(executor) -> dict:
@@ -262,19 +274,24 @@ def _submission_env(executor):
 def wait_all(jobs: list, items: list | None = None, progress: bool = True, poll_s: float = 2.0,
              refresh_s: float = 30.0, timeout_s: float | None = None,
              on_start: typing.Callable[[int], None] | None = None,
-             on_finish: typing.Callable[[int, Finished], str] | None = None) -> list[Finished]:
+             on_finish: typing.Callable[[int, Finished], str] | None = None,
+             start: typing.Callable[[int], typing.Any] | None = None, slots: int | None = None) -> list[Finished]:
     """Wait for every job; returns Finished(item, result or exception, stderr log path) in job order.
 
     `items` defaults to each job's submitted argument. The scheduler is asked at least every `refresh_s`
     (one sacct call covers all jobs), so a killed job is noticed; `timeout_s` raises TimeoutError when passed.
     `on_start(i)` is called once job i is seen running (at the first poll for local jobs, at a refresh on SLURM,
     from the state that refresh fetched), `on_finish(i, finished)` when it has ended; what it returns is shown
-    beside the bar, in place of tqdm's own remaining time, which counts jobs.
+    beside the bar, in place of tqdm's own remaining time, which counts jobs. A job given as None is queued:
+    `start(i)` submits it, in order, whenever fewer than `slots` submitted jobs are unfinished.
     """
     if items is None:
         items = [_first_argument(job) for job in jobs]
     if len(items) != len(jobs):
         raise ValueError(f"{len(items)} items for {len(jobs)} jobs")
+    queued = [index for index, job in enumerate(jobs) if job is None]
+    if queued and (start is None or not slots):
+        raise ValueError(f"{len(queued)} queued job(s) need `start` and `slots`")
     finished: list[Finished | None] = [None] * len(jobs)
     pending, started, first = list(range(len(jobs))), set(), True  # started: jobs seen running (on_start)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -282,12 +299,18 @@ def wait_all(jobs: list, items: list | None = None, progress: bool = True, poll_
     with tqdm(total=len(jobs), desc="finished runs", unit="run", disable=not progress,
               bar_format=BAR_FORMAT if on_finish else None) as bar:
         while pending:
+            while queued and sum(jobs[index] is not None for index in pending) < slots:
+                index = queued.pop(0)
+                jobs[index], first = start(index), True  # first: asked whether it runs at this poll
             refresh = time.monotonic() - last_refresh >= refresh_s
             if refresh:
                 last_refresh = time.monotonic()
             still = []
             for position, index in enumerate(pending):
                 job = jobs[index]
+                if job is None:
+                    still.append(index)
+                    continue
                 debug = _is_debug(job)
                 if debug or job.done(force_check=refresh and position == 0):
                     if debug and on_start:  # it runs now, in _collect
@@ -300,7 +323,7 @@ def wait_all(jobs: list, items: list | None = None, progress: bool = True, poll_
                     still.append(index)
             if on_start and (refresh or first):  # on SLURM the state the refresh above fetched (no sacct call)
                 for index in still:
-                    if index not in started and jobs[index].state in RUNNING_STATES:
+                    if index not in started and jobs[index] is not None and jobs[index].state in RUNNING_STATES:
                         started.add(index)
                         on_start(index)
             pending, first = still, False

@@ -26,7 +26,7 @@ import torch
 from bench import claims, fingerprint, records
 from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, finished_attack, pending_attacks
 from bench.cache import Cache, checkpoint_id
-from bench.cluster import Finished, make_executor, resources, submit_all, submit_grouped, wait_all
+from bench.cluster import Finished, Submitter, make_executor, resources, submit_all, wait_all
 from bench.config import get_preset
 from bench.device import choose_threads, usable_cores
 from bench.eta import SweepEta
@@ -218,17 +218,31 @@ def _job_setup(threads: int | None, task) -> None:
         log.info("%s: %d CPU thread(s) (%s)", what, torch.get_num_threads(), why)
 
 
-def local_threads(kind: str, jobs: int) -> int | None:
-    """Torch threads for each of `jobs` jobs that submitit's local executor starts at once (it queues none): the
-    cores split between them (`choose_threads`), so that their OpenMP threads do not spin against each other.
-    None for SLURM (a job takes its CPUs) and debug (this process)."""
+def local_slots(kind: str, config: dict, jobs: int, wait: bool = True) -> int:
+    """How many of `jobs` jobs run at once. SLURM's queue and debug jobs (one at a time, here) take all of them.
+    submitit's local executor queues nothing: it starts a process per job at once, each with its own memory, so the
+    orchestrator holds the others back and starts them as jobs end (`wait_all`), at most the cluster file's
+    `array_parallelism` (as on SLURM), else one per usable core. With --no-wait (`wait=False`) nothing stays to
+    start them later: all of them start."""
+    if kind != "local" or not wait:
+        return jobs
+    return min(jobs, int(config.get("array_parallelism") or usable_cores()))
+
+
+def local_threads(kind: str, jobs: int, slots: int | None = None) -> int | None:
+    """Torch threads for each of `jobs` local jobs, `slots` of which run at once (None: all of them, --no-wait): the
+    cores split between those (`choose_threads`), so that their OpenMP threads do not spin against each other. None
+    for SLURM (a job takes its CPUs) and debug (this process)."""
     if kind != "local" or jobs < 1:
         return None
-    (threads, why), cores = choose_threads(jobs), usable_cores()
-    log.info("%d local job(s) start at once, %d CPU thread(s) each (%s)", jobs, threads, why)
-    if jobs > cores:
-        log.warning("--cluster local starts all %d jobs at once on %d core(s), each with its own memory; for a "
-                    "bounded number at a time, run without --cluster and with --workers N", jobs, cores)
+    at_once = min(jobs, slots or jobs)
+    (threads, why), cores = choose_threads(at_once), usable_cores()
+    held = " start at once" if at_once == jobs else f", at most {at_once} at a time"
+    log.info("%d local job(s)%s, %d CPU thread(s) each (%s)", jobs, held, threads, why)
+    if at_once > cores:
+        log.warning("--cluster local runs %d jobs at once on %d core(s), each with its own memory%s", at_once, cores,
+                    " (--no-wait: nothing stays to start the others later; without it they run one per core at a time,"
+                    " or the cluster file's array_parallelism)" if slots is None else "")
     return threads
 
 
@@ -381,9 +395,17 @@ class Submission:
     folder: Path
     known: list[Outcome]
     todo: list[RunSpec]
-    jobs: list
+    jobs: list  # None: a local job held back until others end (`local_slots`); `wait_runs` starts it
     prerequisites_jobs: list[str] = dataclasses.field(default_factory=list)
     resources: list[dict] = dataclasses.field(default_factory=list)  # per job: what its executor submitted with
+    submitter: Submitter | None = None  # submits the held-back jobs
+    slots: int = 0  # jobs running at once
+    manifest: Path | None = None
+    submitted: str = dataclasses.field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    @property
+    def queued(self) -> int:
+        return sum(job is None for job in self.jobs)
 
 
 def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Path, force: bool = False,
@@ -391,19 +413,23 @@ def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Pat
     """Submit every unfinished spec, one job array per method resources (`bench.cluster.resources`), after a job
     building missing prerequisites.
 
-    With `wait_prerequisites=False` on SLURM the arrays wait for that job in the queue (afterok), so nothing
-    here blocks; elsewhere this waits for it. Raises PrerequisitesFailed if it fails.
+    With `wait_prerequisites=False` (--no-wait) on SLURM the arrays wait for that job in the queue (afterok), so
+    nothing here blocks; elsewhere this waits for it. Raises PrerequisitesFailed if it fails. Local jobs start
+    `local_slots` at a time: the others are None in `jobs` until `wait_runs` starts them (with --no-wait all start).
     """
     folder = Path(folder)
     wait = wait_prerequisites or kind != "slurm"
     prerequisites = _prerequisites(make_executor(kind, folder, resources(config, None)), specs, wait)
     known, todo = split_finished(specs, force)
     after = prerequisites if not wait_prerequisites else []
-    job = Job(force, local_threads(kind, len(todo)))
-    jobs, parameters = submit_grouped(kind, folder, config, job, todo, lambda spec: spec.method, after)
-    submission = Submission(kind, folder, known, todo, jobs, prerequisites, parameters)
+    slots = local_slots(kind, config, len(todo), wait_prerequisites)
+    job = Job(force, local_threads(kind, len(todo), slots if wait_prerequisites else None))
+    submitter = Submitter(kind, folder, job, todo, lambda spec: resources(config, spec.method), after)
+    jobs = submitter.submit(range(slots)) + [None] * (len(todo) - slots)
+    submission = Submission(kind, folder, known, todo, jobs, prerequisites,
+                            [submitter.parameters(index) for index in range(len(todo))], submitter, slots)
     if jobs:
-        write_manifest(submission)
+        submission.manifest = write_manifest(submission)
     return submission
 
 
@@ -412,7 +438,7 @@ def _prerequisites(executor, specs: list[RunSpec], wait: bool) -> list[str]:
     tasks = [task for task in prerequisites_for(specs) if missing(task)]
     if not tasks:
         return []
-    jobs = submit_all(executor, Job(threads=local_threads(executor.cluster, len(tasks))), tasks)
+    jobs = submit_all(executor, Job(threads=local_threads(executor.cluster, len(tasks), len(tasks))), tasks)
     for task, job in zip(tasks, jobs):
         log.info("building the %s prerequisites first (%s): job %s (log %s)", task.preset, ", ".join(missing(task)),
                  job.job_id, job.paths.stderr)
@@ -444,8 +470,14 @@ def wait_runs(submission: Submission, progress: bool = True) -> list[Outcome]:
         left = log_ended(clock, index, ended[index], len(ended), len(todo))
         return f"failed={sum(o.status == 'failed' for o in ended.values())}" + (f", ETA {left}" if left else "")
 
+    def start(index: int):  # a held-back local job, once another has ended
+        submission.jobs[index] = submission.submitter.submit([index])[0]
+        if submission.manifest:  # runs (attacks have none): `bench status` then finds the job
+            write_manifest(submission)
+        return submission.jobs[index]
+
     wait_all(submission.jobs, todo, progress=progress, poll_s=2.0, refresh_s=10.0, on_start=started,
-             on_finish=finished)
+             on_finish=finished, start=start, slots=submission.slots)
     outcomes = list(submission.known) + [ended[index] for index in range(len(todo))]
     return in_spec_order(outcomes, [o.spec for o in submission.known] + todo)
 
@@ -486,13 +518,15 @@ def write_manifest(submission: Submission) -> Path:
     given = submission.resources or [{}] * len(submission.jobs)
     runs = [{"preset": s.preset, "protocol": s.protocol_name, "method": s.method, "variant": s.variant,
              "forget_class": s.forget_class, "seed": s.seed, "directory": str(Path(s.directory).resolve()),
-             "job_id": job.job_id, "resources": parameters}
+             "job_id": None if job is None else job.job_id, "resources": parameters}  # None: held back, queued
             for s, job, parameters in zip(submission.todo, submission.jobs, given)]
-    payload = {"cluster": submission.kind, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "host": socket.gethostname(), "pid": os.getpid(),
+    payload = {"cluster": submission.kind, "submitted": submission.submitted,
+               "host": socket.gethostname(), "pid": os.getpid(), "pid_start": claims.process_start(os.getpid()),
                "prerequisites_jobs": submission.prerequisites_jobs, "runs": runs}
-    # Unique even for two submissions of one process within a second (the suffix), ordered by time in `ls`.
-    path = submission.folder / f"submission-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{os.urandom(3).hex()}.json"
+    # Unique even for two submissions of one process within a second (the suffix), ordered by time in `ls`; a
+    # submission's later jobs (held-back local ones) rewrite its own file.
+    path = submission.manifest or (submission.folder / f"submission-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-"
+                                                       f"{os.urandom(3).hex()}.json")
     records.write_json_atomic(path, payload)
     return path
 
@@ -564,5 +598,8 @@ def submit_attacks(specs: list[AttackSpec], kind: str, config: dict, folder: str
                    force: bool = False) -> Submission:
     """Submit every unfinished attack as one job array (their runs must have finished); wait with `wait_runs`."""
     known, todo = split_attacks(specs, force)
-    jobs = submit_all(make_executor(kind, Path(folder), config), Job(force, local_threads(kind, len(todo))), todo)
-    return Submission(kind, Path(folder), known, todo, jobs)
+    slots = local_slots(kind, config, len(todo))
+    submitter = Submitter(kind, Path(folder), Job(force, local_threads(kind, len(todo), slots)), todo,
+                          lambda spec: config)
+    jobs = submitter.submit(range(slots)) + [None] * (len(todo) - slots)
+    return Submission(kind, Path(folder), known, todo, jobs, submitter=submitter, slots=slots)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def status(out: str | Path, folder: str | Path, cache: str | Path | None = None)
                         "`bench run --cluster`, or damaged)", manifest, ", ".join(sorted(MANIFEST_RUN)))
             continue
         for run in runs:
-            entries[run["directory"]] = {**run, "cluster": payload.get("cluster")}
+            entries[run["directory"]] = {**run, "cluster": payload.get("cluster"), "host": payload.get("host"),
+                                         "pid": payload.get("pid"), "pid_start": payload.get("pid_start")}
     for name in (records.RECORD_NAME, ATTACK_NAME, claims.CLAIM_NAME, records.FAILURE_NAME, records.INTERRUPTED_NAME):
         for path in Path(out).rglob(name):
             try:
@@ -173,6 +175,8 @@ def _run_status(entry: dict, folder: Path, scheduler: dict[str, str], check) -> 
         if held is not None:
             return dataclasses.replace(row, state="interrupted", detail=f"its process is gone "
                                        f"({claims.describe_holder(held[1] or {})}); the next command resumes it")
+        if "job_id" in entry and entry.get("cluster") == "local":  # held back until another local job ended
+            return dataclasses.replace(row, detail=_held_back(entry))
         return row
     paths = submitit.core.utils.JobPaths(folder, job_id, 0)
     if paths.result_pickle.exists():
@@ -188,6 +192,14 @@ def _run_status(entry: dict, folder: Path, scheduler: dict[str, str], check) -> 
     if state.split(" ")[0] in SCHEDULER_FAILED:
         return dataclasses.replace(row, state="failed", detail=f"job {job_id} {state}; log {paths.stderr}")
     return dataclasses.replace(row, detail=f"job {job_id} ended without a record; log {paths.stderr}")
+
+
+def _held_back(entry: dict) -> str:
+    """Where a local job that `bench run` held back (`bench.orchestrate.local_slots`) stands."""
+    pid, here = entry.get("pid"), entry.get("host") == socket.gethostname()
+    if isinstance(pid, int) and here and claims.process_start(pid) != entry.get("pid_start"):
+        return f"not started: its `bench run` (pid {pid}) ended first; `bench run` runs it"
+    return f"queued: its `bench run` (pid {pid}) starts it when one of its local jobs ends"
 
 
 def _local_job_alive(job_id: str) -> bool:

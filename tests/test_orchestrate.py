@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import submitit
 import torch
 from click.testing import CliRunner
 
@@ -67,9 +68,11 @@ def _leftovers(out: Path) -> list[str]:
 @pytest.mark.slow
 def test_local_jobs_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache, tiny_sweep, tmp_path, bench_cli,
                                                         sweep_records):
-    # As a user starts it: no OMP_NUM_THREADS, here on two cores. submitit's local executor starts the four jobs at
-    # once, so each must take a share of the cores (one thread), not torch's default of every core: four jobs of two
-    # spinning threads each on two cores made a digits retrain run 4x slower (402 s against 95 s).
+    # As a user starts it: no OMP_NUM_THREADS, here on two cores. submitit's local executor starts every job it is
+    # given at once, so the orchestrator gives it two at a time (one per core; `bench run --methods all --classes
+    # 0-9 --cluster local` started 90 processes), and each job must take a share of the cores (one thread), not
+    # torch's default of every core: jobs of two spinning threads each on two cores made a digits retrain run 4x
+    # slower (402 s against 95 s).
     out, cores = tmp_path / "results", sorted(os.sched_getaffinity(0))[:2]
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
     result = subprocess.run([sys.executable, "-m", "bench.cli", "run", *tiny_sweep, "--cache", tiny_cache, "--out",
@@ -80,15 +83,40 @@ def test_local_jobs_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache,
     assert sorted(reference) == [(m, "default", c, 0) for m in ("original", "safemax") for c in (0, 1)]
     assert sweep_records(out) == reference  # same runs, and the same numbers: seeded, one thread
     assert "4 run(s) done, 0 skipped" in result.stdout
-    assert "4 local job(s) start at once, 1 CPU thread(s) each" in result.stderr
-    assert f"starts all 4 jobs at once on {len(cores)} core(s)" in result.stderr  # and says how to bound them
+    assert "4 local job(s), at most 2 at a time, 1 CPU thread(s) each" in result.stderr
+    assert "submitted 2 run(s) to local" in result.stdout and "(2 more start as these end, 2 at a time)" in result.stdout
     done = re.findall(r"\[(\d)/4\] (?:original|safemax) class \d seed 0: done \(elapsed \d+m \d+s", result.stderr)
     assert sorted(done) == ["1", "2", "3", "4"], result.stderr  # a line per finished run, with the weighted ETA
+    # Never more than two jobs alive: each held-back job started after a job had written its result.
+    [manifest] = (out / ".submitit").glob("submission-*.json")
+    ids = [run["job_id"] for run in json.loads(manifest.read_text())["runs"]]
+    assert len(set(ids)) == 4 and all(ids), ids  # the held-back jobs' ids were written in as they started
+    paths = [submitit.core.utils.JobPaths(out / ".submitit", job_id) for job_id in ids]
+    ends = sorted(path.result_pickle.stat().st_mtime for path in paths)
+    starts = [path.submitted_pickle.stat().st_mtime for path in paths]
+    assert sorted(starts)[2] >= ends[0] and sorted(starts)[3] >= ends[1], (starts, ends)
     found, _ = records.read_all(out)
     assert {r["provenance"]["device"].split(", ")[-1] for r in found} == {"1 thread)"}
     logs = "".join(path.read_text() for path in (out / ".submitit").glob("*_log.err"))
     assert logs.count("1 CPU thread(s) (the orchestrator's share for each local job)") == 4, logs
     assert _leftovers(out) == []
+
+
+def test_status_tells_a_held_back_local_job_from_one_whose_orchestrator_ended(tmp_path):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name, pid in (("live", os.getpid()), ("dead", dead.pid)):
+        run = {"directory": str(tmp_path / "out" / name), "method": name, "variant": "default", "forget_class": 0,
+               "seed": 0, "job_id": None}  # what `bench run --cluster local` writes for a job it holds back
+        payload = {"cluster": "local", "host": socket.gethostname(), "pid": pid, "runs": [run],
+                   "pid_start": claims.process_start(os.getpid()) if name == "live" else "12345"}
+        (jobs / f"submission-{name}.json").write_text(json.dumps(payload))
+    rows = {row.method: row for row in status(tmp_path / "out", jobs)}
+    assert rows["live"].state == rows["dead"].state == "missing"
+    assert rows["live"].detail == f"queued: its `bench run` (pid {os.getpid()}) starts it when one of its local jobs ends"
+    assert rows["dead"].detail == f"not started: its `bench run` (pid {dead.pid}) ended first; `bench run` runs it"
 
 
 def test_job_checkpoint_resubmits_the_same_spec(tmp_path):
