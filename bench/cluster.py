@@ -239,17 +239,26 @@ class Submitter:
                     executor.update_parameters(slurm_additional_parameters=extra)
             self.keys.append(key)
 
-    def submit(self, indices: typing.Iterable[int]) -> list:
-        """Submit the items at `indices` (one array per executor on SLURM); their jobs, in the order given."""
+    def submit(self, indices: typing.Iterable[int], **parameters) -> list:
+        """Submit the items at `indices` (one array per executor on SLURM), with `parameters` added to their
+        executors' (a local job's GPUs); their jobs, in the order given."""
         indices, jobs = list(indices), {}
         for key, executor in self.executors.items():
             mine = [index for index in indices if self.keys[index] == key]
+            if mine and parameters:
+                own_parameters(executor, **parameters)
             jobs.update(zip(mine, submit_all(executor, self.fn, [self.items[index] for index in mine])))
         return [jobs[index] for index in indices]
 
     def parameters(self, index: int) -> dict:
         """What item `index`'s job is (or will be) submitted with."""
         return executor_parameters(self.executors[self.keys[index]])
+
+
+def own_parameters(executor, **parameters) -> None:
+    """Set parameters of the cluster's own executor, under its own names: submitit's AutoExecutor passes on only
+    some of them (of the local executor's, only `setup`; its `visible_gpus` not)."""
+    getattr(executor, "_executor", executor).update_parameters(**parameters)
 
 
 def executor_parameters(executor) -> dict:

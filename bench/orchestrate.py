@@ -11,12 +11,14 @@ A submission leaves a manifest in the jobs folder, from which `bench status` tel
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
 import socket
 import time
 import traceback
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import torch
 from bench import claims, fingerprint, records
 from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, finished_attack, pending_attacks
 from bench.cache import Cache, checkpoint_id
-from bench.cluster import Finished, Submitter, make_executor, resources, submit_all, wait_all
+from bench.cluster import Finished, Submitter, make_executor, own_parameters, resources, submit_all, wait_all
 from bench.config import get_preset
 from bench.device import choose_threads, usable_cores
 from bench.eta import SweepEta
@@ -215,18 +217,42 @@ def _job_setup(threads: int | None, task) -> None:
         why = "the orchestrator's share for each local job"
     if executor in ("local", "slurm"):  # a job of its own (its log), not this process
         what = task.describe() if isinstance(task, (RunSpec, AttackSpec)) else f"the {task.preset} prerequisites"
-        log.info("%s: %d CPU thread(s) (%s)", what, torch.get_num_threads(), why)
+        gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+        log.info("%s: %d CPU thread(s) (%s)%s", what, torch.get_num_threads(), why,
+                 "" if gpus is None else f", CUDA_VISIBLE_DEVICES={gpus or '(none)'}")
 
 
-def local_slots(kind: str, config: dict, jobs: int, wait: bool = True) -> int:
+def local_gpus(kind: str, config: dict, devices: typing.Iterable[str | None]) -> tuple[tuple[int, ...], bool]:
+    """The GPUs that local jobs share out, and whether each job sees all of them (a run asked for `cuda:N`) rather
+    than one of its own: those this process sees, as submitit's local executor names them (CUDA_VISIBLE_DEVICES's
+    indices, else 0..n-1). Without them submitit hides every GPU from its local jobs (its gpus_per_node default of
+    0 sets CUDA_VISIBLE_DEVICES=''), and a machine's GPUs went unused. Empty for other kinds, where the cluster file
+    sets gpus_per_node (submitit's own rule then: the first n for every job) and where every run is on the CPU."""
+    devices = set(devices)
+    if kind != "local" or config.get("gpus_per_node") is not None or devices == {"cpu"}:
+        return (), False
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [name.strip() for name in visible.split(",") if name.strip()] if visible is not None else None
+    if names is None:
+        gpus = tuple(range(torch.cuda.device_count()))
+    elif all(name.isdigit() for name in names):
+        gpus = tuple(int(name) for name in names)
+    else:  # UUIDs or MIG instances: submitit's local executor takes indices only
+        log.warning("CUDA_VISIBLE_DEVICES=%s names GPUs other than by index, which --cluster local cannot hand its "
+                    "jobs: they run on the CPU (give indices, or run without --cluster)", visible)
+        return (), False
+    return gpus, any(device not in (None, "cpu", "cuda") for device in devices)
+
+
+def local_slots(kind: str, config: dict, jobs: int, wait: bool = True, gpus: int = 0) -> int:
     """How many of `jobs` jobs run at once. SLURM's queue and debug jobs (one at a time, here) take all of them.
     submitit's local executor queues nothing: it starts a process per job at once, each with its own memory, so the
     orchestrator holds the others back and starts them as jobs end (`wait_all`), at most the cluster file's
-    `array_parallelism` (as on SLURM), else one per usable core. With --no-wait (`wait=False`) nothing stays to
-    start them later: all of them start."""
+    `array_parallelism` (as on SLURM), else one per GPU where the jobs get `gpus` of them (`local_gpus`), else one
+    per usable core. With --no-wait (`wait=False`) nothing stays to start them later: all of them start."""
     if kind != "local" or not wait:
         return jobs
-    return min(jobs, int(config.get("array_parallelism") or usable_cores()))
+    return min(jobs, int(config.get("array_parallelism") or gpus or usable_cores()))
 
 
 def local_threads(kind: str, jobs: int, slots: int | None = None) -> int | None:
@@ -398,14 +424,43 @@ class Submission:
     jobs: list  # None: a local job held back until others end (`local_slots`); `wait_runs` starts it
     prerequisites_jobs: list[str] = dataclasses.field(default_factory=list)
     resources: list[dict] = dataclasses.field(default_factory=list)  # per job: what its executor submitted with
-    submitter: Submitter | None = None  # submits the held-back jobs
+    submitter: Submitter | None = None
     slots: int = 0  # jobs running at once
+    gpus: tuple[int, ...] = ()  # what local jobs share out (`local_gpus`)
+    all_gpus: bool = False  # each local job sees all of them, not one of its own
     manifest: Path | None = None
     submitted: str = dataclasses.field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    gpu_of: dict[int, int] = dataclasses.field(default_factory=dict)
 
     @property
     def queued(self) -> int:
         return sum(job is None for job in self.jobs)
+
+    def submit(self, indices: typing.Iterable[int]) -> None:
+        """Submit the jobs of `todo[indices]` (one array per method resources on SLURM); a local job gets its GPU,
+        the one the fewest unfinished jobs hold (or all of them); a manifest written before is brought up to date."""
+        indices, submitter = list(indices), typing.cast(Submitter, self.submitter)
+        if self.gpus:  # one at a time: a job's GPU depends on those given before it
+            for index in indices:
+                self.jobs[index] = submitter.submit([index], **self._gpu_parameters(index))[0]
+                self.resources[index] = submitter.parameters(index)
+        else:
+            for index, job in zip(indices, submitter.submit(indices)):
+                self.jobs[index], self.resources[index] = job, submitter.parameters(index)
+        if self.manifest:
+            write_manifest(self)
+
+    def _gpu_parameters(self, index: int) -> dict:
+        if self.all_gpus:
+            return gpu_parameters(self.gpus)
+        busy = collections.Counter(gpu for other, gpu in self.gpu_of.items() if not self.jobs[other].done())
+        self.gpu_of[index] = min(self.gpus, key=lambda gpu: busy[gpu])  # the first of the least busy
+        return gpu_parameters((self.gpu_of[index],))
+
+
+def gpu_parameters(gpus: tuple[int, ...]) -> dict:
+    """submitit's local parameters that make `gpus` (CUDA_VISIBLE_DEVICES indices) a job's GPUs."""
+    return {"gpus_per_node": len(gpus), "visible_gpus": gpus}
 
 
 def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Path, force: bool = False,
@@ -419,25 +474,30 @@ def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Pat
     """
     folder = Path(folder)
     wait = wait_prerequisites or kind != "slurm"
-    prerequisites = _prerequisites(make_executor(kind, folder, resources(config, None)), specs, wait)
+    gpus, all_gpus = local_gpus(kind, config, [spec.device for spec in specs])
+    prerequisites = _prerequisites(make_executor(kind, folder, resources(config, None)), specs, wait,
+                                   gpu_parameters(gpus if all_gpus else gpus[:1]) if gpus else {})
     known, todo = split_finished(specs, force)
     after = prerequisites if not wait_prerequisites else []
-    slots = local_slots(kind, config, len(todo), wait_prerequisites)
+    slots = local_slots(kind, config, len(todo), wait_prerequisites, 0 if all_gpus else len(gpus))
     job = Job(force, local_threads(kind, len(todo), slots if wait_prerequisites else None))
     submitter = Submitter(kind, folder, job, todo, lambda spec: resources(config, spec.method), after)
-    jobs = submitter.submit(range(slots)) + [None] * (len(todo) - slots)
-    submission = Submission(kind, folder, known, todo, jobs, prerequisites,
-                            [submitter.parameters(index) for index in range(len(todo))], submitter, slots)
-    if jobs:
+    submission = Submission(kind, folder, known, todo, [None] * len(todo), prerequisites,
+                            [submitter.parameters(index) for index in range(len(todo))], submitter, slots, gpus,
+                            all_gpus)
+    submission.submit(range(slots))
+    if todo:
         submission.manifest = write_manifest(submission)
     return submission
 
 
-def _prerequisites(executor, specs: list[RunSpec], wait: bool) -> list[str]:
-    """Submit one job per preset whose prerequisites are incomplete (and wait for it); their job ids."""
+def _prerequisites(executor, specs: list[RunSpec], wait: bool, gpus: dict) -> list[str]:
+    """Submit one job per preset whose prerequisites are incomplete (and wait for it); their job ids. `gpus`: the
+    local job's (`gpu_parameters`)."""
     tasks = [task for task in prerequisites_for(specs) if missing(task)]
     if not tasks:
         return []
+    own_parameters(executor, **gpus)
     jobs = submit_all(executor, Job(threads=local_threads(executor.cluster, len(tasks), len(tasks))), tasks)
     for task, job in zip(tasks, jobs):
         log.info("building the %s prerequisites first (%s): job %s (log %s)", task.preset, ", ".join(missing(task)),
@@ -471,9 +531,7 @@ def wait_runs(submission: Submission, progress: bool = True) -> list[Outcome]:
         return f"failed={sum(o.status == 'failed' for o in ended.values())}" + (f", ETA {left}" if left else "")
 
     def start(index: int):  # a held-back local job, once another has ended
-        submission.jobs[index] = submission.submitter.submit([index])[0]
-        if submission.manifest:  # runs (attacks have none): `bench status` then finds the job
-            write_manifest(submission)
+        submission.submit([index])
         return submission.jobs[index]
 
     wait_all(submission.jobs, todo, progress=progress, poll_s=2.0, refresh_s=10.0, on_start=started,
@@ -598,8 +656,11 @@ def submit_attacks(specs: list[AttackSpec], kind: str, config: dict, folder: str
                    force: bool = False) -> Submission:
     """Submit every unfinished attack as one job array (their runs must have finished); wait with `wait_runs`."""
     known, todo = split_attacks(specs, force)
-    slots = local_slots(kind, config, len(todo))
+    gpus, all_gpus = local_gpus(kind, config, [spec.run.device for spec in todo])
+    slots = local_slots(kind, config, len(todo), gpus=0 if all_gpus else len(gpus))
     submitter = Submitter(kind, Path(folder), Job(force, local_threads(kind, len(todo), slots)), todo,
                           lambda spec: config)
-    jobs = submitter.submit(range(slots)) + [None] * (len(todo) - slots)
-    return Submission(kind, Path(folder), known, todo, jobs, submitter=submitter, slots=slots)
+    submission = Submission(kind, Path(folder), known, todo, [None] * len(todo), [], [{}] * len(todo), submitter,
+                            slots, gpus, all_gpus)
+    submission.submit(range(slots))
+    return submission

@@ -72,9 +72,11 @@ def test_local_jobs_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache,
     # given at once, so the orchestrator gives it two at a time (one per core; `bench run --methods all --classes
     # 0-9 --cluster local` started 90 processes), and each job must take a share of the cores (one thread), not
     # torch's default of every core: jobs of two spinning threads each on two cores made a digits retrain run 4x
-    # slower (402 s against 95 s).
+    # slower (402 s against 95 s). The orchestrator sees GPUs 5 and 7 (there are none: the jobs run on the CPU);
+    # submitit hid every GPU from local jobs (CUDA_VISIBLE_DEVICES=''), and now each running job has its own.
     out, cores = tmp_path / "results", sorted(os.sched_getaffinity(0))[:2]
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    env["CUDA_VISIBLE_DEVICES"] = "5,7"
     result = subprocess.run([sys.executable, "-m", "bench.cli", "run", *tiny_sweep, "--cache", tiny_cache, "--out",
                              str(out), "--cluster", "local"], capture_output=True, text=True, env=env, timeout=WAIT_S,
                             preexec_fn=lambda: os.sched_setaffinity(0, cores))
@@ -95,10 +97,17 @@ def test_local_jobs_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache,
     ends = sorted(path.result_pickle.stat().st_mtime for path in paths)
     starts = [path.submitted_pickle.stat().st_mtime for path in paths]
     assert sorted(starts)[2] >= ends[0] and sorted(starts)[3] >= ends[1], (starts, ends)
+    logs = [path.stderr.read_text() for path in paths]
+    gpus = [re.findall(r"CPU thread\(s\) \(the orchestrator's share for each local job\), "
+                       r"CUDA_VISIBLE_DEVICES=(\d+)", log) for log in logs]
+    assert gpus[:2] == [["5"], ["7"]] and all(len(gpu) == 1 for gpu in gpus), logs
+    lives = [(start, path.result_pickle.stat().st_mtime) for start, path in zip(starts, paths)]
+    for a in range(4):  # jobs that ran at the same time had GPUs of their own
+        for b in range(a + 1, 4):
+            if lives[a][0] < lives[b][1] and lives[b][0] < lives[a][1]:
+                assert gpus[a] != gpus[b], (a, b, lives, gpus)
     found, _ = records.read_all(out)
     assert {r["provenance"]["device"].split(", ")[-1] for r in found} == {"1 thread)"}
-    logs = "".join(path.read_text() for path in (out / ".submitit").glob("*_log.err"))
-    assert logs.count("1 CPU thread(s) (the orchestrator's share for each local job)") == 4, logs
     assert _leftovers(out) == []
 
 
