@@ -534,7 +534,9 @@ def wait_runs(submission: Submission, progress: bool = True) -> list[Outcome]:
         submission.submit([index])
         return submission.jobs[index]
 
-    wait_all(submission.jobs, todo, progress=progress, poll_s=2.0, refresh_s=10.0, on_start=started,
+    # A local job's end is a poll() of its process: asked often, a held-back job takes its slot at once.
+    wait_all(submission.jobs, todo, progress=progress, poll_s=0.2 if submission.kind == "local" else 2.0,
+             refresh_s=10.0, on_start=started,
              on_finish=finished, start=start, slots=submission.slots)
     outcomes = list(submission.known) + [ended[index] for index in range(len(todo))]
     return in_spec_order(outcomes, [o.spec for o in submission.known] + todo)
