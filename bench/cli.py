@@ -383,7 +383,7 @@ def _dry_run(specs, cluster: str | None, config: dict, force: bool, workers: int
     """One line per run a real `bench run` would start (finished and claimed runs left out, as it leaves them), with
     the resources its job would get, and a total. Reads records, claims and the cache; writes nothing."""
     from bench.cluster import describe_resources, resources
-    from bench.orchestrate import split_finished
+    from bench.orchestrate import local_gpus, local_slots, split_finished
     from bench.prerequisites import prerequisites_for
 
     known, todo = split_finished(specs, force)
@@ -400,6 +400,10 @@ def _dry_run(specs, cluster: str | None, config: dict, force: bool, workers: int
             for spec in todo]
     skipped, busy = sum(o.status == "skipped" for o in known), sum(o.status == "busy" for o in known)
     where = f"--cluster {cluster}" if cluster else (f"{workers} worker processes" if workers > 1 else "this process")
+    if cluster == "local" and todo:
+        gpus, all_gpus = local_gpus(cluster, config, [spec.device for spec in todo])
+        slots = local_slots(cluster, config, len(todo), gpus=0 if all_gpus else len(gpus))
+        where += f", {slots} at a time" + (f" on GPUs {', '.join(map(str, gpus))}" if gpus else "")
     if as_json:
         click.echo(json.dumps({"dry_run": True, "where": where, "prerequisites": first, "runs": jobs,
                                "skipped": skipped, "busy": busy}, indent=2))

@@ -8,6 +8,7 @@ the manifest each submission leaves holds the parameters every job's executor wa
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -101,6 +102,17 @@ def test_dry_run_lists_every_job_with_its_resources_and_writes_nothing(cluster_f
     assert str(out / "tiny" / "paper" / "retrain" / "default" / "class1" / "seed1") in result.stdout
     assert "dry run: 8 run(s) to start (--cluster slurm), 0 skipped" in lines[-1]
     assert not out.exists() and not cache.exists()  # nothing built, nothing submitted, no folder made
+
+
+def test_dry_run_says_how_many_local_jobs_run_at_once_and_on_which_gpus(tmp_path, bench_cli):
+    common = ("run", "--preset", "tiny", "--methods", "original,safemax", "--classes", "0-3", "--cache",
+              str(tmp_path / "cache"), "--results", str(tmp_path / "results"), "--cluster", "local", "--dry-run")
+    env = {"CUDA_VISIBLE_DEVICES": "3,4,6"}  # GPUs bench run sees (none is there; a dry run starts nothing)
+    on_gpus = bench_cli(*common, env=env).stdout.splitlines()[-1]
+    assert "dry run: 8 run(s) to start (--cluster local, 3 at a time on GPUs 3, 4, 6), 0 skipped" in on_gpus
+    on_cpu = bench_cli(*common, "--device", "cpu", env=env).stdout.splitlines()[-1]
+    assert f"(--cluster local, {min(8, len(os.sched_getaffinity(0)))} at a time), 0 skipped" in on_cpu
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
 
 
 def test_dry_run_skips_finished_runs_as_a_real_run_would(debug_sweep, tiny_cache, tiny_sweep, bench_cli):
