@@ -453,7 +453,8 @@ class Submission:
     def _gpu_parameters(self, index: int) -> dict:
         if self.all_gpus:
             return gpu_parameters(self.gpus)
-        busy = collections.Counter(gpu for other, gpu in self.gpu_of.items() if not self.jobs[other].done())
+        busy = collections.Counter(gpu for other, gpu in self.gpu_of.items()
+                                   if self.jobs[other] is not None and not self.jobs[other].done())
         self.gpu_of[index] = min(self.gpus, key=lambda gpu: busy[gpu])  # the first of the least busy
         return gpu_parameters((self.gpu_of[index],))
 
