@@ -83,6 +83,20 @@ def choose_threads(processes: int = 1) -> tuple[int, str]:
     return chosen, f"{cores} cores / {processes} process(es), {load}{note}"
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process sees, as CUDA_VISIBLE_DEVICES names them (indices, or UUIDs and MIG instances), else
+    0..n-1 by torch's count."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [str(index) for index in range(torch.cuda.device_count())]
+    return [name.strip() for name in visible.split(",") if name.strip()]
+
+
+def names_its_gpu(device: str | None) -> bool:
+    """Whether a run's --device picks one GPU by number (cuda:1), which must mean the same GPU in every process."""
+    return device not in (None, "cpu", "cuda")
+
+
 def pick_device(name: str | None = None) -> torch.device:
     """`name` if given (checked: an unknown name or CUDA without a GPU is a ValueError), else CUDA when available,
     else the CPU."""

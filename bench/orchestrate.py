@@ -30,7 +30,7 @@ from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, fin
 from bench.cache import Cache, checkpoint_id
 from bench.cluster import Finished, Submitter, make_executor, own_parameters, resources, submit_all, wait_all
 from bench.config import get_preset
-from bench.device import choose_threads, usable_cores
+from bench.device import choose_threads, names_its_gpu, usable_cores, visible_gpus
 from bench.eta import SweepEta
 from bench.experiment import run_one
 from bench.extensions import load_extensions
@@ -229,19 +229,14 @@ def local_gpus(kind: str, config: dict, devices: typing.Iterable[str | None]) ->
     0 sets CUDA_VISIBLE_DEVICES=''), and a machine's GPUs went unused. Empty for other kinds, where the cluster file
     sets gpus_per_node (submitit's own rule then: the first n for every job) and where every run is on the CPU."""
     devices = set(devices)
-    if kind != "local" or config.get("gpus_per_node") is not None or devices == {"cpu"}:
+    if kind != "local" or config.get("gpus_per_node") is not None or devices <= {"cpu"}:
         return (), False
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    names = [name.strip() for name in visible.split(",") if name.strip()] if visible is not None else None
-    if names is None:
-        gpus = tuple(range(torch.cuda.device_count()))
-    elif all(name.isdigit() for name in names):
-        gpus = tuple(int(name) for name in names)
-    else:  # UUIDs or MIG instances: submitit's local executor takes indices only
+    names = visible_gpus()
+    if not all(name.isdigit() for name in names):  # UUIDs or MIG instances: submitit's local executor takes indices
         log.warning("CUDA_VISIBLE_DEVICES=%s names GPUs other than by index, which --cluster local cannot hand its "
-                    "jobs: they run on the CPU (give indices, or run without --cluster)", visible)
+                    "jobs: they run on the CPU (give indices, or run without --cluster)", ",".join(names))
         return (), False
-    return gpus, any(device not in (None, "cpu", "cuda") for device in devices)
+    return tuple(int(name) for name in names), any(map(names_its_gpu, devices))
 
 
 def local_slots(kind: str, config: dict, jobs: int, wait: bool = True, gpus: int = 0) -> int:

@@ -3,6 +3,7 @@ orchestrator (`bench.orchestrate.run_local`), forked from a fork server that imp
 
 from __future__ import annotations
 
+import collections
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -16,7 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from bench.device import choose_threads, progress_bar
+from bench.device import choose_threads, names_its_gpu, progress_bar, visible_gpus
 from bench.eta import BAR_FORMAT, SweepEta
 from bench.orchestrate import Job, Outcome, ended, log_ended, run_guarded, stopped
 from bench.sweep import RunSpec
@@ -24,8 +25,11 @@ from bench.sweep import RunSpec
 log = logging.getLogger(__name__)
 
 
-def _worker_main(conn, threads: int, force: bool, orchestrator: int) -> None:
-    """A worker process: receive (index, spec) on its own pipe until None, send back each run's Outcome."""
+def _worker_main(conn, threads: int, force: bool, orchestrator: int, gpu: str | None = None) -> None:
+    """A worker process: receive (index, spec) on its own pipe until None, send back each run's Outcome. `gpu`:
+    the one GPU it sees (set before anything here asks CUDA; the fork server never does)."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     _die_with_orchestrator(orchestrator)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the orchestrator's to handle
     torch.set_num_threads(threads)
@@ -33,6 +37,8 @@ def _worker_main(conn, threads: int, force: bool, orchestrator: int) -> None:
     # tracker (a "leaked semaphore" warning when it is terminated); a worker draws no bars: a thread lock does
     tqdm.set_lock(threading.RLock())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if gpu is not None:
+        log.info("worker %d: GPU %s (CUDA_VISIBLE_DEVICES)", os.getpid(), gpu)
     job = Job(force)
     while (task := conn.recv()) is not None:
         index, spec = task
@@ -103,17 +109,26 @@ class WorkerPool:
         self.context = worker_context()
         self.threads, self.why_threads = choose_threads(workers)  # fewer where other programs keep cores busy
 
-    def _spawn(self) -> tuple:
+    def _spawn(self, gpu: str | None) -> tuple:
         ours, theirs = self.context.Pipe()
         process = self.context.Process(target=_worker_main, daemon=True,
-                                       args=(theirs, self.threads, self.force, os.getpid()))
+                                       args=(theirs, self.threads, self.force, os.getpid(), gpu))
         process.start()
         theirs.close()  # the worker's end lives in the worker: its death is an end of file here
         return ours, process
 
+    @staticmethod
+    def gpus(todo: list) -> list[str]:
+        """The GPUs the workers take one each (`visible_gpus`); none where every run is on the CPU or a run names
+        its GPU (cuda:N). Workers that all saw every GPU all ran on the first."""
+        devices = {getattr(spec, "run", spec).device for spec in todo}  # an attack's device is its run's
+        return [] if devices <= {"cpu"} or any(map(names_its_gpu, devices)) else visible_gpus()
+
     def run(self, todo: list[RunSpec], progress=None) -> list[Outcome]:
-        log.info("running %d run(s) in %d worker processes, %d thread(s) each (%s)", len(todo), self.workers,
-                 self.threads, self.why_threads)
+        gpus, gpu_of = self.gpus(todo), {}  # gpu_of: worker process -> its GPU
+        shared = f"; GPUs {', '.join(gpus)}, one per worker" if gpus else ""
+        log.info("running %d run(s) in %d worker processes, %d thread(s) each (%s)%s", len(todo), self.workers,
+                 self.threads, self.why_threads, shared)
         waiting = list(enumerate(todo))[::-1]  # popped from the end: spec order
         outcomes: dict[int, Outcome] = {}
         held: dict = {}  # pipe -> (process, index of the run it holds)
@@ -142,8 +157,12 @@ class WorkerPool:
             conn.close()
 
         def start() -> tuple:
-            conn, process = self._spawn()
+            """A new worker, on the GPU the fewest live workers hold (a replaced worker's, when one died)."""
+            busy = collections.Counter(gpu for process, gpu in gpu_of.items() if process.is_alive())
+            gpu = min(gpus, key=lambda name: busy[name]) if gpus else None
+            conn, process = self._spawn(gpu)
             processes.append(process)
+            gpu_of[process] = gpu
             return conn, process
 
         left = ""  # the ETA of the last finished run's log line, for the bar

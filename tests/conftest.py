@@ -78,12 +78,12 @@ def _as_from_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start_bench(*args) -> subprocess.Popen:
+def start_bench(*args, env: dict | None = None) -> subprocess.Popen:
     """`bench ARGS` in its own session (so a signal to its group reaches no one else), one torch thread, Ctrl-C
-    handled as from a terminal."""
+    handled as from a terminal; `env` added to this process's environment."""
     assert BENCH_SCRIPT.is_file(), f"no {BENCH_SCRIPT}: install the package into this Python (make install)"
     return subprocess.Popen([str(BENCH_SCRIPT), *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
                             start_new_session=True, preexec_fn=_as_from_a_terminal)
 
 

@@ -16,6 +16,7 @@ import os
 import pathlib
 import pickle
 import random
+import re
 import shutil
 import signal
 import socket
@@ -418,9 +419,10 @@ def _claimant(run_dir: Path, deadline: float) -> int:
 @pytest.mark.slow
 def test_a_killed_worker_fails_its_run_only_and_a_rerun_completes_it(tiny_cache, tmp_path):
     out = tmp_path / "results"
-    grid = ("run", *TINY, "--methods", "safemax", "--classes", "0-2", "--set", "safemax.iterations=30", "--cache",
-            tiny_cache, "--out", out)
-    sweep = start_bench(*grid, "--workers", "2")
+    # No --device: on a machine showing GPUs 5 and 7 (none is there: the runs are on the CPU) each worker takes one
+    grid = ("run", "--preset", "tiny", "--no-progress", "--methods", "safemax", "--classes", "0-2", "--set",
+            "safemax.iterations=30", "--cache", tiny_cache, "--out", out)
+    sweep = start_bench(*grid, "--workers", "2", env={"CUDA_VISIBLE_DEVICES": "5,7"})
     try:
         # killed the instant its claim appears: the orchestrator knows which run each worker holds by handing it out
         worker = _claimant(_run_dir(out, "safemax", 0, ("safemax.iterations=30",)), time.monotonic() + WAIT_S)
@@ -432,6 +434,9 @@ def test_a_killed_worker_fails_its_run_only_and_a_rerun_completes_it(tiny_cache,
     assert sweep.returncode == 1, stdout + stderr
     (failed,) = [line for line in stderr.splitlines() if line.startswith("FAILED")]
     assert "class 0 seed 0" in failed and f"worker process {worker} died" in failed
+    gpus = dict(re.findall(r"worker (\d+): GPU (\d) \(CUDA_VISIBLE_DEVICES\)", stderr))
+    assert len(gpus) == 3 and set(gpus.values()) == {"5", "7"}, stderr  # two workers, then a replacement,
+    assert list(gpus.values()).count(gpus[str(worker)]) == 2, gpus  # which took the dead worker's GPU
     assert sorted(records.read_record(p)["forget_class"] for p in out.rglob(records.RECORD_NAME)) == [1, 2]
     assert "died" in _invoke("status", "--results", out).output
     rerun = _invoke(*grid)

@@ -21,9 +21,13 @@ REPO = Path(__file__).resolve().parent.parent
 def test_workers_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache, tiny_sweep, tmp_path, bench_cli,
                                                     sweep_records):
     shown = [arg for arg in tiny_sweep if arg != "--no-progress"]  # the sweep's bar too (records are the same)
-    result = bench_cli("run", *shown, "--cache", tiny_cache, "--out", str(tmp_path), "--workers", "2")
+    # On a machine showing GPUs 5 and 7 (none is there: the runs are on the CPU), each worker takes one of its own:
+    # workers that all saw both would all have run on the first.
+    result = bench_cli("run", *shown, "--cache", tiny_cache, "--out", str(tmp_path), "--workers", "2",
+                       env={"CUDA_VISIBLE_DEVICES": "5,7"})
     assert result.returncode == 0, result.stderr
-    assert "in 2 worker processes" in result.stderr
+    assert "in 2 worker processes" in result.stderr and "GPUs 5, 7, one per worker" in result.stderr
+    assert sorted(re.findall(r"worker \d+: GPU (\d) \(CUDA_VISIBLE_DEVICES\)", result.stderr)) == ["5", "7"]
     assert sweep_records(tmp_path) == sweep_records(debug_sweep)
     # 4 runs on 2 workers: after each of the first two ends, the freed worker already holds the next run
     bars = re.findall(r"\| (\d)/4 \[[^\]]*running=(\d)", result.stderr.replace("\r", "\n"))
