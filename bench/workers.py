@@ -208,7 +208,8 @@ class WorkerPool:
             self._stop(processes, busy={process for process, _ in held.values()})
             for conn in held:
                 conn.close()
-        return list(outcomes.values()) + stopped(todo, list(outcomes.values()))
+        finished = list(outcomes.values())
+        return finished + (stopped(todo, finished) if len(finished) < len(todo) else [])  # stopped: interrupted
 
     @staticmethod
     def _stop(processes: list, busy: set) -> None:

@@ -29,6 +29,7 @@ def test_workers_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache, ti
     assert "in 2 worker processes" in result.stderr and "GPUs 5, 7, one per worker" in result.stderr
     assert sorted(re.findall(r"worker \d+: GPU (\d) \(CUDA_VISIBLE_DEVICES\)", result.stderr)) == ["5", "7"]
     assert sweep_records(tmp_path) == sweep_records(debug_sweep)
+    assert "interrupted" not in result.stderr  # every worker sweep said "interrupted: 4 of 4 finished"
     # 4 runs on 2 workers: after each of the first two ends, the freed worker already holds the next run
     bars = re.findall(r"\| (\d)/4 \[[^\]]*running=(\d)", result.stderr.replace("\r", "\n"))
     assert [running for n, running in bars if n in "12"] and all(running == "2" for n, running in bars if n in "12"), \
