@@ -75,9 +75,15 @@ def claim_is_stale(path: Path, holder: dict | None, job_id: str | None = None) -
     if job_id is not None and holder.get("job_id") == job_id:
         return True
     if holder.get("host") == socket.gethostname():
-        start = process_start(int(holder.get("pid", -1)))
-        return start is None or start != holder.get("pid_start")
+        return process_gone(holder)
     return age > STALE_AFTER_S
+
+
+def process_gone(holder: dict) -> bool:
+    """Whether the process that `holder` (its `pid` and `pid_start`, on this host) names has ended, its pid maybe
+    taken by another."""
+    start = process_start(int(holder.get("pid") or -1))
+    return start is None or start != holder.get("pid_start")
 
 
 class Claim:

@@ -6,6 +6,7 @@ method and to evaluation alike. Nothing here knows about models or methods.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -15,6 +16,7 @@ import resource
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +97,21 @@ def visible_gpus() -> list[str]:
 def names_its_gpu(device: str | None) -> bool:
     """Whether a run's --device picks one GPU by number (cuda:1), which must mean the same GPU in every process."""
     return device not in (None, "cpu", "cuda")
+
+
+def gpus_to_share(devices: typing.Iterable[str | None]) -> list[str]:
+    """The GPUs that processes started for runs on `devices` take one each (`least_busy`): `visible_gpus()`; none
+    where every run is on the CPU or a run names its GPU (cuda:N). Processes that all saw every GPU all ran on the
+    first."""
+    devices = set(devices)
+    return [] if devices <= {"cpu"} or any(map(names_its_gpu, devices)) else visible_gpus()
+
+
+def least_busy(gpus: typing.Sequence, held: typing.Iterable):
+    """The GPU of `gpus` that the fewest of `held` (the GPUs of the processes still running) are; the first of
+    equals."""
+    busy = collections.Counter(held)
+    return min(gpus, key=lambda gpu: busy[gpu])
 
 
 def pick_device(name: str | None = None) -> torch.device:

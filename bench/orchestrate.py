@@ -11,7 +11,6 @@ A submission leaves a manifest in the jobs folder, from which `bench status` tel
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import os
@@ -30,7 +29,7 @@ from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, fin
 from bench.cache import Cache, checkpoint_id
 from bench.cluster import Finished, Submitter, make_executor, own_parameters, resources, submit_all, wait_all
 from bench.config import get_preset
-from bench.device import choose_threads, names_its_gpu, usable_cores, visible_gpus
+from bench.device import choose_threads, gpus_to_share, least_busy, names_its_gpu, usable_cores, visible_gpus
 from bench.eta import SweepEta
 from bench.experiment import run_one
 from bench.extensions import load_extensions
@@ -228,15 +227,16 @@ def local_gpus(kind: str, config: dict, devices: typing.Iterable[str | None]) ->
     indices, else 0..n-1). Without them submitit hides every GPU from its local jobs (its gpus_per_node default of
     0 sets CUDA_VISIBLE_DEVICES=''), and a machine's GPUs went unused. Empty for other kinds, where the cluster file
     sets gpus_per_node (submitit's own rule then: the first n for every job) and where every run is on the CPU."""
-    devices = set(devices)
-    if kind != "local" or config.get("gpus_per_node") is not None or devices <= {"cpu"}:
+    if kind != "local" or config.get("gpus_per_node") is not None:
         return (), False
-    names = visible_gpus()
+    devices = set(devices)
+    named = any(map(names_its_gpu, devices))  # submitit hides what a job is not given: give it all
+    names = visible_gpus() if named else gpus_to_share(devices)
     if not all(name.isdigit() for name in names):  # UUIDs or MIG instances: submitit's local executor takes indices
         log.warning("CUDA_VISIBLE_DEVICES=%s names GPUs other than by index, which --cluster local cannot hand its "
                     "jobs: they run on the CPU (give indices, or run without --cluster)", ",".join(names))
         return (), False
-    return tuple(int(name) for name in names), any(map(names_its_gpu, devices))
+    return tuple(int(name) for name in names), named
 
 
 def local_slots(kind: str, config: dict, jobs: int, wait: bool = True, gpus: int = 0) -> int:
@@ -448,9 +448,8 @@ class Submission:
     def _gpu_parameters(self, index: int) -> dict:
         if self.all_gpus:
             return gpu_parameters(self.gpus)
-        busy = collections.Counter(gpu for other, gpu in self.gpu_of.items()
-                                   if self.jobs[other] is not None and not self.jobs[other].done())
-        self.gpu_of[index] = min(self.gpus, key=lambda gpu: busy[gpu])  # the first of the least busy
+        self.gpu_of[index] = least_busy(self.gpus, (gpu for other, gpu in self.gpu_of.items()
+                                                    if self.jobs[other] is not None and not self.jobs[other].done()))
         return gpu_parameters((self.gpu_of[index],))
 
 
@@ -475,15 +474,26 @@ def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Pat
                                    gpu_parameters(gpus if all_gpus else gpus[:1]) if gpus else {})
     known, todo = split_finished(specs, force)
     after = prerequisites if not wait_prerequisites else []
-    slots = local_slots(kind, config, len(todo), wait_prerequisites, 0 if all_gpus else len(gpus))
-    job = Job(force, local_threads(kind, len(todo), slots if wait_prerequisites else None))
-    submitter = Submitter(kind, folder, job, todo, lambda spec: resources(config, spec.method), after)
-    submission = Submission(kind, folder, known, todo, [None] * len(todo), prerequisites,
-                            [submitter.parameters(index) for index in range(len(todo))], submitter, slots, gpus,
-                            all_gpus)
-    submission.submit(range(slots))
+    submission = _submit(kind, folder, config, known, todo, force, lambda spec: resources(config, spec.method),
+                         (gpus, all_gpus), wait_prerequisites, after, prerequisites)
     if todo:
         submission.manifest = write_manifest(submission)
+    return submission
+
+
+def _submit(kind: str, folder: Path, config: dict, known: list[Outcome], todo: list, force: bool,
+            resources_of: typing.Callable, gpus: tuple[tuple[int, ...], bool], wait: bool = True,
+            after: list[str] = (), prerequisites: list[str] = ()) -> Submission:
+    """One job per task of `todo` through `Submitter`, local ones `local_slots` at a time with `gpus`
+    (`local_gpus`); those the slots leave are held back for `wait_runs` to start."""
+    shared, all_gpus = gpus
+    slots = local_slots(kind, config, len(todo), wait, 0 if all_gpus else len(shared))
+    submitter = Submitter(kind, folder, Job(force, local_threads(kind, len(todo), slots if wait else None)), todo,
+                          resources_of, after)
+    submission = Submission(kind, folder, known, todo, [None] * len(todo), list(prerequisites),
+                            [submitter.parameters(index) for index in range(len(todo))], submitter, slots, shared,
+                            all_gpus)
+    submission.submit(range(slots))
     return submission
 
 
@@ -654,11 +664,5 @@ def submit_attacks(specs: list[AttackSpec], kind: str, config: dict, folder: str
                    force: bool = False) -> Submission:
     """Submit every unfinished attack as one job array (their runs must have finished); wait with `wait_runs`."""
     known, todo = split_attacks(specs, force)
-    gpus, all_gpus = local_gpus(kind, config, [spec.run.device for spec in todo])
-    slots = local_slots(kind, config, len(todo), gpus=0 if all_gpus else len(gpus))
-    submitter = Submitter(kind, Path(folder), Job(force, local_threads(kind, len(todo), slots)), todo,
-                          lambda spec: config)
-    submission = Submission(kind, Path(folder), known, todo, [None] * len(todo), [], [{}] * len(todo), submitter,
-                            slots, gpus, all_gpus)
-    submission.submit(range(slots))
-    return submission
+    return _submit(kind, Path(folder), config, known, todo, force, lambda spec: config,
+                   local_gpus(kind, config, [spec.run.device for spec in todo]))

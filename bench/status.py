@@ -196,8 +196,8 @@ def _run_status(entry: dict, folder: Path, scheduler: dict[str, str], check) -> 
 
 def _held_back(entry: dict) -> str:
     """Where a local job that `bench run` held back (`bench.orchestrate.local_slots`) stands."""
-    pid, here = entry.get("pid"), entry.get("host") == socket.gethostname()
-    if isinstance(pid, int) and here and claims.process_start(pid) != entry.get("pid_start"):
+    pid = entry.get("pid")
+    if isinstance(pid, int) and entry.get("host") == socket.gethostname() and claims.process_gone(entry):
         return f"not started: its `bench run` (pid {pid}) ended first; `bench run` runs it"
     return f"queued: its `bench run` (pid {pid}) starts it when one of its local jobs ends"
 

@@ -3,7 +3,6 @@ orchestrator (`bench.orchestrate.run_local`), forked from a fork server that imp
 
 from __future__ import annotations
 
-import collections
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -17,7 +16,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from bench.device import choose_threads, names_its_gpu, progress_bar, visible_gpus
+from bench.device import choose_threads, gpus_to_share, least_busy, progress_bar
 from bench.eta import BAR_FORMAT, SweepEta
 from bench.orchestrate import Job, Outcome, ended, log_ended, run_guarded, stopped
 from bench.sweep import RunSpec
@@ -117,15 +116,9 @@ class WorkerPool:
         theirs.close()  # the worker's end lives in the worker: its death is an end of file here
         return ours, process
 
-    @staticmethod
-    def gpus(todo: list) -> list[str]:
-        """The GPUs the workers take one each (`visible_gpus`); none where every run is on the CPU or a run names
-        its GPU (cuda:N). Workers that all saw every GPU all ran on the first."""
-        devices = {getattr(spec, "run", spec).device for spec in todo}  # an attack's device is its run's
-        return [] if devices <= {"cpu"} or any(map(names_its_gpu, devices)) else visible_gpus()
-
     def run(self, todo: list[RunSpec], progress=None) -> list[Outcome]:
-        gpus, gpu_of = self.gpus(todo), {}  # gpu_of: worker process -> its GPU
+        # each worker sees one GPU (an attack's device is its run's); gpu_of: worker process -> its GPU
+        gpus, gpu_of = gpus_to_share(getattr(spec, "run", spec).device for spec in todo), {}
         shared = f"; GPUs {', '.join(gpus)}, one per worker" if gpus else ""
         log.info("running %d run(s) in %d worker processes, %d thread(s) each (%s)%s", len(todo), self.workers,
                  self.threads, self.why_threads, shared)
@@ -158,8 +151,7 @@ class WorkerPool:
 
         def start() -> tuple:
             """A new worker, on the GPU the fewest live workers hold (a replaced worker's, when one died)."""
-            busy = collections.Counter(gpu for process, gpu in gpu_of.items() if process.is_alive())
-            gpu = min(gpus, key=lambda name: busy[name]) if gpus else None
+            gpu = least_busy(gpus, (gpu for process, gpu in gpu_of.items() if process.is_alive())) if gpus else None
             conn, process = self._spawn(gpu)
             processes.append(process)
             gpu_of[process] = gpu
