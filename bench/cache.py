@@ -98,9 +98,11 @@ class Cache:
     def prepared_path(self, preset: Preset, method: str, base_id: str, key: str) -> Path:
         return self.path(preset, "prepared", method, base_id, f"{key}.pt")
 
-    def dataset(self, preset: Preset, split: str) -> ClassDataset:
-        # kept decoded only in a cache that exists: a command that fails on its options leaves no cache folder
-        decoded = self.root / "datasets" if self.root.is_dir() else None
+    def dataset(self, preset: Preset, split: str, *, keep: bool = False) -> ClassDataset:
+        """The preset's split, decoded once into `datasets/` of a cache that exists (a command that fails on its
+        options leaves no cache folder), or of one about to be written (`keep`: pretraining and the classifier,
+        the first commands on an empty cache, which otherwise decode the split once each)."""
+        decoded = self.root / "datasets" if keep or self.root.is_dir() else None
         return load_dataset(preset.dataset, split, image_size=preset.unet.image_size, root=self.data_root,
                             decoded_cache=decoded)
 

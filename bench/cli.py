@@ -219,7 +219,7 @@ def pretrain_cmd(preset, cache_dir, data_root, device, seed, force, iterations, 
         return
     try:
         switches, dev = parse_speed(speed_items), pick_device(device)
-        cache.dataset(preset, "train")
+        cache.dataset(preset, "train", keep=True)  # the split, decoded: kept for the next command
     except (ValueError, OSError) as exc:
         fail(str(exc))
     speed = Speed(**dict(switches)) if switches else PLAIN
@@ -254,7 +254,7 @@ def classifier_cmd(preset, cache_dir, data_root, device, seed, force, steps, tes
         return
     try:
         dev = pick_device(device)
-        cache.dataset(preset, "train")
+        cache.dataset(preset, "train", keep=True)  # the split, decoded: kept for the next command
     except (ValueError, OSError) as exc:
         fail(str(exc))
     payload = train_classifier(preset, cache, dev, seed=seed, steps=steps, test_images=test_images,

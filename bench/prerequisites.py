@@ -64,7 +64,7 @@ def pretrain(preset: Preset, cache: Cache, device: torch.device, *, seed: int = 
     torch.manual_seed(seed)  # the initial weights and dropout: independent of what the process drew before
     model = ConditionalUNet(preset.unet).to(device)
     ema = EMA(model, recipe.ema_decay)
-    data, schedule = cache.dataset(preset, "train"), NoiseSchedule(preset.diffusion, device)
+    data, schedule = cache.dataset(preset, "train", keep=True), NoiseSchedule(preset.diffusion, device)
     noise = torch.Generator(device).manual_seed(seed * 1_000_003)
     batches = infinite_batches(data, recipe.batch_size, torch.Generator().manual_seed(seed),
                                hflip=recipe.hflip == "every_draw")
@@ -137,7 +137,7 @@ def train_classifier(preset: Preset, cache: Cache, device: torch.device, *, seed
     """
     config, started, path = preset.classifier, time.perf_counter(), cache.classifier_path(preset)
     batch_size = batch_size or config.batch_size
-    train_data, test_data = cache.dataset(preset, "train"), cache.dataset(preset, "test")
+    train_data, test_data = cache.dataset(preset, "train", keep=True), cache.dataset(preset, "test", keep=True)
     torch.manual_seed(seed)
     model = build_classifier(config, preset.unet.in_channels, preset.num_classes, preset.unet.image_size)
     origin, lrs = initialize(model, config)

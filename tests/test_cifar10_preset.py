@@ -109,9 +109,16 @@ def test_cifar10_fast_protocol_runs_end_to_end_on_the_cpu_with_inception_fid(tmp
               "--set", "protocol.forget_samples=4", "--set", "protocol.retain_samples_per_class=2",
               "--set", "protocol.noise_samples=4", "--set", "protocol.fid_reference_per_class=2",
               "--set", "protocol.inception_weights=fid-helper")]
+    outputs = []
     for args in steps:
         result = bench_cli(*args, timeout_s=900)
         assert result.returncode == 0, result.stdout + result.stderr
+        outputs.append(result.stdout + result.stderr)
+    # The first command on the empty cache decodes the 50,000 JPEGs once and keeps them; the next ones read them
+    train = JPEG_ROOT / "train"
+    assert f"decoded 50000 images from {train}" in outputs[0]
+    assert all(f"read 50000 decoded images of {train}" in out and "decoded 50000 images" not in out
+               for out in outputs[1:]), outputs[1:]
     [path] = (tmp_path / "results").rglob("record.json")
     record = json.loads(path.read_text())
     assert record["dataset"] == "CIFAR-10 (JPEG copy)"
