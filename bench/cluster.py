@@ -21,8 +21,8 @@ from pathlib import Path
 
 import submitit
 import yaml
-from tqdm.auto import tqdm
 
+from bench.device import progress_bar
 from bench.eta import BAR_FORMAT
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ def wait_all(jobs: list, items: list | None = None, progress: bool = True, poll_
     pending, started, first = list(range(len(jobs))), set(), True  # started: jobs seen running (on_start)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_refresh = time.monotonic()
-    with tqdm(total=len(jobs), desc="finished runs", unit="run", disable=not progress,
+    with progress_bar(total=len(jobs), desc="finished runs", unit="run", disable=not progress,
               bar_format=BAR_FORMAT if on_finish else None) as bar:
         while pending:
             while queued and sum(jobs[index] is not None for index in pending) < slots:

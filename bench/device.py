@@ -24,10 +24,43 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+LOG_EVERY_S = 30.0  # a bar's lines in a log file; TQDM_MININTERVAL sets another interval
+
 
 def progress_bar(**kwargs) -> tqdm:
-    """A tqdm bar that redraws live on a terminal and every 30 s in a log file (SLURM, CI)."""
-    return tqdm(mininterval=0.1 if sys.stderr.isatty() else 30.0, **kwargs)
+    """A tqdm bar that redraws live on a terminal, and in a log file (SLURM, CI, `make run > log`) writes a line
+    every 30 s (`LogBar`)."""
+    if sys.stderr.isatty():
+        return tqdm(mininterval=0.1, **kwargs)
+    return LogBar(mininterval=float(os.environ.get("TQDM_MININTERVAL", LOG_EVERY_S)), **kwargs)
+
+
+class LogBar(tqdm):
+    """tqdm for a log file: a time-stamped line at most every `mininterval` seconds, and the last state when it
+    closes after showing one. tqdm's own redraws begin with a carriage return, so a log kept every redraw of a
+    run on one ever-growing line, glued the next log line to it, and showed a short bar as its 0% line alone."""
+
+    def __init__(self, *args, **kwargs):
+        self._shown_at, self._shown_n, self._closing = None, None, False  # tqdm's __init__ calls display()
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg=None, pos=None) -> bool:
+        if msg is not None or self.n == self.initial or self.n == self._shown_n:
+            return False  # tqdm clearing its line (nothing to clear in a log), nothing done yet, nothing new
+        since = self._time() - (self.start_t if self._shown_at is None else self._shown_at)
+        if not self._closing and since < self.mininterval:
+            return False  # a forced redraw (set_postfix, tqdm's monitor thread) within the interval
+        self.fp.write(f"{time.strftime('%H:%M:%S')} {self}\n")
+        self.fp.flush()
+        self._shown_at, self._shown_n = self._time(), self.n
+        return True
+
+    def close(self) -> None:
+        if not self.disable and self._shown_n is not None:
+            self._closing = True
+            self.display()  # where it ended, after the lines before
+        self.leave = False  # a log line is never cleared or ended by tqdm
+        super().close()
 
 
 def usable_cores() -> int:

@@ -34,9 +34,9 @@ from unittest import mock
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from bench.cache import atomic_savez
+from bench.device import progress_bar
 from bench.flops import count_forward
 from bench.metrics import feature_statistics
 
@@ -182,7 +182,8 @@ def inception_features(model: nn.Module, images: Tensor, batch_size: int = 200, 
     count_forward("inception", model, len(images), lambda: model(to_unit_range(images[:1].to(device), quantize)),
                   tuple(images.shape[1:]))
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="inception features", disable=not progress):
+    for start in progress_bar(iterable=range(0, len(images), batch_size), desc="inception features",
+                              disable=not progress):
         batch = to_unit_range(images[start : start + batch_size].to(device), quantize)
         chunks.append(model(batch)[0].flatten(1).float().cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, FEATURE_DIM)

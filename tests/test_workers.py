@@ -23,15 +23,17 @@ def test_workers_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache, ti
     shown = [arg for arg in tiny_sweep if arg != "--no-progress"]  # the sweep's bar too (records are the same)
     # On a machine showing GPUs 5 and 7 (none is there: the runs are on the CPU), each worker takes one of its own:
     # workers that all saw both would all have run on the first.
+    # TQDM_MININTERVAL=0: the bar's line in this log at every change, not every 30 s
     result = bench_cli("run", *shown, "--cache", tiny_cache, "--out", str(tmp_path), "--workers", "2",
-                       env={"CUDA_VISIBLE_DEVICES": "5,7"})
+                       env={"CUDA_VISIBLE_DEVICES": "5,7", "TQDM_MININTERVAL": "0"})
     assert result.returncode == 0, result.stderr
     assert "in 2 worker processes" in result.stderr and "GPUs 5, 7, one per worker" in result.stderr
     assert sorted(re.findall(r"worker \d+: GPU (\d) \(CUDA_VISIBLE_DEVICES\)", result.stderr)) == ["5", "7"]
     assert sweep_records(tmp_path) == sweep_records(debug_sweep)
     assert "interrupted" not in result.stderr  # every worker sweep said "interrupted: 4 of 4 finished"
     # 4 runs on 2 workers: after each of the first two ends, the freed worker already holds the next run
-    bars = re.findall(r"\| (\d)/4 \[[^\]]*running=(\d)", result.stderr.replace("\r", "\n"))
+    bars = re.findall(r"^\d\d:\d\d:\d\d sweep: .*\| (\d)/4 \[[^\]]*running=(\d)", result.stderr, re.MULTILINE)
+    assert "\r" not in result.stderr and sorted(n for n, _ in bars) == ["1", "2", "3", "4"], result.stderr
     assert [running for n, running in bars if n in "12"] and all(running == "2" for n, running in bars if n in "12"), \
         bars
 
