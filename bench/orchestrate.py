@@ -308,7 +308,7 @@ def split_finished(specs: list[RunSpec], force: bool = False) -> tuple[list[Outc
         claim_path = spec.directory / claims.CLAIM_NAME
         held = claims.read_claim(claim_path)
         if record is not None and not pending_attacks(spec, record):  # else the job skips the run, attacks it
-            known.append(Outcome(spec, "skipped", record))
+            known.append(Outcome(spec, "skipped", record, attacks=finished_attacks(spec)))
         elif held is not None and not claims.claim_is_stale(claim_path, held[1]):
             holder = claims.describe_holder(held[1]) if held[1] else "another process"
             known.append(Outcome(spec, "busy", error=f"claimed by {holder}"))
@@ -632,6 +632,13 @@ def run_attacks(spec: RunSpec, force: bool = False, job_id: str | None = None) -
             log.error("attack failed: %s: %s\n%s", attack.describe(), exc, traceback.format_exc())
             outcomes.append(Outcome(attack, "failed", error=error_text(exc)))
     return outcomes
+
+
+def finished_attacks(spec: RunSpec) -> list[Outcome]:
+    """The attacks `spec.attacks` names on a finished run, none pending: each skipped, with its record, so that a
+    rerun's summary shows them beside the run's row as the first run's did."""
+    return [Outcome(attack, "skipped", finished_attack(attack)) for name in spec.attacks
+            for attack in attack_specs(spec, name)]
 
 
 def split_attacks(specs: list[AttackSpec], force: bool = False) -> tuple[list[Outcome], list[AttackSpec]]:

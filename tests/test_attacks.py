@@ -149,6 +149,12 @@ def test_bench_run_with_attacks_attacks_each_run_after_it(tiny_cache, tmp_path):
     assert records.read_record(run_dir / "record.json")["artifacts"]["model"]["path"] == "model.safetensors"
     assert attacks.read_attack(run_dir / "attacks" / "relearn" / "k=3" / "attack.json")["method"] == "original"
     assert "done     relearn [k=3] original class 0 seed 0" in result.output
+    # A rerun skips the run and its attack, and still shows the attack's result (it showed none)
+    again = _invoke("run", "--preset", "tiny", "--methods", "original", "--classes", "0", "--cache", tiny_cache,
+                    "--out", str(tmp_path), "--no-progress", "--attacks", "relearn")
+    assert again.exit_code == 0, again.output
+    line = result.output.split("done     relearn [k=3] ")[1].splitlines()[0]
+    assert f"skipped  relearn [k=3] {line}" in again.output and "attacks: 0 done, 1 skipped" in again.output
 
 
 def test_attack_command_runs_through_the_job_path_then_skips(attacked):
