@@ -29,8 +29,9 @@ LOG_EVERY_S = 30.0  # a bar's lines in a log file; TQDM_MININTERVAL sets another
 
 def progress_bar(**kwargs) -> tqdm:
     """A tqdm bar that redraws live on a terminal, and in a log file (SLURM, CI, `make run > log`) writes a line
-    every 30 s (`LogBar`)."""
-    if sys.stderr.isatty():
+    every 30 s (`LogBar`). A Jupyter notebook, which is no terminal either, keeps tqdm.auto's widget."""
+    notebook = sys.modules.get("tqdm.notebook")  # imported by tqdm.auto only inside a notebook
+    if sys.stderr.isatty() or (notebook is not None and issubclass(tqdm, notebook.tqdm)):
         return tqdm(mininterval=0.1, **kwargs)
     return LogBar(mininterval=float(os.environ.get("TQDM_MININTERVAL", LOG_EVERY_S)), **kwargs)
 

@@ -70,3 +70,19 @@ def test_a_terminal_gets_tqdms_live_bar_and_a_log_gets_log_lines(monkeypatch):
     assert isinstance(logged, LogBar) and logged.mininterval == 5.0
     live.close()
     logged.close()
+
+
+def test_a_notebook_keeps_tqdm_autos_widget(monkeypatch):
+    # tqdm.auto picks tqdm.notebook's class inside a Jupyter kernel (none here: its class stands in for that choice);
+    # a notebook's output is no terminal either, and a widget beats log lines there
+    import tqdm.notebook
+
+    from bench import device
+
+    class Widget(tqdm.notebook.tqdm):
+        pass
+
+    monkeypatch.setattr(device, "tqdm", Widget)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    bar = progress_bar(total=3, disable=True)  # disabled: drawing a widget needs ipywidgets and a kernel
+    assert isinstance(bar, Widget) and not isinstance(bar, LogBar)
