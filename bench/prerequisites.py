@@ -43,6 +43,7 @@ from bench.unet import ConditionalUNet
 from methods import Context, UnlearningMethod
 
 log = logging.getLogger(__name__)
+_warned: set[str] = set()  # the smoke-test classifiers warned about in this process
 
 
 def _provenance(device: torch.device, started: float) -> dict:
@@ -212,7 +213,9 @@ def _check_classifier_fit(payload: dict, preset: Preset, path, command: str) -> 
     found = (f"{path} reaches {100 * accuracy:.2f}% test accuracy, below min_classifier_accuracy "
              f"{100 * floor:.2f}% of preset {preset.name}")
     if "smoke test" in str(payload.get("source", "")):
-        log.warning("%s (a smoke-test classifier: its metrics are mechanics only)", found)
+        if found not in _warned:  # once per process: a sweep loads the classifier for each check and each run
+            _warned.add(found)
+            log.warning("%s (a smoke-test classifier: its metrics are mechanics only)", found)
         return
     config = preset.classifier
     raise CheckpointError(f"{found}: UA and FID measured with it would mean nothing. Change its recipe "

@@ -119,6 +119,7 @@ def test_cifar10_fast_protocol_runs_end_to_end_on_the_cpu_with_inception_fid(tmp
     assert f"decoded 50000 images from {train}" in outputs[0]
     assert all(f"read 50000 decoded images of {train}" in out and "decoded 50000 images" not in out
                for out in outputs[1:]), outputs[1:]
+    assert outputs[2].count("(a smoke-test classifier: its metrics are mechanics only)") == 1  # was once per load
     [path] = (tmp_path / "results").rglob("record.json")
     record = json.loads(path.read_text())
     assert record["dataset"] == "CIFAR-10 (JPEG copy)"
