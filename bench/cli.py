@@ -401,9 +401,8 @@ def _dry_run(specs, cluster: str | None, config: dict, force: bool, workers: int
     skipped, busy = sum(o.status == "skipped" for o in known), sum(o.status == "busy" for o in known)
     where = f"--cluster {cluster}" if cluster else (f"{workers} worker processes" if workers > 1 else "this process")
     if cluster == "local" and todo:
-        gpus, all_gpus = local_gpus(cluster, config, [spec.device for spec in todo])
-        slots = local_slots(cluster, config, len(todo), gpus=0 if all_gpus else len(gpus))
-        where += f", {slots} at a time" + (f" on GPUs {', '.join(map(str, gpus))}" if gpus else "")
+        gpus = local_gpus(cluster, config, [spec.device for spec in todo])
+        where += f", {local_slots(cluster, config, len(todo), gpus=gpus.slots)} at a time{gpus.describe()}"
     if as_json:
         click.echo(json.dumps({"dry_run": True, "where": where, "prerequisites": first, "runs": jobs,
                                "skipped": skipped, "busy": busy}, indent=2))

@@ -141,11 +141,11 @@ def gpus_to_share(devices: typing.Iterable[str | None]) -> list[str]:
     return [] if devices <= {"cpu"} or any(map(names_its_gpu, devices)) else visible_gpus()
 
 
-def least_busy(gpus: typing.Sequence, held: typing.Iterable):
-    """The GPU of `gpus` that the fewest of `held` (the GPUs of the processes still running) are; the first of
-    equals."""
+def least_busy(gpus: typing.Sequence, held: typing.Iterable, count: int = 1) -> tuple:
+    """The `count` GPUs of `gpus` that the fewest of `held` (the GPUs of the processes still running) are; the
+    first of equals."""
     busy = collections.Counter(held)
-    return min(gpus, key=lambda gpu: busy[gpu])
+    return tuple(sorted(gpus, key=lambda gpu: busy[gpu])[:count])  # sorted is stable: the first of equals first
 
 
 def pick_device(name: str | None = None) -> torch.device:

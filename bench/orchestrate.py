@@ -221,30 +221,55 @@ def _job_setup(threads: int | None, task) -> None:
                  "" if gpus is None else f", CUDA_VISIBLE_DEVICES={gpus or '(none)'}")
 
 
-def local_gpus(kind: str, config: dict, devices: typing.Iterable[str | None]) -> tuple[tuple[int, ...], bool]:
-    """The GPUs that local jobs share out, and whether each job sees all of them (a run asked for `cuda:N`) rather
-    than one of its own: those this process sees, as submitit's local executor names them (CUDA_VISIBLE_DEVICES's
-    indices, else 0..n-1). Without them submitit hides every GPU from its local jobs (its gpus_per_node default of
-    0 sets CUDA_VISIBLE_DEVICES=''), and a machine's GPUs went unused. Empty for other kinds, where the cluster file
-    sets gpus_per_node (submitit's own rule then: the first n for every job) and where every run is on the CPU."""
-    if kind != "local" or config.get("gpus_per_node") is not None:
-        return (), False
+class LocalGpus(typing.NamedTuple):
+    """What `--cluster local` gives its jobs: `gpus` (CUDA_VISIBLE_DEVICES indices) shared out `each` to a job, the
+    least busy first, or all of them to every job (`all`)."""
+
+    gpus: tuple[int, ...] = ()
+    all: bool = False
+    each: int = 1
+
+    @property
+    def slots(self) -> int:
+        """How many jobs the GPUs hold at once; 0: they set no limit (none, or every job sees all of them)."""
+        return 0 if self.all or not self.gpus else len(self.gpus) // self.each
+
+    def describe(self) -> str:
+        if not self.gpus:
+            return ""
+        return f" on GPUs {', '.join(map(str, self.gpus))}" + (f", {self.each} each" if self.each > 1 else "")
+
+
+def local_gpus(kind: str, config: dict, devices: typing.Iterable[str | None]) -> LocalGpus:
+    """The GPUs that local jobs share out, `gpus_per_node` of the cluster file to a job (else one), or all of them
+    to each job where a run asked for `cuda:N`: those this process sees, as submitit's local executor names them
+    (CUDA_VISIBLE_DEVICES's indices, else 0..n-1). Without them submitit hides every GPU from its local jobs (its
+    gpus_per_node default of 0 sets CUDA_VISIBLE_DEVICES=''), and a machine's GPUs went unused; with the cluster
+    file's gpus_per_node alone it gives every job the first n. None for other kinds, for a cluster file's
+    `gpus_per_node: 0` (its jobs see no GPU) and where every run is on the CPU."""
+    each = config.get("gpus_per_node")
+    if kind != "local" or each == 0:
+        return LocalGpus()
     devices = set(devices)
     named = any(map(names_its_gpu, devices))  # submitit hides what a job is not given: give it all
     names = visible_gpus() if named else gpus_to_share(devices)
     if not all(name.isdigit() for name in names):  # UUIDs or MIG instances: submitit's local executor takes indices
         log.warning("CUDA_VISIBLE_DEVICES=%s names GPUs other than by index, which --cluster local cannot hand its "
                     "jobs: they run on the CPU (give indices, or run without --cluster)", ",".join(names))
-        return (), False
-    return tuple(int(name) for name in names), named
+        return LocalGpus()
+    gpus = tuple(int(name) for name in names)
+    if gpus and not named and (each or 1) > len(gpus):
+        log.warning("the cluster file gives each job %d GPUs (gpus_per_node) and bench run sees %d: each local job "
+                    "gets all %d, one job at a time", each, len(gpus), len(gpus))
+    return LocalGpus(gpus, named, min(each or 1, len(gpus)) if gpus else 1)
 
 
 def local_slots(kind: str, config: dict, jobs: int, wait: bool = True, gpus: int = 0) -> int:
     """How many of `jobs` jobs run at once. SLURM's queue and debug jobs (one at a time, here) take all of them.
     submitit's local executor queues nothing: it starts a process per job at once, each with its own memory, so the
     orchestrator holds the others back and starts them as jobs end (`wait_all`), at most the cluster file's
-    `array_parallelism` (as on SLURM), else one per GPU where the jobs get `gpus` of them (`local_gpus`), else one
-    per usable core. With --no-wait (`wait=False`) nothing stays to start them later: all of them start."""
+    `array_parallelism` (as on SLURM), else as many as the GPUs hold (`gpus`: `LocalGpus.slots`), else one per usable
+    core. With --no-wait (`wait=False`) nothing stays to start them later: all of them start."""
     if kind != "local" or not wait:
         return jobs
     return min(jobs, int(config.get("array_parallelism") or gpus or usable_cores()))
@@ -421,21 +446,21 @@ class Submission:
     resources: list[dict] = dataclasses.field(default_factory=list)  # per job: what its executor submitted with
     submitter: Submitter | None = None
     slots: int = 0  # jobs running at once
-    gpus: tuple[int, ...] = ()  # what local jobs share out (`local_gpus`)
-    all_gpus: bool = False  # each local job sees all of them, not one of its own
+    gpus: LocalGpus = LocalGpus()  # what local jobs share out (`local_gpus`)
     manifest: Path | None = None
     submitted: str = dataclasses.field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    gpu_of: dict[int, int] = dataclasses.field(default_factory=dict)
+    gpu_of: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # a local job's GPUs
 
     @property
     def queued(self) -> int:
         return sum(job is None for job in self.jobs)
 
     def submit(self, indices: typing.Iterable[int]) -> None:
-        """Submit the jobs of `todo[indices]` (one array per method resources on SLURM); a local job gets its GPU,
-        the one the fewest unfinished jobs hold (or all of them); a manifest written before is brought up to date."""
+        """Submit the jobs of `todo[indices]` (one array per method resources on SLURM); a local job gets its GPUs
+        (one, or its cluster file's gpus_per_node), those the fewest unfinished jobs hold (or all of them); a
+        manifest written before is brought up to date."""
         indices, submitter = list(indices), typing.cast(Submitter, self.submitter)
-        if self.gpus:  # one at a time: a job's GPU depends on those given before it
+        if self.gpus.gpus:  # one at a time: a job's GPUs depend on those given before it
             for index in indices:
                 self.jobs[index] = submitter.submit([index], **self._gpu_parameters(index))[0]
                 self.resources[index] = submitter.parameters(index)
@@ -446,11 +471,16 @@ class Submission:
             write_manifest(self)
 
     def _gpu_parameters(self, index: int) -> dict:
-        if self.all_gpus:
-            return gpu_parameters(self.gpus)
-        self.gpu_of[index] = least_busy(self.gpus, (gpu for other, gpu in self.gpu_of.items()
-                                                    if self.jobs[other] is not None and not self.jobs[other].done()))
-        return gpu_parameters((self.gpu_of[index],))
+        if self.gpus.all:
+            return gpu_parameters(self.gpus.gpus)
+        # a method's own gpus_per_node (the cluster file's `methods:`) counts for its jobs; 0: its executor hides all
+        each = typing.cast(Submitter, self.submitter).resources(index).get("gpus_per_node", self.gpus.each)
+        if not each:
+            return {}
+        held = (gpu for other, gpus in self.gpu_of.items()
+                if self.jobs[other] is not None and not self.jobs[other].done() for gpu in gpus)
+        self.gpu_of[index] = least_busy(self.gpus.gpus, held, min(each, len(self.gpus.gpus)))
+        return gpu_parameters(self.gpu_of[index])
 
 
 def gpu_parameters(gpus: tuple[int, ...]) -> dict:
@@ -469,30 +499,29 @@ def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Pat
     """
     folder = Path(folder)
     wait = wait_prerequisites or kind != "slurm"
-    gpus, all_gpus = local_gpus(kind, config, [spec.device for spec in specs])
+    gpus = local_gpus(kind, config, [spec.device for spec in specs])
     prerequisites = _prerequisites(make_executor(kind, folder, resources(config, None)), specs, wait,
-                                   gpu_parameters(gpus if all_gpus else gpus[:1]) if gpus else {})
+                                   gpu_parameters(gpus.gpus if gpus.all else gpus.gpus[:gpus.each]) if gpus.gpus
+                                   else {})
     known, todo = split_finished(specs, force)
     after = prerequisites if not wait_prerequisites else []
     submission = _submit(kind, folder, config, known, todo, force, lambda spec: resources(config, spec.method),
-                         (gpus, all_gpus), wait_prerequisites, after, prerequisites)
+                         gpus, wait_prerequisites, after, prerequisites)
     if todo:
         submission.manifest = write_manifest(submission)
     return submission
 
 
 def _submit(kind: str, folder: Path, config: dict, known: list[Outcome], todo: list, force: bool,
-            resources_of: typing.Callable, gpus: tuple[tuple[int, ...], bool], wait: bool = True,
+            resources_of: typing.Callable, gpus: LocalGpus, wait: bool = True,
             after: list[str] = (), prerequisites: list[str] = ()) -> Submission:
     """One job per task of `todo` through `Submitter`, local ones `local_slots` at a time with `gpus`
     (`local_gpus`); those the slots leave are held back for `wait_runs` to start."""
-    shared, all_gpus = gpus
-    slots = local_slots(kind, config, len(todo), wait, 0 if all_gpus else len(shared))
+    slots = local_slots(kind, config, len(todo), wait, gpus.slots)
     submitter = Submitter(kind, folder, Job(force, local_threads(kind, len(todo), slots if wait else None)), todo,
                           resources_of, after)
     submission = Submission(kind, folder, known, todo, [None] * len(todo), list(prerequisites),
-                            [submitter.parameters(index) for index in range(len(todo))], submitter, slots, shared,
-                            all_gpus)
+                            [submitter.parameters(index) for index in range(len(todo))], submitter, slots, gpus)
     submission.submit(range(slots))
     return submission
 

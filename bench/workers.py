@@ -151,7 +151,7 @@ class WorkerPool:
 
         def start() -> tuple:
             """A new worker, on the GPU the fewest live workers hold (a replaced worker's, when one died)."""
-            gpu = least_busy(gpus, (gpu for process, gpu in gpu_of.items() if process.is_alive())) if gpus else None
+            gpu = least_busy(gpus, (gpu for process, gpu in gpu_of.items() if process.is_alive()))[0] if gpus else None
             conn, process = self._spawn(gpu)
             processes.append(process)
             gpu_of[process] = gpu

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import textwrap
+import time
 from pathlib import Path
 
+import cloudpickle
 import pytest
 
-from bench.cluster import executor_parameters, load_cluster_config, make_executor, resources
+from bench.cluster import Submitter, executor_parameters, load_cluster_config, make_executor, resources, wait_all
+from bench.orchestrate import Submission, local_gpus
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the local jobs below run a function of this file
 
 CLUSTER = """
 timeout_min: 30
@@ -112,6 +118,10 @@ def test_dry_run_says_how_many_local_jobs_run_at_once_and_on_which_gpus(tmp_path
     assert "dry run: 8 run(s) to start (--cluster local, 3 at a time on GPUs 3, 4, 6), 0 skipped" in on_gpus
     on_cpu = bench_cli(*common, "--device", "cpu", env=env).stdout.splitlines()[-1]
     assert f"(--cluster local, {min(8, len(os.sched_getaffinity(0)))} at a time), 0 skipped" in on_cpu
+    # A cluster file's gpus_per_node: that many GPUs to a job (submitit gave every job the first two)
+    (tmp_path / "two.yaml").write_text("gpus_per_node: 2\n")
+    pairs = bench_cli(*common, "--cluster-config", str(tmp_path / "two.yaml"), env={"CUDA_VISIBLE_DEVICES": "3,4,6,7"})
+    assert "(--cluster local, 2 at a time on GPUs 3, 4, 6, 7, 2 each), 0 skipped" in pairs.stdout.splitlines()[-1]
     assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
 
 
@@ -124,3 +134,28 @@ def test_dry_run_skips_finished_runs_as_a_real_run_would(debug_sweep, tiny_cache
     assert [(run["method"], run["forget_class"]) for run in shown["runs"]] == [("sa", 0), ("sa", 1)]
     assert shown["skipped"] == 4 and shown["prerequisites"] == []
     assert snapshot(Path(debug_sweep), Path(tiny_cache)) == before
+
+
+def gpus_seen(seconds: float) -> str:
+    time.sleep(seconds)
+    return os.environ["CUDA_VISIBLE_DEVICES"]
+
+
+def test_local_jobs_get_gpus_per_node_gpus_of_their_own_the_least_busy_first(tmp_path, monkeypatch):
+    # Four GPUs (by name only: the jobs read their CUDA_VISIBLE_DEVICES and use none), two to a job: two jobs at once;
+    # the third, held back, starts when the short one ends and takes the pair it freed, not the long job's.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    config, items = {"gpus_per_node": 2}, [4.0, 0.5, 0.5]
+    gpus = local_gpus("local", config, [None])
+    assert (gpus.gpus, gpus.each, gpus.slots) == ((4, 5, 6, 7), 2, 2)
+    submitter = Submitter("local", tmp_path, gpus_seen, items, lambda item: config)
+    submission = Submission("local", tmp_path, [], items, [None] * 3, submitter=submitter, slots=gpus.slots, gpus=gpus,
+                            resources=[{}] * 3)
+    submission.submit(range(gpus.slots))
+
+    def start(index: int):
+        submission.submit([index])
+        return submission.jobs[index]
+
+    finished = wait_all(submission.jobs, items, progress=False, poll_s=0.2, timeout_s=120, start=start, slots=2)
+    assert [job.outcome for job in finished] == ["4,5", "6,7", "6,7"], [job.outcome for job in finished]
