@@ -136,16 +136,24 @@ def test_dry_run_skips_finished_runs_as_a_real_run_would(debug_sweep, tiny_cache
     assert snapshot(Path(debug_sweep), Path(tiny_cache)) == before
 
 
-def gpus_seen(seconds: float) -> str:
-    time.sleep(seconds)
+def gpus_seen(step: tuple[str, str]) -> str:
+    """A local job's CUDA_VISIBLE_DEVICES; ("wait", path) returns once `path` exists, ("mark", path) creates it."""
+    what, path = step
+    if what == "mark":
+        Path(path).touch()
+    deadline = time.monotonic() + 60
+    while what == "wait" and not Path(path).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     return os.environ["CUDA_VISIBLE_DEVICES"]
 
 
 def test_local_jobs_get_gpus_per_node_gpus_of_their_own_the_least_busy_first(tmp_path, monkeypatch):
-    # Four GPUs (by name only: the jobs read their CUDA_VISIBLE_DEVICES and use none), two to a job: two jobs at once;
-    # the third, held back, starts when the short one ends and takes the pair it freed, not the long job's.
+    # Four GPUs (by name only: the jobs read their CUDA_VISIBLE_DEVICES and use none), two to a job: two jobs at once.
+    # The third, held back, starts when the short one ends and takes the pair it freed, not the one the first job
+    # still holds (that job waits for the third's mark).
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    config, items = {"gpus_per_node": 2}, [4.0, 0.5, 0.5]
+    marker = str(tmp_path / "third-started")
+    config, items = {"gpus_per_node": 2}, [("wait", marker), ("short", marker), ("mark", marker)]
     gpus = local_gpus("local", config, [None])
     assert (gpus.gpus, gpus.each, gpus.slots) == ((4, 5, 6, 7), 2, 2)
     submitter = Submitter("local", tmp_path, gpus_seen, items, lambda item: config)
