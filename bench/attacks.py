@@ -386,11 +386,6 @@ def _warn_once(message: str) -> None:
         log.warning("%s", message)
 
 
-def pending_attacks(run: RunSpec, run_record: dict) -> bool:
-    """Whether any attack `run` asks for (`run.attacks`, default settings) has no current record."""
-    return any(finished_attack(spec, run_record) is None for name in run.attacks for spec in attack_specs(run, name))
-
-
 # -- running one attack -----------------------------------------------------------------------------------------
 def _prepare_folder(directory: Path, key: str, fresh: bool) -> None:
     """Keep a killed attack's progress only if it belongs to the same weights and settings (and not `fresh`)."""

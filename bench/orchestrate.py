@@ -25,7 +25,7 @@ import submitit
 import torch
 
 from bench import claims, fingerprint, records
-from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, finished_attack, pending_attacks
+from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, finished_attack
 from bench.cache import Cache, checkpoint_id
 from bench.cluster import Finished, Submitter, make_executor, own_parameters, resources, submit_all, wait_all
 from bench.config import get_preset
@@ -234,6 +234,10 @@ class LocalGpus(typing.NamedTuple):
         """How many jobs the GPUs hold at once; 0: they set no limit (none, or every job sees all of them)."""
         return 0 if self.all or not self.gpus else len(self.gpus) // self.each
 
+    def first_job(self) -> dict:
+        """submitit's parameters for a job that takes the first share (the prerequisites job); {} without GPUs."""
+        return gpu_parameters(self.gpus if self.all else self.gpus[:self.each]) if self.gpus else {}
+
     def describe(self) -> str:
         if not self.gpus:
             return ""
@@ -332,8 +336,9 @@ def split_finished(specs: list[RunSpec], force: bool = False) -> tuple[list[Outc
         record = None if force else finished_record(spec, ids[key])
         claim_path = spec.directory / claims.CLAIM_NAME
         held = claims.read_claim(claim_path)
-        if record is not None and not pending_attacks(spec, record):  # else the job skips the run, attacks it
-            known.append(Outcome(spec, "skipped", record, attacks=finished_attacks(spec)))
+        attacks = None if record is None else finished_attacks(spec, record)
+        if attacks is not None:  # else the job skips the run, attacks it
+            known.append(Outcome(spec, "skipped", record, attacks=attacks))
         elif held is not None and not claims.claim_is_stale(claim_path, held[1]):
             holder = claims.describe_holder(held[1]) if held[1] else "another process"
             known.append(Outcome(spec, "busy", error=f"claimed by {holder}"))
@@ -501,8 +506,7 @@ def submit_runs(specs: list[RunSpec], kind: str, config: dict, folder: str | Pat
     wait = wait_prerequisites or kind != "slurm"
     gpus = local_gpus(kind, config, [spec.device for spec in specs])
     prerequisites = _prerequisites(make_executor(kind, folder, resources(config, None)), specs, wait,
-                                   gpu_parameters(gpus.gpus if gpus.all else gpus.gpus[:gpus.each]) if gpus.gpus
-                                   else {})
+                                   gpus.first_job())
     known, todo = split_finished(specs, force)
     after = prerequisites if not wait_prerequisites else []
     submission = _submit(kind, folder, config, known, todo, force, lambda spec: resources(config, spec.method),
@@ -663,11 +667,13 @@ def run_attacks(spec: RunSpec, force: bool = False, job_id: str | None = None) -
     return outcomes
 
 
-def finished_attacks(spec: RunSpec) -> list[Outcome]:
-    """The attacks `spec.attacks` names on a finished run, none pending: each skipped, with its record, so that a
-    rerun's summary shows them beside the run's row as the first run's did."""
-    return [Outcome(attack, "skipped", finished_attack(attack)) for name in spec.attacks
-            for attack in attack_specs(spec, name)]
+def finished_attacks(spec: RunSpec, run_record: dict) -> list[Outcome] | None:
+    """The attacks `spec.attacks` names on a finished run, each skipped with its current record, so that a rerun's
+    summary shows them beside the run's row as the first run's did; None while one has none (the run's job makes
+    it)."""
+    found = [Outcome(attack, "skipped", finished_attack(attack, run_record)) for name in spec.attacks
+             for attack in attack_specs(spec, name)]
+    return None if any(outcome.record is None for outcome in found) else found
 
 
 def split_attacks(specs: list[AttackSpec], force: bool = False) -> tuple[list[Outcome], list[AttackSpec]]:
