@@ -490,9 +490,10 @@ def _report(outcomes, out: str, as_json: bool = False) -> int:
               help="comma-separated speed-switch sets for the training steps (fp32, default, channels_last, "
                    "compile, compile_channels_last)")
 @click.option("--sampler-variants", default=None, help="speed-switch sets for the sampler [default: --variants]")
-@click.option("--iterations", default=20, show_default=True, type=click.IntRange(20, None),
-              help="timed steps per method after warm-up (the median is reported)")
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(1, None))
+@click.option("--iterations", default=None, type=click.IntRange(1, None),
+              help="timed steps per method after warm-up, the median reported [default: 20, at least 20; 5 at the "
+                   "tiny preset, the smoke test]")
+@click.option("--warmup", default=None, type=click.IntRange(1, None), help="[default: 3; 1 at the tiny preset]")
 @click.option("--sample-batch", default=None, type=click.IntRange(1, None),
               help="images per sampler call [default: 1024 at cifar10, 32 elsewhere]")
 @click.option("--sample-steps", default=None, type=click.IntRange(1, None),
