@@ -402,7 +402,9 @@ def _dry_run(specs, cluster: str | None, config: dict, force: bool, workers: int
     where = f"--cluster {cluster}" if cluster else (f"{workers} worker processes" if workers > 1 else "this process")
     if cluster == "local" and todo:
         gpus = local_gpus(cluster, config, [spec.device for spec in todo])
-        where += f", {local_slots(cluster, config, len(todo), gpus=gpus.slots)} at a time{gpus.describe()}"
+        needs = {spec.method: gpus.need(resources(config, spec.method)) for spec in todo}
+        slots = local_slots(cluster, config, len(todo), gpus=gpus.slots(needs.values()))
+        where += f", {'up to ' if len(set(needs.values())) > 1 else ''}{slots} at a time{gpus.describe(needs)}"
     if as_json:
         click.echo(json.dumps({"dry_run": True, "where": where, "prerequisites": first, "runs": jobs,
                                "skipped": skipped, "busy": busy}, indent=2))

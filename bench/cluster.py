@@ -288,7 +288,8 @@ def wait_all(jobs: list, items: list | None = None, progress: bool = True, poll_
              refresh_s: float = 30.0, timeout_s: float | None = None,
              on_start: typing.Callable[[int], None] | None = None,
              on_finish: typing.Callable[[int, Finished], str] | None = None,
-             start: typing.Callable[[int], typing.Any] | None = None, slots: int | None = None) -> list[Finished]:
+             start: typing.Callable[[int], typing.Any] | None = None, slots: int | None = None,
+             fits: typing.Callable[[int], bool] | None = None) -> list[Finished]:
     """Wait for every job; returns Finished(item, result or exception, stderr log path) in job order.
 
     `items` defaults to each job's submitted argument. The scheduler is asked at least every `refresh_s`
@@ -296,7 +297,8 @@ def wait_all(jobs: list, items: list | None = None, progress: bool = True, poll_
     `on_start(i)` is called once job i is seen running (at the first poll for local jobs, at a refresh on SLURM,
     from the state that refresh fetched), `on_finish(i, finished)` when it has ended; what it returns is shown
     beside the bar, in place of tqdm's own remaining time, which counts jobs. A job given as None is queued:
-    `start(i)` submits it, in order, whenever fewer than `slots` submitted jobs are unfinished.
+    `start(i)` submits it, in order, whenever fewer than `slots` submitted jobs are unfinished and `fits(i)` (its GPUs
+    are free, where jobs take different numbers of them).
     """
     if items is None:
         items = [_first_argument(job) for job in jobs]
@@ -312,7 +314,8 @@ def wait_all(jobs: list, items: list | None = None, progress: bool = True, poll_
     with progress_bar(total=len(jobs), desc="finished runs", unit="run", disable=not progress,
               bar_format=BAR_FORMAT if on_finish else None) as bar:
         while pending:
-            while queued and sum(jobs[index] is not None for index in pending) < slots:
+            while (queued and sum(jobs[index] is not None for index in pending) < slots
+                   and (fits is None or fits(queued[0]))):
                 index = queued.pop(0)
                 jobs[index], first = start(index), True  # first: asked whether it runs at this poll
             refresh = time.monotonic() - last_refresh >= refresh_s

@@ -222,26 +222,51 @@ def _job_setup(threads: int | None, task) -> None:
 
 
 class LocalGpus(typing.NamedTuple):
-    """What `--cluster local` gives its jobs: `gpus` (CUDA_VISIBLE_DEVICES indices) shared out `each` to a job, the
-    least busy first, or all of them to every job (`all`)."""
+    """What `--cluster local` gives its jobs: `gpus` (CUDA_VISIBLE_DEVICES indices) shared out `each` to a job (or
+    a method's own `gpus_per_node`), the least busy first, or all of them to every job (`all`)."""
 
     gpus: tuple[int, ...] = ()
     all: bool = False
     each: int = 1
 
-    @property
-    def slots(self) -> int:
-        """How many jobs the GPUs hold at once; 0: they set no limit (none, or every job sees all of them)."""
-        return 0 if self.all or not self.gpus else len(self.gpus) // self.each
+    def need(self, resources: dict) -> int:
+        """The GPUs of its own that a job with `resources` (the cluster file's for its method) takes: its
+        gpus_per_node, else `each`, at most all of them; 0 where every job sees all of them or its executor hides
+        them (gpus_per_node 0)."""
+        if self.all or not self.gpus:
+            return 0
+        each = resources.get("gpus_per_node", self.each)
+        return min(each, len(self.gpus)) if each else 0
+
+    def slots(self, needs: typing.Iterable[int] = ()) -> int:
+        """How many jobs the GPUs hold at once, at most (those that take the fewest of them, where jobs take different
+        numbers: `needs`); 0: they set no limit (none, or every job sees all of them)."""
+        if self.all or not self.gpus:
+            return 0
+        return len(self.gpus) // min((need for need in needs if need), default=self.each)
 
     def first_job(self) -> dict:
         """submitit's parameters for a job that takes the first share (the prerequisites job); {} without GPUs."""
         return gpu_parameters(self.gpus if self.all else self.gpus[:self.each]) if self.gpus else {}
 
-    def describe(self) -> str:
+    def describe(self, needs: dict[str, int] | None = None) -> str:
+        """` on GPUs 3, 4, 6, 7, 2 each`; with `needs` (method -> GPUs a job of it takes) that differ, what each
+        method's jobs take."""
         if not self.gpus:
             return ""
-        return f" on GPUs {', '.join(map(str, self.gpus))}" + (f", {self.each} each" if self.each > 1 else "")
+        counts, share = set((needs or {}).values()) or {self.each}, ""
+
+        def each(count: int) -> str:
+            return f"{count} each" if count else "none"
+
+        if self.all:
+            pass
+        elif len(counts) > 1:
+            share = "; ".join(f"{each(count)} to {' and '.join(m for m, need in needs.items() if need == count)}"
+                              for count in sorted(counts))
+        elif counts != {1}:
+            share = each(counts.pop())
+        return f" on GPUs {', '.join(map(str, self.gpus))}" + (f", {share}" if share else "")
 
 
 def local_gpus(kind: str, config: dict, devices: typing.Iterable[str | None]) -> LocalGpus:
@@ -272,7 +297,7 @@ def local_slots(kind: str, config: dict, jobs: int, wait: bool = True, gpus: int
     """How many of `jobs` jobs run at once. SLURM's queue and debug jobs (one at a time, here) take all of them.
     submitit's local executor queues nothing: it starts a process per job at once, each with its own memory, so the
     orchestrator holds the others back and starts them as jobs end (`wait_all`), at most the cluster file's
-    `array_parallelism` (as on SLURM), else as many as the GPUs hold (`gpus`: `LocalGpus.slots`), else one per usable
+    `array_parallelism` (as on SLURM), else as many as the GPUs hold (`gpus`: `LocalGpus.slots()`), else one per usable
     core. With --no-wait (`wait=False`) nothing stays to start them later: all of them start."""
     if kind != "local" or not wait:
         return jobs
@@ -455,6 +480,7 @@ class Submission:
     manifest: Path | None = None
     submitted: str = dataclasses.field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     gpu_of: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # a local job's GPUs
+    needs: list[int] = dataclasses.field(default_factory=list)  # GPUs each local job takes (`LocalGpus.need`)
 
     @property
     def queued(self) -> int:
@@ -462,8 +488,8 @@ class Submission:
 
     def submit(self, indices: typing.Iterable[int]) -> None:
         """Submit the jobs of `todo[indices]` (one array per method resources on SLURM); a local job gets its GPUs
-        (one, or its cluster file's gpus_per_node), those the fewest unfinished jobs hold (or all of them); a
-        manifest written before is brought up to date."""
+        (`needs`), those the fewest unfinished jobs hold (or all of them); a manifest written before is brought up
+        to date."""
         indices, submitter = list(indices), typing.cast(Submitter, self.submitter)
         if self.gpus.gpus:  # one at a time: a job's GPUs depend on those given before it
             for index in indices:
@@ -475,16 +501,33 @@ class Submission:
         if self.manifest:
             write_manifest(self)
 
+    def start(self, count: int, share: bool = False) -> None:
+        """Submit the first `count` jobs, or those of them, in order, whose GPUs are free (`fits`); `share`: all
+        `count` of them, sharing the GPUs (--no-wait: nothing stays to start the others later)."""
+        if share or not self.needs:
+            self.submit(range(count))
+            return
+        for index in range(count):
+            if not self.fits(index):
+                break
+            self.submit([index])
+
+    def fits(self, index: int) -> bool:
+        """Whether as many GPUs as job `index` takes are held by no unfinished job (always, for jobs without)."""
+        need = self.needs[index] if self.needs else 0
+        return not need or len(self.gpus.gpus) - len(set(self._held())) >= need
+
+    def _held(self) -> typing.Iterator[int]:
+        return (gpu for other, gpus in self.gpu_of.items()
+                if self.jobs[other] is not None and not self.jobs[other].done() for gpu in gpus)
+
     def _gpu_parameters(self, index: int) -> dict:
         if self.gpus.all:
             return gpu_parameters(self.gpus.gpus)
-        # a method's own gpus_per_node (the cluster file's `methods:`) counts for its jobs; 0: its executor hides all
-        each = typing.cast(Submitter, self.submitter).resources(index).get("gpus_per_node", self.gpus.each)
-        if not each:
+        need = self.needs[index] if self.needs else self.gpus.each
+        if not need:  # a method's gpus_per_node 0 (the cluster file's `methods:`): its executor hides all
             return {}
-        held = (gpu for other, gpus in self.gpu_of.items()
-                if self.jobs[other] is not None and not self.jobs[other].done() for gpu in gpus)
-        self.gpu_of[index] = least_busy(self.gpus.gpus, held, min(each, len(self.gpus.gpus)))
+        self.gpu_of[index] = least_busy(self.gpus.gpus, self._held(), need)
         return gpu_parameters(self.gpu_of[index])
 
 
@@ -521,12 +564,14 @@ def _submit(kind: str, folder: Path, config: dict, known: list[Outcome], todo: l
             after: list[str] = (), prerequisites: list[str] = ()) -> Submission:
     """One job per task of `todo` through `Submitter`, local ones `local_slots` at a time with `gpus`
     (`local_gpus`); those the slots leave are held back for `wait_runs` to start."""
-    slots = local_slots(kind, config, len(todo), wait, gpus.slots)
+    needs = [gpus.need(resources_of(task)) for task in todo]
+    slots = local_slots(kind, config, len(todo), wait, gpus.slots(needs))
     submitter = Submitter(kind, folder, Job(force, local_threads(kind, len(todo), slots if wait else None)), todo,
                           resources_of, after)
     submission = Submission(kind, folder, known, todo, [None] * len(todo), list(prerequisites),
-                            [submitter.parameters(index) for index in range(len(todo))], submitter, slots, gpus)
-    submission.submit(range(slots))
+                            [submitter.parameters(index) for index in range(len(todo))], submitter, slots, gpus,
+                            needs=needs if gpus.gpus else [])
+    submission.start(slots, share=not wait)
     return submission
 
 
@@ -576,7 +621,7 @@ def wait_runs(submission: Submission, progress: bool = True) -> list[Outcome]:
     # A local job's end is a poll() of its process: asked often, a held-back job takes its slot at once.
     wait_all(submission.jobs, todo, progress=progress, poll_s=0.2 if submission.kind == "local" else 2.0,
              refresh_s=10.0, on_start=started,
-             on_finish=finished, start=start, slots=submission.slots)
+             on_finish=finished, start=start, slots=submission.slots, fits=submission.fits)
     outcomes = list(submission.known) + [ended[index] for index in range(len(todo))]
     return in_spec_order(outcomes, [o.spec for o in submission.known] + todo)
 

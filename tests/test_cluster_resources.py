@@ -122,6 +122,11 @@ def test_dry_run_says_how_many_local_jobs_run_at_once_and_on_which_gpus(tmp_path
     (tmp_path / "two.yaml").write_text("gpus_per_node: 2\n")
     pairs = bench_cli(*common, "--cluster-config", str(tmp_path / "two.yaml"), env={"CUDA_VISIBLE_DEVICES": "3,4,6,7"})
     assert "(--cluster local, 2 at a time on GPUs 3, 4, 6, 7, 2 each), 0 skipped" in pairs.stdout.splitlines()[-1]
+    # A method's own gpus_per_node: its jobs take that many, the others the file's
+    (tmp_path / "mixed.yaml").write_text("gpus_per_node: 1\nmethods: {safemax: {gpus_per_node: 2}}\n")
+    mixed = bench_cli(*common, "--cluster-config", str(tmp_path / "mixed.yaml"), env={"CUDA_VISIBLE_DEVICES": "3,4,6,7"})
+    assert ("(--cluster local, up to 4 at a time on GPUs 3, 4, 6, 7, 1 each to original; 2 each to safemax), "
+            "0 skipped") in mixed.stdout.splitlines()[-1], mixed.stdout
     assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
 
 
@@ -155,11 +160,11 @@ def test_local_jobs_get_gpus_per_node_gpus_of_their_own_the_least_busy_first(tmp
     marker = str(tmp_path / "third-started")
     config, items = {"gpus_per_node": 2}, [("wait", marker), ("short", marker), ("mark", marker)]
     gpus = local_gpus("local", config, [None])
-    assert (gpus.gpus, gpus.each, gpus.slots) == ((4, 5, 6, 7), 2, 2)
+    assert (gpus.gpus, gpus.each, gpus.slots()) == ((4, 5, 6, 7), 2, 2)
     submitter = Submitter("local", tmp_path, gpus_seen, items, lambda item: config)
-    submission = Submission("local", tmp_path, [], items, [None] * 3, submitter=submitter, slots=gpus.slots, gpus=gpus,
-                            resources=[{}] * 3)
-    submission.submit(range(gpus.slots))
+    submission = Submission("local", tmp_path, [], items, [None] * 3, submitter=submitter, slots=gpus.slots(),
+                            gpus=gpus, resources=[{}] * 3)
+    submission.submit(range(gpus.slots()))
 
     def start(index: int):
         submission.submit([index])
@@ -167,3 +172,29 @@ def test_local_jobs_get_gpus_per_node_gpus_of_their_own_the_least_busy_first(tmp
 
     finished = wait_all(submission.jobs, items, progress=False, poll_s=0.2, timeout_s=120, start=start, slots=2)
     assert [job.outcome for job in finished] == ["4,5", "6,7", "6,7"], [job.outcome for job in finished]
+
+
+def test_a_job_that_takes_more_gpus_waits_until_they_are_free_and_shares_none(tmp_path, monkeypatch):
+    # Three GPUs, one to a job, two to the third job (its method's own gpus_per_node). The third waits until the short
+    # second job has ended and then takes the two GPUs nobody holds, not the first job's (which holds its GPU until
+    # the third's mark). Started with the two others at once, it got 6 and 4: GPU 4 shared with the first job.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    marker = str(tmp_path / "third-started")
+    items = [("wait", marker), ("short", marker), ("mark", marker)]
+    own = {"mark": {"gpus_per_node": 2}}
+    gpus = local_gpus("local", {}, [None])
+    needs = [gpus.need(own.get(item[0], {})) for item in items]
+    assert needs == [1, 1, 2] and gpus.slots(needs) == 3
+    submitter = Submitter("local", tmp_path, gpus_seen, items, lambda item: own.get(item[0], {}))
+    submission = Submission("local", tmp_path, [], items, [None] * 3, submitter=submitter, slots=3, gpus=gpus,
+                            resources=[{}] * 3, needs=needs)
+    submission.start(3)
+    assert submission.queued == 1  # the third does not fit beside the first two
+
+    def start(index: int):
+        submission.submit([index])
+        return submission.jobs[index]
+
+    finished = wait_all(submission.jobs, items, progress=False, poll_s=0.2, timeout_s=120, start=start, slots=3,
+                        fits=submission.fits)
+    assert [job.outcome for job in finished] == ["4", "5", "5,6"], [job.outcome for job in finished]
