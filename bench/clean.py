@@ -9,8 +9,13 @@ that is hundreds of MB per version (SA's Fisher alone is about 155 MB). In each 
   fid-reference/*.npz         of other bench code, or of a classifier no longer in the cache
   .<name>.<pid>.<hex>.tmp     a write that never finished (untouched for an hour: a writer on another node of a
                               shared cache may still be at work on a newer one)
-It keeps base models, classifiers, decoded data sets, and the preparations of a method it cannot import (a plug-in
-not named with --method-module), and says so. Everything it removes is rebuilt when a run needs it again.
+and at the cache's root:
+  datasets/digits-*.npz       the digits split of another scikit-learn version than the installed one
+  datasets/cifar10-*.npz      a decoded CIFAR-10 image folder that is gone, or whose images changed since (its name
+                              no longer matches the folder's files: another copy is decoded and kept beside it)
+It keeps base models, classifiers, the decoded data sets a run may read, and the preparations of a method it cannot
+import (a plug-in not named with --method-module), and says so. Everything it removes is rebuilt when a run needs it
+again.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from bench.cache import CheckpointError, checkpoint_id, load_file
 log = logging.getLogger(__name__)
 
 TEMPORARY = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
+DIGITS = re.compile(r"^digits-.+-scikit-learn-(?P<version>.+)\.npz$")  # bench.data.load_digits's names
+CIFAR10 = re.compile(r"^cifar10-.+-(?P<key>[0-9a-f]{16})\.npz$")  # bench.data._load_cifar_image_folder's
 UNFINISHED_AFTER_S = 3600
 
 
@@ -125,6 +132,45 @@ def _references(folder: Path, now: str, classifiers) -> list[Removal]:
     return found
 
 
+def _datasets(root: Path, kept: list[str]) -> list[Removal]:
+    """Decoded data sets in `root/datasets` that no run reads again (see the module's docstring)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from bench.data import decoded_folder, folder_key
+
+    try:
+        installed = version("scikit-learn")
+    except PackageNotFoundError:
+        installed = None
+    found = []
+    for path in sorted((root / "datasets").glob("*.npz")):
+        why = None
+        if (digits := DIGITS.match(path.name)) and installed and digits.group("version") != installed:
+            why = f"scikit-learn {digits.group('version')}'s split; {installed} is installed"
+        elif cifar := CIFAR10.match(path.name):
+            try:
+                folder = decoded_folder(path)
+            except Exception as exc:  # numpy raises zipfile, OS, key and value errors alike; a run would replace it
+                why = f"does not load ({type(exc).__name__}): a run decodes its folder again"
+            else:
+                if folder is None:
+                    kept.append(f"{path}: decoded before copies named their folder; remove it by hand if no run "
+                                "reads that folder now")
+                elif not folder.is_dir():
+                    why = f"its image folder {folder} is gone"
+                else:
+                    try:
+                        current = folder_key(folder)
+                    except ValueError as exc:
+                        why = f"its image folder {folder} is no CIFAR-10 folder now ({exc})"
+                    else:
+                        if current != cifar.group("key"):
+                            why = f"the images in {folder} changed since (a run decodes them again, as ...-{current}.npz)"
+        if why:
+            found.append(Removal(path, size_of(path), why))
+    return found
+
+
 def _unfinished(root: Path, now_s: float) -> list[Removal]:
     return [Removal(p, size_of(p), "an unfinished write") for p in sorted(root.rglob(".*.tmp"))
             if p.is_file() and TEMPORARY.match(p.name) and now_s - p.stat().st_mtime > UNFINISHED_AFTER_S]
@@ -146,7 +192,7 @@ def find(root: Path) -> tuple[list[Removal], list[str]]:
         else:
             found += _prepared(folder, base_id, memo, kept) + _samples(folder, base_id, now)
         found += _references(folder, now, classifiers)
-    return found + _unfinished(root, time.time()), kept
+    return found + _datasets(root, kept) + _unfinished(root, time.time()), kept
 
 
 def remove(removal: Removal) -> None:

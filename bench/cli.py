@@ -356,7 +356,7 @@ def _unread_cache_note(cache_dir: str | None) -> None:
         return
     if removals:
         click.echo(f"note: the cache holds {clean.total(removals)}, that this code no longer reads (made by other "
-                   f"code or models): `bench clean --cache {root} --dry-run` lists them", err=True)
+                   f"code, models or data): `bench clean --cache {root} --dry-run` lists them", err=True)
 
 
 @main.command("prepare")

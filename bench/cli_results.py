@@ -56,9 +56,10 @@ def status_cmd(out, jobs_folder, as_json, cache_dir) -> None:
 @click.option("--dry-run", is_flag=True, help="list what would be removed; remove nothing")
 def clean_cmd(cache_dir, dry_run) -> None:
     """Remove the cached files this code no longer reads: preparations, samples and FID statistics made by other
-    code or for a base model or classifier since trained again, and unfinished writes (bench/clean.py). Base models,
-    classifiers and data sets stay; whatever is removed is rebuilt when a run needs it. Run it when no sweep runs; a
-    checkout of other code sharing the cache would compute its files again."""
+    code or for a base model or classifier since trained again, decoded data sets no run reads again (another
+    scikit-learn version's, an image folder gone or changed since), and unfinished writes (bench/clean.py). Base
+    models, classifiers and the data sets a run may read stay; whatever is removed is rebuilt when a run needs it.
+    Run it when no sweep runs; a checkout of other code sharing the cache would compute its files again."""
     from bench import clean
     from bench.cache import Cache
 

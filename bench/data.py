@@ -175,6 +175,18 @@ def _listing_key(folder: Path, listing: list[list[Path]]) -> str:
     return digest.hexdigest()[:16]
 
 
+def folder_key(folder: Path) -> str:
+    """The key that `folder`'s decoded copy is named by now; ValueError where it is no CIFAR-10 image folder."""
+    return _listing_key(folder, _class_files(folder))
+
+
+def decoded_folder(path: Path) -> Path | None:
+    """The image folder that the decoded CIFAR-10 copy at `path` was made from; None for a copy kept before copies
+    named it. Raises what numpy raises for a file that does not load."""
+    with np.load(path) as stored:
+        return Path(str(stored["folder"])) if "folder" in stored.files else None
+
+
 def _read_arrays(path: Path, names: tuple[str, ...], dtype: np.dtype, image_shape: tuple[int, ...]
                  ) -> dict[str, np.ndarray] | None:
     """The arrays of a kept data set (`images` of `dtype` and `image_shape` each, as many `labels`), or None (the
@@ -231,7 +243,8 @@ def _load_cifar_image_folder(folder: Path, decoded_cache: Path | None = None) ->
     images, label_array = np.stack(arrays), np.array(labels, dtype=np.int64)
     log.info("decoded %d images from %s", len(labels), folder)
     if decoded_cache is not None:
-        _write_arrays(cached_path, images=images, labels=label_array, source=np.array(source))
+        _write_arrays(cached_path, images=images, labels=label_array, source=np.array(source),
+                      folder=np.array(str(folder.resolve())))  # what `bench clean` checks it against
     return ClassDataset(_uint8_to_tensor(images), torch.from_numpy(label_array), CIFAR10_CLASSES, source)
 
 

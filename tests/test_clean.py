@@ -92,6 +92,51 @@ def test_clean_removes_what_nothing_reads_and_a_rerun_then_skips_and_rebuilds_no
     assert "nothing to remove" in _clean("--cache", str(cache))
 
 
+def test_clean_removes_decoded_data_sets_that_no_run_reads_again(tmp_path):
+    from importlib.metadata import version
+
+    import numpy as np
+    from PIL import Image
+
+    from bench.data import CIFAR10_CLASSES, load_cifar10
+
+    def image_folder(root: Path) -> Path:
+        for shade, name in enumerate(CIFAR10_CLASSES):
+            (root / "train" / name).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (shade * 20, 0, 0)).save(root / "train" / name / "0.png")
+        return root
+
+    datasets = tmp_path / "cache" / "datasets"
+    kept, gone = image_folder(tmp_path / "kept"), image_folder(tmp_path / "gone")
+    load_cifar10("train", kept, decoded_cache=datasets)
+    (changed,) = datasets.glob("cifar10-train-*.npz")
+    load_cifar10("train", gone, decoded_cache=datasets)
+    (of_gone,) = set(datasets.glob("cifar10-train-*.npz")) - {changed}
+    shutil.rmtree(gone)
+    Image.new("RGB", (32, 32)).save(kept / "train" / "cat" / "1.png")  # a run now decodes the folder again
+    load_cifar10("train", kept, decoded_cache=datasets)
+    (current,) = set(datasets.glob("cifar10-train-*.npz")) - {changed, of_gone}
+    legacy = datasets / "cifar10-test-0123456789abcdef.npz"  # kept before copies named their folder
+    np.savez(legacy, images=np.zeros((1, 32, 32, 3), np.uint8), labels=np.zeros(1, np.int64), source=np.array("x"))
+    installed = version("scikit-learn")
+    old_digits = datasets / "digits-train-0.2-scikit-learn-0.0.1.npz"
+    digits = datasets / f"digits-train-0.2-scikit-learn-{installed}.npz"
+    for path in (old_digits, digits):
+        path.write_bytes(b"judged by its name")
+
+    listed = _clean("--cache", str(tmp_path / "cache"), "--dry-run")
+    assert f"  {changed}  (the images in {kept / 'train'} changed since (a run decodes them again, as " in listed
+    assert f"  {of_gone}  (its image folder {gone / 'train'} is gone)" in listed
+    assert f"  {old_digits}  (scikit-learn 0.0.1's split; {installed} is installed)" in listed
+    assert f"kept: {legacy}: decoded before copies named their folder" in listed
+    assert f"  {current}  " not in listed and f"  {digits}  " not in listed
+    assert "would remove 3 file(s) or folder(s)" in listed
+    assert "removed 3 file(s)" in _clean("--cache", str(tmp_path / "cache"))
+    assert set(datasets.iterdir()) == {current, legacy, digits}
+    again = load_cifar10("train", kept, decoded_cache=datasets)  # the current copy is read, nothing decoded
+    assert set(datasets.iterdir()) == {current, legacy, digits} and len(again) == 11
+
+
 def test_clean_of_a_missing_cache_fails_naming_it(tmp_path):
     result = CliRunner().invoke(main, ["clean", "--cache", str(tmp_path / "nowhere")])
     assert result.exit_code != 0 and f"cache folder {tmp_path / 'nowhere'} does not exist" in result.output
