@@ -91,8 +91,9 @@ UNETS: dict[str, UNetConfig] = {
                          norm_groups=8),
     # 28x28 Fashion-MNIST: (28, 14, 7) with attention at 14x14.
     "fashion": UNetConfig(image_size=28, in_channels=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(14,)),
-    # Smallest model that exercises every code path; tests only.
-    "tiny": UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)),
+    # Smallest model that exercises every code path (two levels, attention at 4x4, group norm); tests only.
+    "tiny": UNetConfig(image_size=8, in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                       norm_groups=8),
 }
 
 
@@ -439,7 +440,7 @@ PRESETS: dict[str, Preset] = {
         checkpoint_every=10,
         classifier=ClassifierConfig(arch="flat_cnn", epochs=1, batch_size=64, lr=2e-3, head="cosine", mixup=1.0),
         protocols={
-            "paper": Protocol("paper", sampler_steps=5, eta=1.0, forget_samples=20,
+            "paper": Protocol("paper", sampler_steps=2, eta=1.0, forget_samples=20,
                               retain_samples_per_class=10, fid_features="classifier", batch_size=100,
                               noise_samples=50),
         },
@@ -452,6 +453,28 @@ PRESETS: dict[str, Preset] = {
 
 
 BUILTIN_PRESETS: dict[str, Preset] = dict(PRESETS)  # before any preset file registers its own
+
+# The model, data and sampler every pinned value is computed on (`bench.perf.probe`: tests/test_pinned_numerics.py,
+# and a plug-in's own pins, docs/your-method.md): the tiny preset as it was when the values were pinned, a 775,681-
+# parameter UNet and a 5-step sampler (SA's priors). Spelled out and frozen, so that making the smoke preset smaller
+# or faster moves no pinned value: only a change of a method does. Not a preset a run can name.
+PINNED_PRESET = Preset(
+    name="pinned",
+    description="the tiny preset as the pinned numerics were computed on it (frozen; bench.perf.probe)",
+    dataset="digits",
+    unet=UNetConfig(image_size=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,)),
+    pretrain=TrainConfig(iterations=30, batch_size=32, lr=1e-3, ema=True, ema_decay=0.9, hflip="none"),
+    checkpoint_every=10,
+    classifier=ClassifierConfig(arch="flat_cnn", epochs=1, batch_size=64, lr=2e-3, head="cosine", mixup=1.0),
+    protocols={
+        "paper": Protocol("paper", sampler_steps=5, eta=1.0, forget_samples=20, retain_samples_per_class=10,
+                          fid_features="classifier", batch_size=100, noise_samples=50),
+    },
+    iteration_scale=0.003,
+    unlearn_batch_size=16,
+    method_defaults={"sa": {"iterations": 3, "prior_samples_per_class": 4, "fim_timesteps": 4},
+                     "salun": {"mask_batch_size": 64}},
+)
 
 
 def get_preset(name: str) -> Preset:

@@ -27,7 +27,7 @@ import torch
 
 from bench import records
 from bench.classifier import build_classifier, predict
-from bench.config import Preset, get_preset
+from bench.config import PINNED_PRESET, Preset, get_preset
 from bench.data import ClassDataset
 from bench.device import (
     PLAIN,
@@ -357,16 +357,18 @@ def guarded(workload: str, variant: str, fn: Callable[..., dict], *args) -> dict
         return error_row(workload, variant, exc)
 
 
-def probe(method: str, preset: str = "tiny", steps: int = 2, seed: int = 0) -> dict:
+def probe(method: str, preset: str | Preset = PINNED_PRESET, steps: int = 2, seed: int = 0) -> dict:
     """The first `steps` training steps of `method` on seeded random weights and data, through its real
-    preparation, batches, update and the runner (clipping, mask, Adam, EMA), on the CPU in fp32.
+    preparation, batches, update and the runner (clipping, mask, Adam, EMA), on the CPU in fp32; on the frozen
+    model of the pinned values (`bench.config.PINNED_PRESET`) unless `preset` names another.
 
     Returns `losses` (each step's loss terms, `grad_norm` the gradient's norm before clipping) and `prepared`
     (per Fisher or mask tensor of its preparation: its sum and its count of non-zero entries). The pinned-numerics
     tests compare these with values written in the tests.
     """
-    options = PerfOptions.for_preset(preset, methods=(method,), seed=seed, device="cpu")
-    bench = Bench(get_preset(preset), options, torch.device("cpu"))
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    options = PerfOptions.for_preset(preset.name, methods=(method,), seed=seed, device="cpu")
+    bench = Bench(preset, options, torch.device("cpu"))
     cls = get_method(method)
     config = dataclasses.replace(cls.Config(), **{**cls.preset_defaults(bench.preset), "iterations": steps})
     runner = cls(config, bench.context())

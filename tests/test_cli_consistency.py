@@ -77,6 +77,6 @@ def test_ls_preset_prints_the_resolved_preset_and_protocols(bench_cli):
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("# preset tiny (resolved)")
     assert "\nunet:\n" in shown.stdout and "iteration_scale:" in shown.stdout
-    assert "# protocol paper (default)" in shown.stdout and "sampler_steps: 5" in shown.stdout
+    assert "# protocol paper (default)" in shown.stdout and "sampler_steps: 2" in shown.stdout
     unknown = bench_cli("ls", "--preset", "nope")
     assert unknown.returncode != 0 and "nope" in unknown.stderr and "Traceback" not in unknown.stderr

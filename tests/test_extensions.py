@@ -117,9 +117,9 @@ def test_a_preset_file_is_checked_like_a_built_in_preset(scratch, bench_cli):
     """))
     result = bench_cli("--preset-file", str(bad), "ls")
     assert result.returncode != 0 and "pretrain" in result.stderr and "lr must be > 0" in result.stderr
-    bad.write_text("name: odd\nbase: tiny\nunet: {ch: 48}\n")
+    bad.write_text("name: odd\nbase: tiny\nunet: {ch: 12}\n")
     odd = bench_cli("--preset-file", str(bad), "ls")
-    assert odd.returncode != 0 and "unet.norm_groups (32) must divide" in odd.stderr
+    assert odd.returncode != 0 and "unet.norm_groups (8) must divide" in odd.stderr
     bad.write_text("name: tiny\nbase: digits\n")
     clash = bench_cli("--preset-file", str(bad), "ls")
     assert clash.returncode != 0 and "built-in preset" in clash.stderr

@@ -220,8 +220,9 @@ def test_a_broken_data_set_fails_naming_the_file(tmp_path, command, preset, kind
 @pytest.mark.slow
 def test_divergence_on_the_last_step_leaves_a_failure_that_status_shows(tmp_path, tiny_cache):
     out = tmp_path / "results"  # run without --cluster: status reads the run folders themselves
+    # lr 1000: one step breaks the weights, so that the samples are not finite
     result = _invoke("run", *TINY, "--methods", "safemax", "--classes", "0", "--set", "safemax.iterations=1",
-                     "--set", "safemax.lr=10", "--cache", tiny_cache, "--out", out)
+                     "--set", "safemax.lr=1000", "--cache", tiny_cache, "--out", out)
     assert result.exit_code == 1 and "NonFinite" in result.output, result.output
     assert list(out.rglob(records.RECORD_NAME)) == []  # was: a "done" record with UA 100%
     (failure,) = out.rglob(records.FAILURE_NAME)

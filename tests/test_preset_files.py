@@ -51,7 +51,7 @@ def _records(tmp_path: Path) -> list[dict]:
     ("checkpoint_every: 0", "checkpoint_every must be >= 1, got 0"),
     ("unlearn_batch_size: 2.5", "unlearn_batch_size must be an integer"),
     ("protocols: {paper: {sampler_steps: 0}}", "protocols.paper.sampler_steps must be >= 1"),
-    ("diffusion: {timesteps: 4}", "protocols.paper.sampler_steps (5) must be <= diffusion.timesteps (4)"),
+    ("diffusion: {timesteps: 1}", "protocols.paper.sampler_steps (2) must be <= diffusion.timesteps (1)"),
     ("min_classifier_accuracy: 2", "min_classifier_accuracy must be <= 1"),
 ])
 def test_a_bad_field_is_named_before_any_work(tmp_path, text, message):

@@ -161,7 +161,10 @@ def test_same_job_path_without_slurm(kind, tmp_path):
 
 # -- bench run on the cluster -------------------------------------------------------------------------------------
 SLURM = ("--cluster", "slurm", "--cluster-config", "local")
-RETRAIN = ("--preset", "tiny", "--methods", "retrain", "--classes", "0", "--set", "retrain.iterations=120",
+# A run long enough that a signal sent at its first checkpoint (step 10) lands before its end: ~2x the steps a
+# tiny retrain takes to write its first checkpoint, start up and be signalled through SLURM, on a loaded 2-core CPU.
+LONG = 300
+RETRAIN = ("--preset", "tiny", "--methods", "retrain", "--classes", "0", "--set", f"retrain.iterations={LONG}",
            "--no-progress")
 
 
@@ -259,7 +262,7 @@ def test_bench_sbatch_runs_the_orchestrator_that_fans_out(slurm_cluster, tiny_ca
 def test_sigkilled_run_leaves_no_record_and_the_rerun_resumes_it(slurm_cluster, tiny_cache, bench_cli, tmp_path):
     out = tmp_path / "results"
     args = ("run", *RETRAIN, "--cache", tiny_cache, "--out", str(out), *SLURM)
-    run_dir = out / "tiny" / "paper" / "retrain" / "iterations=120" / "class0" / "seed0"
+    run_dir = out / "tiny" / "paper" / "retrain" / f"iterations={LONG}" / "class0" / "seed0"
     watcher = RecordWatcher(run_dir / records.RECORD_NAME)
     first = subprocess.Popen([sys.executable, "-m", "bench.cli", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, cwd=REPO)
@@ -267,7 +270,7 @@ def test_sigkilled_run_leaves_no_record_and_the_rerun_resumes_it(slurm_cluster, 
     (killed,) = [run["job_id"] for run in manifests(out)[0]["runs"]]
     slurm_cluster.run("scancel", "--signal=KILL", killed)
     _, stderr = first.communicate(timeout=WAIT_S)
-    assert first.returncode == 1 and "FAILED retrain [iterations=120] class 0 seed 0" in stderr, stderr
+    assert first.returncode == 1 and f"FAILED retrain [iterations={LONG}] class 0 seed 0" in stderr, stderr
     assert not (run_dir / records.RECORD_NAME).exists()
 
     second = bench_cli(*args)
@@ -275,10 +278,10 @@ def test_sigkilled_run_leaves_no_record_and_the_rerun_resumes_it(slurm_cluster, 
     assert second.returncode == 0, second.stdout + second.stderr
     assert seen == ["absent", "whole"]  # never half a record, and none before the run completed
     timings = records.read_record(run_dir / records.RECORD_NAME)["timings"]
-    assert timings["iterations"] == 120 and timings["resumed_from_step"] >= 10, timings
+    assert timings["iterations"] == LONG and timings["resumed_from_step"] >= 10, timings
     (resumed,) = [run["job_id"] for run in manifests(out)[1]["runs"]]
     text = job_log(out, resumed).read_text()
-    assert "taking over abandoned claim" in text and "resuming retrain [iterations=120] class 0 seed 0" in text
+    assert "taking over abandoned claim" in text and f"resuming retrain [iterations={LONG}] class 0 seed 0" in text
     assert not (run_dir / "partial.pt").exists() and not (run_dir / claims.CLAIM_NAME).exists()
 
 
@@ -306,7 +309,7 @@ def test_preempted_long_run_is_requeued_and_resumes_from_its_checkpoint(slurm_cl
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     assert f"bench status --results {out}" in submitted.stdout
     (job_id,) = [run["job_id"] for run in manifests(out)[0]["runs"]]
-    run_dir = out / "tiny" / "paper" / "retrain" / "iterations=120" / "class0" / "seed0"
+    run_dir = out / "tiny" / "paper" / "retrain" / f"iterations={LONG}" / "class0" / "seed0"
     wait_for((run_dir / "partial.pt").exists, WAIT_S, "the run's first checkpoint")
     running = CliRunner().invoke(main, ["status", "--out", str(out)])
     assert "0 done, 0 stale, 1 running" in running.output, running.output
@@ -319,9 +322,9 @@ def test_preempted_long_run_is_requeued_and_resumes_from_its_checkpoint(slurm_cl
     # credential revoked". The scheduling loop that then starts it runs every second here (sched_interval=1).
     assert finished_state(slurm_cluster, job_id) == "COMPLETED"
     timings = records.read_record(run_dir / records.RECORD_NAME)["timings"]
-    assert timings["iterations"] == 120 and timings["resumed_from_step"] >= 10, timings
+    assert timings["iterations"] == LONG and timings["resumed_from_step"] >= 10, timings
     text = job_log(out, job_id).read_text()
-    assert "checkpoint: requeueing" in text and "resuming retrain [iterations=120] class 0 seed 0" in text
+    assert "checkpoint: requeueing" in text and f"resuming retrain [iterations={LONG}] class 0 seed 0" in text
     done = CliRunner().invoke(main, ["status", "--out", str(out)])
     assert "1 done, 0 stale, 0 running, 0 failed, 0 missing" in done.output, done.output
 
