@@ -88,6 +88,8 @@ def clean_cmd(cache_dir, dry_run) -> None:
               help="deprecated name of --report-dir (in `bench run`, --out is the results folder)")
 @data_root_option
 @click.option("--no-figure1", is_flag=True, help="skip Figure 1 (latent entropy against t), which reads the data set")
+@click.option("--no-figures", is_flag=True,
+              help="draw no figure (Figure 1 neither): the tables, runs.csv and the page, in a fraction of the time")
 @click.option("--methods", "methods_spec", default=None,
               help="comma-separated methods to show, in the tables' order (e.g. sa,salun,safemax), with a missing-run "
                    "command for those without records [default: the methods that have records]")
@@ -99,7 +101,7 @@ def clean_cmd(cache_dir, dry_run) -> None:
 @click.option("--allow-mixed", is_flag=True,
               help="report records of one preset made from different base models or classifiers together (the page "
                    "says so) instead of refusing")
-def report_cmd(results, out, old_out, data_root, no_figure1, methods_spec, classes_spec, reference,
+def report_cmd(results, out, old_out, data_root, no_figure1, no_figures, methods_spec, classes_spec, reference,
                allow_mixed) -> None:
     """Tables (Markdown, CSV, LaTeX), figures, runs.csv/runs.jsonl and one self-contained report.html from the
     records (and attack files) under --results, written to --report-dir; --methods/--classes choose the tables'
@@ -123,7 +125,8 @@ def report_cmd(results, out, old_out, data_root, no_figure1, methods_spec, class
     extensions = (click.get_current_context().obj or {}).get("extensions", ())
     try:
         written = build_report(results, out, data_root=data_root, figure1=not no_figure1, methods=methods,
-                               classes=classes, reference=reference, extensions=extensions, allow_mixed=allow_mixed)
+                               classes=classes, reference=reference, extensions=extensions, allow_mixed=allow_mixed,
+                               figures=not no_figures)
     except ValueError as exc:  # reports.mixing.MixedModels: the message lists the models and the fix
         fail(str(exc))
     except OSError as exc:

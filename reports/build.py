@@ -69,33 +69,39 @@ def _section_figures(runs: pd.DataFrame, grid: Grid) -> list[figs.Figure]:
 
 
 def _write(tables: list[Table], figures: list[figs.Figure], folder: Path, label: str,
-           written: dict[str, Path]) -> list[FigureEntry]:
-    """Tables under folder/tables, figures under folder/figures; returns the page's figure entries."""
+           written: dict[str, Path], draw: bool = True) -> list[FigureEntry]:
+    """Tables under folder/tables, figures under folder/figures (`draw`: else closed unsaved); returns the page's
+    figure entries."""
     for table in tables:
         _add(written, write_table(table, folder / "tables", f"{label}-{table.name}"))
     entries = []
     for figure in figures:
+        if not draw:
+            figs.discard(figure)
+            continue
         entries.append(FigureEntry(figure.title, figure.caption, folder / "figures" / f"{figure.name}.png"))
         _add(written, figs.save(figure, folder / "figures"))
     return entries
 
 
 def _robustness(attacks: pd.DataFrame, runs: pd.DataFrame, grid: Grid, folder: Path, label: str,
-                written: dict[str, Path]) -> Subsection:
+                written: dict[str, Path], draw: bool = True) -> Subsection:
     tables = robustness.robustness_tables(attacks, grid)
-    entries = _write(tables, robustness.robustness_figures(attacks, grid, runs), folder, label, written)
+    figures = robustness.robustness_figures(attacks, grid, runs) if draw else []
+    entries = _write(tables, figures, folder, label, written)
     counts = attacks.groupby("attack")["method"].agg(lambda m: ", ".join(method_label(x) for x in sorted(set(m))))
     lines = [f"{len(attacks)} attack file(s) (<run folder>/attacks/<attack>/<variant>/attack.json): "
              + "; ".join(f"{attack} on {methods}" for attack, methods in counts.items()) + "."]
     return Subsection("robustness", "Robustness", lines, tables, entries)
 
 
-def _budget(runs: pd.DataFrame, grid: Grid, folder: Path, label: str, written: dict[str, Path]) -> Subsection | None:
+def _budget(runs: pd.DataFrame, grid: Grid, folder: Path, label: str, written: dict[str, Path],
+            draw: bool = True) -> Subsection | None:
     """Budget curves and the matched-compute table, where the records hold a sweep of a numeric field (issue 25)."""
     tables, figures = budget_outputs(runs, grid)
     if not figures:
         return None
-    entries = _write(tables, figures, folder, label, written)
+    entries = _write(tables, figures, folder, label, written, draw)
     lines = ["Runs that differ in one numeric hyperparameter (a `--set METHOD.FIELD=a,b,c` sweep, such as "
              "scripts/budget_study.py's budgets): their metrics against the swept value or the FLOPs it cost."]
     return Subsection("budget", "Budget curves", lines, tables, entries)
@@ -104,12 +110,12 @@ def _budget(runs: pd.DataFrame, grid: Grid, folder: Path, label: str, written: d
 def _section(runs: pd.DataFrame, records: list[dict], attacks: pd.DataFrame, preset: str, protocol: str,
              results_dir: str, data_root: str | None, out: Path, written: dict[str, Path],
              methods: list[str] | None, classes: list[int] | None, reference: str | None = None,
-             extensions: tuple[str, ...] = ()) -> Section:
+             extensions: tuple[str, ...] = (), draw: bool = True) -> Section:
     folder = out / preset / protocol
     made_with = [item for r in records for item in (r.get("provenance") or {}).get("extensions") or ()]
     grid = make_grid(runs, preset, protocol, results_dir, data_root, methods, classes, (*made_with, *extensions))
     tables = build_tables(runs, grid, reference)
-    entries = _write(tables, _section_figures(runs, grid), folder, f"{preset}-{protocol}", written)
+    entries = _write(tables, _section_figures(runs, grid) if draw else [], folder, f"{preset}-{protocol}", written)
     commands = list(dict.fromkeys(c for table in tables for c in table.commands))
     if commands:
         script = folder / "missing_runs.sh"
@@ -117,11 +123,11 @@ def _section(runs: pd.DataFrame, records: list[dict], attacks: pd.DataFrame, pre
                           + "\n".join(commands) + "\n")
         _add(written, {"script": script})
     section = Section(preset, protocol, tables, entries, runs, commands, _facts(runs, records))
-    budget = _budget(runs, grid, folder, f"{preset}-{protocol}", written)
+    budget = _budget(runs, grid, folder, f"{preset}-{protocol}", written, draw)
     if budget is not None:
         section.subsections.append(budget)
     if len(attacks):
-        section.subsections.append(_robustness(attacks, runs, grid, folder, f"{preset}-{protocol}", written))
+        section.subsections.append(_robustness(attacks, runs, grid, folder, f"{preset}-{protocol}", written, draw))
     return section
 
 
@@ -200,12 +206,13 @@ def _mixed_devices(records: list[dict]) -> list[str]:
 def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str | Path | None = None,
                  figure1: bool = True, figure1_points: int = 40, methods: list[str] | None = None,
                  classes: list[int] | None = None, reference: str | None = None,
-                 extensions: tuple[str, ...] = (), allow_mixed: bool = False) -> dict[str, Path]:
+                 extensions: tuple[str, ...] = (), allow_mixed: bool = False, figures: bool = True) -> dict[str, Path]:
     """Read every record (and attack file) under `results_dir`; write tables, figures, runs.csv/.jsonl and
     report.html under `out_dir`.
 
     Returns {path relative to out_dir: absolute path} of everything written; `report.html` is the page.
-    `data_root` is the CIFAR-10 root that Figure 1 (and the fill-in commands) need for preset cifar10.
+    `data_root` is the CIFAR-10 root that Figure 1 (and the fill-in commands) need for preset cifar10. `figures`:
+    False draws none (Figure 1 neither): the tables and the page in a fraction of the time.
     `methods` and `classes` keep only those runs and show those columns and rows (default: those with records).
     `reference`: the method paired differences subtract (default: SAFEMax where it has records, else the first
     method). `extensions` (`bench.extensions` items) join those the records were made with in the fill-in commands.
@@ -243,8 +250,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str
         chosen = [r for r in records if r["preset"] == preset and (r.get("protocol") or {}).get("name") == protocol]
         attacked = attacks[(attacks["preset"] == preset) & (attacks["protocol"] == protocol)] if len(attacks) else attacks
         sections.append(_section(runs.reset_index(drop=True), chosen, attacked, preset, protocol, results, data_root,
-                                 out, written, methods, classes, reference, extensions))
-        if figure1 and preset not in preset_figures:
+                                 out, written, methods, classes, reference, extensions, figures))
+        if figure1 and figures and preset not in preset_figures:
             preset_figures[preset] = _figure1(preset, out, data_root, written, notes, figure1_points)
     shown = {(s.preset, s.protocol) for s in sections}
     orphans = {key for key in zip(attacks.get("preset", []), attacks.get("protocol", [])) if key not in shown}
@@ -257,6 +264,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path, *, data_root: str
              "beside this page, one folder per preset and protocol."]
     intro += [f"Preset {html.escape(preset)} mixes base models or classifiers, shown together as asked "
               f"(--allow-mixed): {html.escape(describe(counts))}." for preset, counts in mixed.items()]
+    if not figures:
+        intro.append("Figures not drawn (--no-figures): the tables only.")
     if methods or classes is not None:
         intro.append(f"Filtered: methods {', '.join(methods) if methods else 'all'}; classes "
                      f"{', '.join(map(str, classes)) if classes is not None else 'all'}.")

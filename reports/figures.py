@@ -41,6 +41,12 @@ class Figure:
     figure: matplotlib.figure.Figure
 
 
+def discard(fig: Figure) -> None:
+    """Close a figure unsaved (the budget curves under `bench report --no-figures`, which say whether a sweep is
+    there)."""
+    plt.close(fig.figure)
+
+
 def save(fig: Figure, folder: Path) -> dict[str, Path]:
     """Write `<name>.png` (150 dpi) and `<name>.pdf`; closes the figure."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def test_report_reads_results_and_writes_report_dir(results, bench_cli):
     assert made.returncode == 0, made.stderr
     assert (out / "report.html").is_file() and "deprecated" not in made.stderr
     old = bench_cli("report", "--results", str(results["results"]), "--out", str(results["root"] / "old"),
-                    "--no-figure1")
+                    "--no-figures")  # the old name of --report-dir: where the page goes, figures or not
     assert old.returncode == 0, old.stderr
     assert "--out is deprecated here" in old.stderr and "use --report-dir" in old.stderr
     assert (results["root"] / "old" / "report.html").is_file()

@@ -88,11 +88,12 @@ def test_tables_show_the_methods_and_classes_that_have_records(folder, bench_cli
     assert "SA H" not in header and "SalUn" not in header and "| toy" not in header
     rows = [line.split("|")[1].strip() for line in table1.splitlines() if re.match(r"\| \d", line)]
     assert rows == ["0", "1"]  # not classes 2-9 of the preset
+    assert list((tables.parent / "figures").glob("*.png")) and list((tables.parent / "figures").glob("*.pdf"))
 
 
 @pytest.mark.slow
 def test_missing_run_commands_carry_the_method_module_and_run_as_pasted(folder, bench_cli):
-    result, tables = _report(bench_cli, folder, "commands")
+    result, tables = _report(bench_cli, folder, "commands", "--no-figures")
     assert result.returncode == 0, result.stderr
     script = (tables.parent / "missing_runs.sh").read_text()
     command = next(line for line in script.splitlines() if line.startswith("bench "))
@@ -106,15 +107,18 @@ def test_missing_run_commands_carry_the_method_module_and_run_as_pasted(folder, 
 
 @pytest.mark.slow
 def test_reference_picks_the_paired_baseline(folder, bench_cli):
-    result, tables = _report(bench_cli, folder, "default-ref")
+    # --no-figures: the tables and the page, no figure (the other tests here draw them)
+    result, tables = _report(bench_cli, folder, "default-ref", "--no-figures")
     assert result.returncode == 0, result.stderr
     assert (tables / "paired.md").read_text().startswith("**Differences to SAFEMax.**")
-    result, tables = _report(bench_cli, folder, "original-ref", "--reference", "original")
+    assert not (tables.parent / "figures").exists() and not list(tables.parents[2].rglob("*.png"))
+    assert "Figures not drawn (--no-figures)" in (tables.parents[2] / "report.html").read_text()
+    result, tables = _report(bench_cli, folder, "original-ref", "--reference", "original", "--no-figures")
     assert result.returncode == 0, result.stderr
     paired = (tables / "paired.md").read_text()
     assert paired.startswith("**Differences to Original.**") and "| SAFEMax: all classes |" in paired
     # without SAFEMax in the report, the first method is the reference
-    result, tables = _report(bench_cli, folder, "no-safemax", "--methods", "original,toy")
+    result, tables = _report(bench_cli, folder, "no-safemax", "--methods", "original,toy", "--no-figures")
     assert result.returncode == 0, result.stderr
     assert (tables / "paired.md").read_text().startswith("**Differences to Original.**")
     result, _ = _report(bench_cli, folder, "bad-ref", "--reference", "sa")
