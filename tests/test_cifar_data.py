@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10, ImageFolder
 
+from bench import data
 from bench.data import CIFAR10_CLASSES, load_cifar10, load_dataset, load_digits
 
 PER_CLASS = 2
@@ -70,6 +71,10 @@ def test_an_image_folder_is_decoded_once_and_read_back_until_a_file_changes(jpeg
     caplog.set_level("INFO", logger="bench.data")
     first = load_cifar10("train", root, decoded_cache=decoded)
     [kept] = decoded.glob("cifar10-train-*.npz")
+    # Asked again in the same process (a run's checks, prerequisites and run each ask): the same images, not read
+    caplog.clear()
+    assert load_cifar10("train", root, decoded_cache=decoded) is first and "decoded" not in caplog.text
+    data._loaded.clear()  # as in a new process: read back from the kept file
     again = load_cifar10("train", root, decoded_cache=decoded)
     assert f"read 20 decoded images of {root / 'train'} from {kept}" in caplog.text
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
@@ -82,9 +87,10 @@ def test_an_image_folder_is_decoded_once_and_read_back_until_a_file_changes(jpeg
     [newer] = set(decoded.glob("cifar10-train-*.npz")) - {kept}
     assert changed.images[8 * PER_CLASS, 0].mean() > 0.9 and not torch.equal(changed.images, first.images)
 
-    # A corrupt decoded file is named, decoded again and replaced.
+    # A corrupt decoded file is named, decoded again and replaced (by the next process).
     newer.write_bytes(b"not an npz")
     caplog.clear()
+    data._loaded.clear()
     reread = load_cifar10("train", root, decoded_cache=decoded)
     assert f"decoded data set {newer} does not load" in caplog.text
     assert torch.equal(reread.images, changed.images)
