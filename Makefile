@@ -55,12 +55,12 @@ report: install
 	$(BIN)/bench report --results results --report-dir results/report
 
 test: install system-packages
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # The edit-test loop: every test but those marked slow (4 s or more in `make test`: the end-to-end runs, SLURM, worker
 # pools, reports), ~430 of ~500 in about 2 minutes on 2 cores. `make test` (and CI) still runs them all.
 test-quick: install system-packages
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 lint: install
 	$(BIN)/ruff check bench methods reports tests scripts

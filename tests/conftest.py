@@ -125,8 +125,24 @@ def debug_sweep(tmp_path_factory, tiny_cache) -> Path:
     return out
 
 
+# Files in the order `make test` hands them to its workers (--dist loadfile --no-loadscope-reorder): the longest
+# first, measured (`--durations=0`, docs/benchmarks/README.md), then the rest, each a few seconds, fill in behind.
+# xdist's own order (most tests first) left a long file for the end: one worker ran it ~25 s after the other had
+# finished. A file missing here only runs later; the order changes no result.
+LONGEST_FIRST = (
+    "test_slurm_cluster.py", "test_cifar10_preset.py", "test_orchestrate.py", "test_faults.py",
+    "test_budget_report.py", "test_report_reference.py", "test_extensions.py", "test_faults_orchestration.py",
+    "test_workers.py", "test_reports.py", "test_fashion_data.py", "test_staleness.py", "test_cli_consistency.py",
+    "test_classifier.py", "test_cluster_resources.py", "test_your_method_doc.py", "test_flops.py",
+    "test_report_stats.py", "test_perf.py", "test_pinned_numerics.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: they run on a GPU machine and are skipped (with the reason) elsewhere."""
+    """The longest files first (`LONGEST_FIRST`; a stable sort, so each file's tests keep their order). Tests marked
+    `gpu` need CUDA: they run on a GPU machine and are skipped (with the reason) elsewhere."""
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none here); `make gpu-check` and these run on one")
