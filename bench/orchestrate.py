@@ -241,9 +241,8 @@ class LocalGpus(typing.NamedTuple):
     def slots(self, needs: typing.Iterable[int] = ()) -> int:
         """How many jobs the GPUs hold at once, at most (those that take the fewest of them, where jobs take different
         numbers: `needs`); 0: they set no limit (none, or every job sees all of them)."""
-        if self.all or not self.gpus:
-            return 0
-        return len(self.gpus) // min((need for need in needs if need), default=self.each)
+        least = min((need for need in needs if need), default=self.each)
+        return 0 if self.all or not self.gpus or not least else len(self.gpus) // least
 
     def first_job(self) -> dict:
         """submitit's parameters for a job that takes the first share (the prerequisites job); {} without GPUs."""
@@ -255,6 +254,8 @@ class LocalGpus(typing.NamedTuple):
         if not self.gpus:
             return ""
         counts, share = set((needs or {}).values()) or {self.each}, ""
+        if counts == {0}:  # no job takes one
+            return ""
 
         def each(count: int) -> str:
             return f"{count} each" if count else "none"
@@ -275,9 +276,11 @@ def local_gpus(kind: str, config: dict, devices: typing.Iterable[str | None]) ->
     (CUDA_VISIBLE_DEVICES's indices, else 0..n-1). Without them submitit hides every GPU from its local jobs (its
     gpus_per_node default of 0 sets CUDA_VISIBLE_DEVICES=''), and a machine's GPUs went unused; with the cluster
     file's gpus_per_node alone it gives every job the first n. None for other kinds, for a cluster file's
-    `gpus_per_node: 0` (its jobs see no GPU) and where every run is on the CPU."""
+    `gpus_per_node: 0` where no method under `methods:` asks for GPUs of its own (its jobs see no GPU), and where
+    every run is on the CPU."""
     each = config.get("gpus_per_node")
-    if kind != "local" or each == 0:
+    own = [group.get("gpus_per_node") for group in (config.get("methods") or {}).values() if isinstance(group, dict)]
+    if kind != "local" or (each == 0 and not any(own)):
         return LocalGpus()
     devices = set(devices)
     named = any(map(names_its_gpu, devices))  # submitit hides what a job is not given: give it all
@@ -290,7 +293,7 @@ def local_gpus(kind: str, config: dict, devices: typing.Iterable[str | None]) ->
     if gpus and not named and (each or 1) > len(gpus):
         log.warning("the cluster file gives each job %d GPUs (gpus_per_node) and bench run sees %d: each local job "
                     "gets all %d, one job at a time", each, len(gpus), len(gpus))
-    return LocalGpus(gpus, named, min(each or 1, len(gpus)) if gpus else 1)
+    return LocalGpus(gpus, named, min(1 if each is None else each, len(gpus)) if gpus else 1)
 
 
 def local_slots(kind: str, config: dict, jobs: int, wait: bool = True, gpus: int = 0) -> int:

@@ -127,6 +127,11 @@ def test_dry_run_says_how_many_local_jobs_run_at_once_and_on_which_gpus(tmp_path
     mixed = bench_cli(*common, "--cluster-config", str(tmp_path / "mixed.yaml"), env={"CUDA_VISIBLE_DEVICES": "3,4,6,7"})
     assert ("(--cluster local, up to 4 at a time on GPUs 3, 4, 6, 7, 1 each to original; 2 each to safemax), "
             "0 skipped") in mixed.stdout.splitlines()[-1], mixed.stdout
+    # No GPU to a job but to one method's: those jobs take theirs, the others see none (the method's were ignored)
+    (tmp_path / "one.yaml").write_text("gpus_per_node: 0\nmethods: {safemax: {gpus_per_node: 2}}\n")
+    one = bench_cli(*common, "--cluster-config", str(tmp_path / "one.yaml"), env={"CUDA_VISIBLE_DEVICES": "3,4,6,7"})
+    assert ("(--cluster local, up to 2 at a time on GPUs 3, 4, 6, 7, none to original; 2 each to safemax), "
+            "0 skipped") in one.stdout.splitlines()[-1], one.stdout
     assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
 
 
