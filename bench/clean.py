@@ -136,8 +136,6 @@ def _datasets(root: Path, kept: list[str]) -> list[Removal]:
     """Decoded data sets in `root/datasets` that no run reads again (see the module's docstring)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from bench.data import decoded_folder, folder_key
-
     try:
         installed = version("scikit-learn")
     except PackageNotFoundError:
@@ -148,27 +146,33 @@ def _datasets(root: Path, kept: list[str]) -> list[Removal]:
         if (digits := DIGITS.match(path.name)) and installed and digits.group("version") != installed:
             why = f"scikit-learn {digits.group('version')}'s split; {installed} is installed"
         elif cifar := CIFAR10.match(path.name):
-            try:
-                folder = decoded_folder(path)
-            except Exception as exc:  # numpy raises zipfile, OS, key and value errors alike; a run would replace it
-                why = f"does not load ({type(exc).__name__}): a run decodes its folder again"
-            else:
-                if folder is None:
-                    kept.append(f"{path}: decoded before copies named their folder; remove it by hand if no run "
-                                "reads that folder now")
-                elif not folder.is_dir():
-                    why = f"its image folder {folder} is gone"
-                else:
-                    try:
-                        current = folder_key(folder)
-                    except ValueError as exc:
-                        why = f"its image folder {folder} is no CIFAR-10 folder now ({exc})"
-                    else:
-                        if current != cifar.group("key"):
-                            why = f"the images in {folder} changed since (a run decodes them again, as ...-{current}.npz)"
+            why = _unread_cifar_copy(path, cifar.group("key"), kept)
         if why:
             found.append(Removal(path, size_of(path), why))
     return found
+
+
+def _unread_cifar_copy(path: Path, key: str, kept: list[str]) -> str | None:
+    """Why no run reads the decoded CIFAR-10 copy at `path` (named by `key`) again; None if one may."""
+    from bench.data import decoded_folder, folder_key
+
+    try:
+        folder = decoded_folder(path)
+    except Exception as exc:  # numpy raises zipfile, OS, key and value errors alike; a run would replace it
+        return f"does not load ({type(exc).__name__}): a run decodes its folder again"
+    if folder is None:
+        kept.append(f"{path}: decoded before copies named their folder; remove it by hand if no run reads that "
+                    "folder now")
+        return None
+    if not folder.is_dir():
+        return f"its image folder {folder} is gone"
+    try:
+        current = folder_key(folder)
+    except ValueError as exc:
+        return f"its image folder {folder} is no CIFAR-10 folder now ({exc})"
+    if current != key:
+        return f"the images in {folder} changed since (a run decodes them again, as ...-{current}.npz)"
+    return None
 
 
 def _unfinished(root: Path, now_s: float) -> list[Removal]:

@@ -254,10 +254,6 @@ class Submitter:
         """What item `index`'s job is (or will be) submitted with."""
         return executor_parameters(self.executors[self.keys[index]])
 
-    def resources(self, index: int) -> dict:
-        """Item `index`'s resources: the cluster file's mapping for it (`resources_of`)."""
-        return json.loads(self.keys[index])
-
 
 def own_parameters(executor, **parameters) -> None:
     """Set parameters of the cluster's own executor, under its own names: submitit's AutoExecutor passes on only

@@ -108,7 +108,7 @@ class PerfOptions:
         """Paper-scale sizes for cifar10; a few seconds' worth elsewhere. The tiny preset (the CI smoke test, whose
         times mean nothing) times 5 steps after 1 warm-up step: its table checks that every workload runs."""
         small = {"sample_batch": 32, "sample_steps": 5, "images_per_class": 32}
-        sizes = {} if preset == "cifar10" else {**small, **SMOKE_STEPS} if preset == "tiny" else small
+        sizes = {} if preset == "cifar10" else {**small, **(SMOKE_STEPS if preset == "tiny" else {})}
         return cls(preset=preset, **{**sizes, **{k: v for k, v in overrides.items() if v is not None}})
 
     def check(self) -> None:

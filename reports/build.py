@@ -69,16 +69,12 @@ def _section_figures(runs: pd.DataFrame, grid: Grid) -> list[figs.Figure]:
 
 
 def _write(tables: list[Table], figures: list[figs.Figure], folder: Path, label: str,
-           written: dict[str, Path], draw: bool = True) -> list[FigureEntry]:
-    """Tables under folder/tables, figures under folder/figures (`draw`: else closed unsaved); returns the page's
-    figure entries."""
+           written: dict[str, Path]) -> list[FigureEntry]:
+    """Tables under folder/tables, figures under folder/figures; returns the page's figure entries."""
     for table in tables:
         _add(written, write_table(table, folder / "tables", f"{label}-{table.name}"))
     entries = []
     for figure in figures:
-        if not draw:
-            figs.discard(figure)
-            continue
         entries.append(FigureEntry(figure.title, figure.caption, folder / "figures" / f"{figure.name}.png"))
         _add(written, figs.save(figure, folder / "figures"))
     return entries
@@ -99,9 +95,12 @@ def _budget(runs: pd.DataFrame, grid: Grid, folder: Path, label: str, written: d
             draw: bool = True) -> Subsection | None:
     """Budget curves and the matched-compute table, where the records hold a sweep of a numeric field (issue 25)."""
     tables, figures = budget_outputs(runs, grid)
-    if not figures:
+    if not figures:  # no sweep in the records
         return None
-    entries = _write(tables, figures, folder, label, written, draw)
+    if not draw:
+        for figure in figures:
+            figs.discard(figure)
+    entries = _write(tables, figures if draw else [], folder, label, written)
     lines = ["Runs that differ in one numeric hyperparameter (a `--set METHOD.FIELD=a,b,c` sweep, such as "
              "scripts/budget_study.py's budgets): their metrics against the swept value or the FLOPs it cost."]
     return Subsection("budget", "Budget curves", lines, tables, entries)
