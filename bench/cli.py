@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from bench import interrupts
+from bench import interrupts, quick_exit
 from bench.cache import Cache, CheckpointError
 from bench.cli_attack import attack_group
 from bench.cli_common import (
@@ -108,6 +108,7 @@ def main(ctx, verbose: bool, preset_files, method_modules) -> None:
     -v, --preset-file and --method-module may also follow the subcommand."""
     from bench.extensions import load_extensions
 
+    quick_exit.register()
     _setup_logging(verbose)
     load_plugins()  # methods that installed packages declare under the entry-point group
     extensions = tuple(f"preset-file:{Path(p).resolve()}" for p in preset_files)

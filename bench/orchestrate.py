@@ -24,7 +24,7 @@ from pathlib import Path
 import submitit
 import torch
 
-from bench import claims, fingerprint, records
+from bench import claims, fingerprint, quick_exit, records
 from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, finished_attack
 from bench.cache import Cache, checkpoint_id
 from bench.cluster import Finished, Submitter, make_executor, own_parameters, resources, submit_all, wait_all
@@ -337,6 +337,7 @@ class Job(submitit.helpers.Checkpointable):
         self.force, self.threads = force, threads  # threads: `local_threads`, for submitit's local jobs
 
     def __call__(self, task: RunSpec | Prerequisites):
+        quick_exit.register()  # a local or SLURM job is a process of its own
         _job_setup(self.threads, task)
         load_extensions(task.extensions if isinstance(task, (RunSpec, AttackSpec)) else task.specs[0].extensions
                         if task.specs else ())
