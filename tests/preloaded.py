@@ -34,9 +34,10 @@ PRELOAD = ("numpy", "torch", "torch._dynamo", "torch.utils.flop_counter", "click
            "scipy.stats", "matplotlib", "matplotlib.pyplot", "seaborn")
 # Environment variables read when the interpreter starts or those modules load (PYTHONHASHSEED, OMP_NUM_THREADS,
 # TQDM_DISABLE, MPLBACKEND, ...): a command that sets one to another value than the server has gets a fresh
-# interpreter.
-READ_AT_START = ("PYTHON", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH_", "CUDA_", "TQDM_", "NUMPY_",
-                 "MPL", "SCIPY_")
+# interpreter. Not CUDA_*: CUDA reads them when it initializes, which the server never does (checked in `serve`), and
+# torch counts GPUs afresh until then, so a fork that sets CUDA_VISIBLE_DEVICES sees what a fresh interpreter sees.
+READ_AT_START = ("PYTHON", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH_", "TQDM_", "NUMPY_", "MPL",
+                 "SCIPY_")
 
 
 def serve() -> None:
@@ -44,6 +45,8 @@ def serve() -> None:
 
     for name in PRELOAD:
         importlib.import_module(name)
+    if sys.modules["torch"].cuda.is_initialized():
+        raise SystemExit("preloaded server: importing PRELOAD initialized CUDA, so a fork would not read CUDA_*")
     # The preloaded objects out of the collector's reach: a fork's collections, and above all the full one at its
     # interpreter's exit, would otherwise write to every one of them and so copy the server's memory page by page
     # (1.4 s of a `bench ls` that takes 1.7 s; gc.freeze's documented use before fork)
