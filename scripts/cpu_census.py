@@ -57,8 +57,11 @@ def kind(command: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--top", type=int, default=0, metavar="N",
+                        help="also list the N processes that used the most CPU, with their command lines")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command to run, after --")
-    command = [arg for arg in parser.parse_args().command if arg != "--"] or parser.error("no command given")
+    args = parser.parse_args()
+    command = [arg for arg in args.command if arg != "--"] or parser.error("no command given")
     before, last, stop = snapshot(), {}, threading.Event()
 
     def sample() -> None:
@@ -73,18 +76,23 @@ def main() -> int:
     stop.set()
     sampler.join()
     wall, (busy1, idle1) = time.monotonic() - started, busy_idle()
-    cpu, count = defaultdict(float), Counter()
+    cpu, count, each = defaultdict(float), Counter(), []
     for key, (line, seconds) in last.items():
         used = seconds - before.get(key, ("", 0.0))[1]
         if used > 0:
             label = kind(line)
             cpu[label] += used
             count[label] += 1
+            each.append((used, label, line))
     print(f"\n{' '.join(command)}: exit {code}, {wall:.0f} s; machine busy {busy1 - busy0:.0f} CPU-s, "
           f"idle {idle1 - idle0:.0f} CPU-s on {os.cpu_count()} cores\n")
     print("| processes | count | CPU-s |\n|---|---:|---:|")
     for label, seconds in sorted(cpu.items(), key=lambda item: -item[1]):
         print(f"| {label} | {count[label]} | {seconds:.0f} |")
+    if args.top:
+        print(f"\nthe {args.top} processes that used the most CPU:")
+        for used, label, line in sorted(each, reverse=True)[:args.top]:
+            print(f"{used:7.1f} CPU-s  [{label}]  {line[:200]}")
     return code
 
 
