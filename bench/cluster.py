@@ -40,6 +40,8 @@ CONFIG_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "timeout_min": ((int,), "time limit per job in minutes"),
     "array_parallelism": ((int,), "most array tasks running at once"),
     "setup": ((list,), "shell lines run before each job, e.g. module load, source venv"),
+    "result_wait_s": ((int, float), "seconds an ended job's result file may take to appear before the job counts as "
+                                    "failed (shared file systems show files late; submitit's default: 15)"),
 }
 # Mappings of the keys above (and `slurm_*` ones) that replace them for some jobs: per method, and for the one job
 # that builds the base model, classifier and preparations.
@@ -180,7 +182,7 @@ def _check_value(path: Path, key: str, value, where: str = "") -> None:
         raise ValueError(f"cluster config {path}: {where}{key} ({meaning}) must be {names}, not {value!r}")
     if key == "setup" and not all(isinstance(line, str) for line in value):
         raise ValueError(f"cluster config {path}: {where}setup must be a list of shell lines (strings), not {value!r}")
-    if isinstance(value, (int, float)) and (value < 0 or (value == 0 and key != "gpus_per_node")):
+    if isinstance(value, (int, float)) and (value < 0 or (value == 0 and key not in ("gpus_per_node", "result_wait_s"))):
         raise ValueError(f"cluster config {path}: {where}{key} ({meaning}) must be positive, not {value!r}")
 
 
@@ -206,6 +208,7 @@ def make_executor(kind: str, folder: str | Path, config: dict | None = None, job
     }
     parameters.update({key: config[key] for key in _passthrough(config)} if kind == "slurm" else {})
     executor.update_parameters(**{key: value for key, value in parameters.items() if value is not None})
+    executor.bench_result_wait_s = config.get("result_wait_s")  # not submitit's parameter: `submit_all` sets it
     return executor
 
 
@@ -216,6 +219,9 @@ def submit_all(executor, fn: typing.Callable, items: typing.Iterable) -> list:
         return []
     with _submission_env(executor), executor.batch():
         jobs = [executor.submit(fn, item) for item in items]
+    wait = getattr(executor, "bench_result_wait_s", None)
+    for job in jobs if wait is not None else ():
+        job._results_timeout_s = wait  # how long submitit waits for an ended job's result file (a class default)
     if executor.cluster == "slurm":
         log.info("submitted %d job(s) as array %s", len(jobs), jobs[0].job_id.split("_")[0])
     return jobs

@@ -17,7 +17,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from bench.cluster import Submitter, executor_parameters, load_cluster_config, make_executor, resources, wait_all
+from bench.cluster import Submitter, executor_parameters, load_cluster_config, make_executor, resources, submit_all, wait_all
 from bench.orchestrate import Submission, local_gpus
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the local jobs below run a function of this file
@@ -61,6 +61,8 @@ def test_a_methods_entry_replaces_the_top_level_values_for_that_method_only(clus
     ("methods: {retrain: {slurm_nonsense: 1}}", "submitit has no SLURM parameter methods.retrain.slurm_nonsense"),
     ("methods: [retrain]", "methods must map method names to resources"),
     ("prerequisites: {mem_gb: lots}", "prerequisites.mem_gb"),
+    ("result_wait_s: -1", "result_wait_s (seconds an ended job's result file may take to appear"),
+    ("result_wait_s: soon", "result_wait_s"),
 ])
 def test_a_wrong_methods_entry_is_named(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -68,6 +70,23 @@ def test_a_wrong_methods_entry_is_named(tmp_path, text, message):
     with pytest.raises(ValueError) as error:
         load_cluster_config(path)
     assert message in str(error.value)
+
+
+def killed_by_sigkill(_) -> None:
+    os.kill(os.getpid(), 9)
+
+
+def test_a_killed_job_is_reported_after_the_files_result_wait(tmp_path):
+    """`result_wait_s`: how long an ended job's result file may take to appear (submitit waits 15 s, for shared file
+    systems); the file's value reaches the job, so a killed job is reported that much sooner."""
+    assert load_cluster_config("local")["result_wait_s"] == 1  # the one-machine SLURM cluster's own disk
+    (tmp_path / "wait.yaml").write_text("result_wait_s: 0\n")
+    executor = make_executor("local", tmp_path / "jobs", load_cluster_config(tmp_path / "wait.yaml"))
+    started = time.monotonic()
+    jobs = submit_all(executor, killed_by_sigkill, [0])
+    (finished,) = wait_all(jobs, progress=False, poll_s=0.1, timeout_s=60)
+    assert finished.failed and "has not produced any output" in str(finished.outcome)
+    assert time.monotonic() - started < 10, "waited submitit's 15 s for the result file"
 
 
 def test_a_slurm_executor_gets_the_methods_time_memory_and_gpus(cluster_file, tmp_path):

@@ -272,6 +272,11 @@ def test_sigkilled_run_leaves_no_record_and_the_rerun_resumes_it(slurm_cluster, 
     _, stderr = first.communicate(timeout=WAIT_S)
     assert first.returncode == 1 and f"FAILED retrain [iterations={LONG}] class 0 seed 0" in stderr, stderr
     assert not (run_dir / records.RECORD_NAME).exists()
+    # SLURM may say the job ended while its process is still going away; until then the run's claim is live and a
+    # rerun leaves the run to it (`busy`)
+    claim = run_dir / claims.CLAIM_NAME
+    wait_for(lambda: claims.claim_is_stale(claim, (claims.read_claim(claim) or ("", None))[1]), 30,
+             "the killed job's process gone")
 
     second = bench_cli(*args)
     seen = watcher.stop()
