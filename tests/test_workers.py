@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from slurm_cluster import process_alive
 
+from bench.workers import _preloading, allocator_library, malloc_of
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -29,6 +31,9 @@ def test_workers_give_the_same_records_as_debug_jobs(debug_sweep, tiny_cache, ti
     assert result.returncode == 0, result.stderr
     assert "in 2 worker processes" in result.stderr and "GPUs 5, 7, one per worker" in result.stderr
     assert sorted(re.findall(r"worker \d+: GPU (\d) \(CUDA_VISIBLE_DEVICES\)", result.stderr)) == ["5", "7"]
+    # the workers allocate with tcmalloc (make installs libtcmalloc-minimal4), the debug jobs with the C library's:
+    # the same records
+    assert "worker malloc: tcmalloc" in result.stderr, "libtcmalloc-minimal4 missing? (make system-packages)"
     assert sweep_records(tmp_path) == sweep_records(debug_sweep)
     assert "interrupted" not in result.stderr  # every worker sweep said "interrupted: 4 of 4 finished"
     # 4 runs on 2 workers: after each of the first two ends, the freed worker already holds the next run
@@ -93,3 +98,26 @@ def test_killing_the_orchestrator_stops_its_workers(tiny_cache, tmp_path, how):
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def test_the_allocator_is_preloaded_into_what_starts_inside_and_bench_allocator_system_keeps_the_c_librarys(
+        monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    library = allocator_library()
+    assert library is not None and "tcmalloc" in library, "libtcmalloc-minimal4 missing? (make system-packages)"
+    with _preloading(library):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert "LD_PRELOAD" not in os.environ  # only what started inside
+        deadline = time.monotonic() + 10
+        while malloc_of(child.pid) != "tcmalloc" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert malloc_of(child.pid) == "tcmalloc" and malloc_of(os.getpid()) == "system"
+    finally:
+        child.kill()
+        child.wait()
+    monkeypatch.setenv("BENCH_ALLOCATOR", "system")
+    assert allocator_library() is None
+    monkeypatch.setenv("BENCH_ALLOCATOR", "tcmalloc")
+    monkeypatch.setenv("LD_PRELOAD", "/opt/mine/libother.so")  # the user's own preload is left as it is
+    assert allocator_library() is None
