@@ -95,7 +95,10 @@ ALLOCATORS = ("tcmalloc_minimal", "tcmalloc")
 def allocator_library() -> str | None:
     """The tcmalloc library the workers preload, or None: BENCH_ALLOCATOR=system, an LD_PRELOAD of the user's own
     (kept as it is), or none installed."""
-    if os.environ.get("BENCH_ALLOCATOR", "tcmalloc") == "system" or os.environ.get("LD_PRELOAD"):
+    choice = os.environ.get("BENCH_ALLOCATOR", "tcmalloc")
+    if choice not in ("tcmalloc", "system"):
+        raise ValueError(f"BENCH_ALLOCATOR={choice!r}: choose tcmalloc (the default) or system")
+    if choice == "system" or os.environ.get("LD_PRELOAD"):
         return None
     return next(filter(None, map(ctypes.util.find_library, ALLOCATORS)), None)
 

@@ -118,6 +118,9 @@ def test_the_allocator_is_preloaded_into_what_starts_inside_and_bench_allocator_
         child.wait()
     monkeypatch.setenv("BENCH_ALLOCATOR", "system")
     assert allocator_library() is None
+    monkeypatch.setenv("BENCH_ALLOCATOR", "jemalloc")
+    with pytest.raises(ValueError, match="BENCH_ALLOCATOR='jemalloc': choose tcmalloc"):
+        allocator_library()
     monkeypatch.setenv("BENCH_ALLOCATOR", "tcmalloc")
     monkeypatch.setenv("LD_PRELOAD", "/opt/mine/libother.so")  # the user's own preload is left as it is
     assert allocator_library() is None
