@@ -224,8 +224,8 @@ class WorkerPool:
                 hand_out(*start())
             if processes:
                 malloc = malloc_of(processes[0].pid)
-                log.info("worker malloc: %s%s", malloc, "" if malloc == "tcmalloc" else
-                         " (the C library's; libtcmalloc-minimal4 makes digits steps ~14% faster, docs/benchmarks)")
+                log.info("worker malloc: %s%s", malloc, " (the C library's; libtcmalloc-minimal4 makes digits steps "
+                         "~14% faster, docs/benchmarks)" if malloc == "system" else "")
             while held:
                 for conn in multiprocessing.connection.wait(list(held), timeout=1.0):
                     process, index = held.pop(conn)
