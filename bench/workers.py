@@ -3,8 +3,6 @@ orchestrator (`bench.orchestrate.run_local`), forked from a fork server that imp
 
 from __future__ import annotations
 
-import contextlib
-import ctypes.util
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -14,11 +12,11 @@ import select
 import signal
 import threading
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from bench.allocator import allocator_library, malloc_of, preloading
 from bench.device import choose_threads, gpus_to_share, least_busy, progress_bar
 from bench.eta import BAR_FORMAT, SweepEta
 from bench.orchestrate import Job, Outcome, ended, log_ended, run_guarded, stopped
@@ -86,45 +84,6 @@ def _alive(pid: int) -> bool:
 WORKER_PRELOAD = ["bench.workers", "torch._dynamo"]
 
 
-# A malloc for the workers: tcmalloc (gperftools; Debian's libtcmalloc-minimal4, which `make run` installs) takes
-# ~0.86x the time of the C library's malloc per digits training step and ~0.84x per evaluation, with the records'
-# numbers bit for bit the same (docs/benchmarks). BENCH_ALLOCATOR=system keeps the C library's.
-ALLOCATORS = ("tcmalloc_minimal", "tcmalloc")
-
-
-def allocator_library() -> str | None:
-    """The tcmalloc library the workers preload, or None: BENCH_ALLOCATOR=system, an LD_PRELOAD of the user's own
-    (kept as it is), or none installed."""
-    choice = os.environ.get("BENCH_ALLOCATOR", "tcmalloc")
-    if choice not in ("tcmalloc", "system"):
-        raise ValueError(f"BENCH_ALLOCATOR={choice!r}: choose tcmalloc (the default) or system")
-    if choice == "system" or os.environ.get("LD_PRELOAD"):
-        return None
-    return next(filter(None, map(ctypes.util.find_library, ALLOCATORS)), None)
-
-
-@contextlib.contextmanager
-def _preloading(library: str | None):
-    """LD_PRELOAD=`library` for the processes started inside (the fork server the workers come from), not after."""
-    if library is None:
-        yield
-        return
-    os.environ["LD_PRELOAD"] = library
-    try:
-        yield
-    finally:
-        del os.environ["LD_PRELOAD"]
-
-
-def malloc_of(pid: int) -> str:
-    """Which malloc process `pid` runs with, from the libraries it has mapped: "tcmalloc" or "system"."""
-    try:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return "unknown"
-    return "tcmalloc" if "libtcmalloc" in maps else "system"
-
-
 def worker_context():
     """Workers forked from multiprocessing's fork server: a fresh interpreter that only imported WORKER_PRELOAD
     and so never ran an OpenMP thread (the orchestrator may have, and is never forked). Fresh interpreters for
@@ -155,7 +114,7 @@ class WorkerPool:
         ours, theirs = self.context.Pipe()
         process = self.context.Process(target=_worker_main, daemon=True,
                                        args=(theirs, self.threads, self.force, os.getpid(), gpu))
-        with _preloading(self.allocator):  # the first start starts the fork server, which the workers inherit
+        with preloading(self.allocator):  # the first start starts the fork server, which the workers inherit
             process.start()
         theirs.close()  # the worker's end lives in the worker: its death is an end of file here
         return ours, process

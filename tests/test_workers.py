@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from slurm_cluster import process_alive
 
-from bench.workers import _preloading, allocator_library, malloc_of
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -98,29 +96,3 @@ def test_killing_the_orchestrator_stops_its_workers(tiny_cache, tmp_path, how):
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-
-
-def test_the_allocator_is_preloaded_into_what_starts_inside_and_bench_allocator_system_keeps_the_c_librarys(
-        monkeypatch):
-    monkeypatch.delenv("LD_PRELOAD", raising=False)
-    library = allocator_library()
-    assert library is not None and "tcmalloc" in library, "libtcmalloc-minimal4 missing? (make system-packages)"
-    with _preloading(library):
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        assert "LD_PRELOAD" not in os.environ  # only what started inside
-        deadline = time.monotonic() + 10
-        while malloc_of(child.pid) != "tcmalloc" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert malloc_of(child.pid) == "tcmalloc" and malloc_of(os.getpid()) == "system"
-    finally:
-        child.kill()
-        child.wait()
-    monkeypatch.setenv("BENCH_ALLOCATOR", "system")
-    assert allocator_library() is None
-    monkeypatch.setenv("BENCH_ALLOCATOR", "jemalloc")
-    with pytest.raises(ValueError, match="BENCH_ALLOCATOR='jemalloc': choose tcmalloc"):
-        allocator_library()
-    monkeypatch.setenv("BENCH_ALLOCATOR", "tcmalloc")
-    monkeypatch.setenv("LD_PRELOAD", "/opt/mine/libother.so")  # the user's own preload is left as it is
-    assert allocator_library() is None
