@@ -22,6 +22,7 @@ from pathlib import Path
 import submitit
 import yaml
 
+from bench.allocator import allocator_library, preloading
 from bench.device import progress_bar
 from bench.eta import BAR_FORMAT
 
@@ -275,7 +276,13 @@ def executor_parameters(executor) -> dict:
 
 @contextlib.contextmanager
 def _submission_env(executor):
-    """Hide the SLURM variables of an enclosing job (they would leak into the new jobs), but keep SLURM_CONF."""
+    """Local jobs start with bench's malloc (`bench.allocator`: tcmalloc where installed; a SLURM job's is its
+    cluster file's `setup`). SLURM jobs: hide the SLURM variables of an enclosing job (they would leak into the new
+    jobs), but keep SLURM_CONF."""
+    if executor.cluster == "local":
+        with preloading(allocator_library()):  # submitit starts each local job's process as it is submitted
+            yield
+        return
     if executor.cluster != "slurm":
         yield
         return
