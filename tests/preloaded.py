@@ -1,13 +1,15 @@
 """`python -m bench.cli ARGS` in a new process, without paying for torch's import in each one.
 
-A `bench` command a test runs is a process of its own, as a user's is: its own module state, environment,
-working directory, PYTHONPATH, file descriptors, exit status. Starting one the plain way costs ~2 CPU-s on this
-machine to import torch, and ~1 more for torch._dynamo, which torch.optim imports on the first step: that was
-about a third of the suite's CPU. Here each command is instead forked from a server (one per test worker)
-that imported those third-party modules once and nothing else. The server never imports the project (bench,
-methods, plug-ins), so each command imports the code of its own checkout and PYTHONPATH afresh, and it exits
-through the interpreter's own end (atexit, tracebacks, SystemExit). What depends on how a process starts (signals,
-the installed `bench` script) is tested with plain subprocesses: `conftest.start_bench`.
+A `bench` command a test runs is a process of its own, as a user's is: its own module state, environment, working
+directory, PYTHONPATH, file descriptors, exit status. Starting one the plain way costs ~2 CPU-s on this machine to
+import torch, and ~1 more for torch._dynamo, which torch.optim imports on the first step: that was about a third of
+the suite's CPU. Here each command is instead forked from a server (one per test worker) that imported those
+third-party modules once and nothing else. The server never imports the project (bench, methods, plug-ins), so each
+command imports the code of its own checkout and PYTHONPATH afresh, and it exits through the interpreter's own end
+(atexit, tracebacks, SystemExit). The server runs with the malloc the `bench` script restarts itself with (tcmalloc
+where installed: bench.allocator), so a fork allocates as a user's `bench` does; one whose environment chooses
+another (BENCH_ALLOCATOR, LD_PRELOAD) gets a fresh interpreter. What depends on how a process starts (signals, the
+installed `bench` script) is tested with plain subprocesses: `conftest.start_bench`.
 
 Run as a script, this file is the server: one JSON request per line on stdin, two replies per request on stdout
 (the child's pid when it starts, its return code when it ends).
@@ -33,11 +35,12 @@ from pathlib import Path
 PRELOAD = ("numpy", "torch", "torch._dynamo", "torch.utils.flop_counter", "click", "tqdm", "torchvision", "pandas",
            "scipy.stats", "matplotlib", "matplotlib.pyplot", "seaborn")
 # Environment variables read when the interpreter starts or those modules load (PYTHONHASHSEED, OMP_NUM_THREADS,
-# TQDM_DISABLE, MPLBACKEND, ...): a command that sets one to another value than the server has gets a fresh
-# interpreter. Not CUDA_*: CUDA reads them when it initializes, which the server never does (checked in `serve`), and
-# torch counts GPUs afresh until then, so a fork that sets CUDA_VISIBLE_DEVICES sees what a fresh interpreter sees.
+# TQDM_DISABLE, MPLBACKEND, LD_PRELOAD, BENCH_ALLOCATOR, ...): a command that sets one to another value than the
+# server has gets a fresh interpreter. Not CUDA_*: CUDA reads them when it initializes, which the server never
+# does (checked in `serve`), and torch counts GPUs afresh until then, so a fork that sets CUDA_VISIBLE_DEVICES sees
+# what a fresh interpreter sees.
 READ_AT_START = ("PYTHON", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "TORCH", "PYTORCH_", "TQDM_", "NUMPY_", "MPL",
-                 "SCIPY_")
+                 "SCIPY_", "LD_", "BENCH_ALLOCATOR")
 
 
 def serve() -> None:
@@ -93,9 +96,15 @@ class Server:
     """The test side: one server process, one command at a time."""
 
     def __init__(self) -> None:
+        from bench.allocator import allocator_library  # here, not in the server, which never imports the project
+
         self._env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
+        # the malloc the `bench` script restarts itself with (bench.allocator), which the forks inherit mapped; their
+        # environment, as the restarted script's, has no LD_PRELOAD
+        library = allocator_library(self._env)
         self._proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      env=self._env, cwd=Path(__file__).parent, bufsize=0)
+                                      env={**self._env, **({"LD_PRELOAD": library} if library else {})},
+                                      cwd=Path(__file__).parent, bufsize=0)
         self._pending = b""
         self._lock = threading.Lock()
 
