@@ -7,8 +7,8 @@ SYSTEM_STAMP := $(VENV)/.system-packages
 RUN_STAMP := $(VENV)/.run-packages
 # torch 2.14.1 / torchvision 0.29.1 are what resolves on the development machines; any torch >= 2.4 works.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
-# Debian packages for running: tcmalloc, the malloc of `bench run --workers` processes (digits steps ~14% faster, the
-# numbers bit for bit the same: docs/benchmarks; without it they use the C library's).
+# Debian packages for running: tcmalloc, the malloc of bench's processes (bench/allocator.py; digits steps ~14% faster,
+# the numbers bit for bit the same: docs/benchmarks; without it they use the C library's).
 RUN_APT_PACKAGES := libtcmalloc-minimal4
 # And for the tests: a real SLURM cluster with accounting, Chromium to render the report page, and the full
 # Fashion-MNIST of the `fashion` preset (`make system-packages` for that preset).
@@ -57,7 +57,7 @@ $(SYSTEM_STAMP): Makefile | $(STAMP)
 run-packages: $(RUN_STAMP)
 
 $(RUN_STAMP): Makefile | $(STAMP)
-	$(call apt_install,$(RUN_APT_PACKAGES),worker processes then use the C library's malloc)
+	$(call apt_install,$(RUN_APT_PACKAGES),bench then uses the C library's malloc)
 	touch $(RUN_STAMP)
 
 # The whole digits benchmark: every method on every class (about 30 minutes on 2 CPU cores; README.md).
