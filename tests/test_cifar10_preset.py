@@ -98,7 +98,7 @@ def test_classifier_fid_is_lower_for_real_retained_images_than_for_the_forget_cl
 @pytest.mark.skipif(not JPEG_ROOT.is_dir(), reason=f"no CIFAR-10 JPEG copy at {JPEG_ROOT} (set BENCH_SHARED)")
 @pytest.mark.slow
 def test_cifar10_fast_protocol_runs_end_to_end_on_the_cpu_with_inception_fid(tmp_path, bench_cli):
-    """Mechanics only: a 2-step base model, a 1-step ResNet34, 1 SAFEMax iteration, 2 sampler steps, 36 images."""
+    """Mechanics only: a 2-step base model, a 1-step ResNet34, 1 SAFEMax iteration, 2 sampler steps, 2 + 9 sampled images."""
     common = ("--preset", "cifar10", "--cache", str(tmp_path / "cache"), "--data-root", str(JPEG_ROOT),
               "--device", "cpu")
     steps = [("pretrain", *common, "--iterations", "2", "--batch-size", "2"),
@@ -106,8 +106,8 @@ def test_cifar10_fast_protocol_runs_end_to_end_on_the_cpu_with_inception_fid(tmp
              ("run", *common, "--protocol", "fast", "--methods", "safemax", "--classes", "0", "--out",
               str(tmp_path / "results"), "--no-progress", "--set", "safemax.iterations=1",
               "--set", "safemax.batch_size=2", "--set", "protocol.sampler_steps=2",
-              "--set", "protocol.forget_samples=4", "--set", "protocol.retain_samples_per_class=2",
-              "--set", "protocol.noise_samples=4", "--set", "protocol.fid_reference_per_class=2",
+              "--set", "protocol.forget_samples=2", "--set", "protocol.retain_samples_per_class=1",
+              "--set", "protocol.noise_samples=2", "--set", "protocol.fid_reference_per_class=1",
               "--set", "protocol.inception_weights=fid-helper")]
     outputs = []
     for args in steps:
@@ -125,8 +125,8 @@ def test_cifar10_fast_protocol_runs_end_to_end_on_the_cpu_with_inception_fid(tmp
     assert record["dataset"] == "CIFAR-10 (JPEG copy)"
     assert record["protocol"]["name"] == "fast" and record["protocol"]["sampler_steps"] == 2
     assert record["fid"]["features"].startswith("inception") and "fid-helper" in record["fid"]["weights"]
-    assert record["fid"]["reference_images"] == 18 and record["metrics"]["retain_samples"] == 18
+    assert record["fid"]["reference_images"] == 9 and record["metrics"]["retain_samples"] == 9
     assert record["metrics"]["fid"] > 0 and record["timings"]["iterations"] == 1
     assert "smoke test" in record["base_model"]["source"] and "smoke test" in record["classifier"]["source"]
     reference = tmp_path / "cache" / "cifar10" / "fid-reference"
-    assert list(reference.glob("cifar-10--jpeg-copy-retain0-n18-inception-code*.npz"))
+    assert list(reference.glob("cifar-10--jpeg-copy-retain0-n9-inception-code*.npz"))
