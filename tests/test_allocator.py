@@ -25,21 +25,14 @@ import json
 import os
 
 from bench.allocator import malloc_of
-from bench.config import TrainConfig
-from methods.base import UnlearningMethod, register
+from methods.safemax import SafeMax
 
 with open(os.environ["PROBE_OUT"], "w") as out:
     json.dump({"pid": os.getpid(), "malloc": malloc_of(os.getpid()), "LD_PRELOAD": os.environ.get("LD_PRELOAD")}, out)
 
 
-@register
-class Probe(UnlearningMethod):
+class Probe(SafeMax):
     name = "probe"
-    Config = TrainConfig
-    description = "probe: says which malloc its bench process has"
-
-    def loss(self, model, batch):
-        raise NotImplementedError
 '''
 
 
