@@ -54,9 +54,9 @@ def preloading(library: str | None):
         del os.environ["LD_PRELOAD"]
 
 
-def malloc_of(pid: int) -> str:
-    """Which malloc process `pid` runs with, from the libraries it has mapped: "tcmalloc", "system", or "unknown"
-    where its memory map cannot be read (no /proc)."""
+def malloc_of(pid: int | str) -> str:
+    """Which malloc process `pid` ("self": this one) runs with, from the libraries it has mapped: "tcmalloc",
+    "system", or "unknown" where its memory map cannot be read (no /proc)."""
     try:
         maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError:
