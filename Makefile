@@ -60,7 +60,7 @@ $(RUN_STAMP): Makefile | $(STAMP)
 	$(call apt_install,$(RUN_APT_PACKAGES),bench then uses the C library's malloc)
 	touch $(RUN_STAMP)
 
-# The whole digits benchmark: every method on every class (about 30 minutes on 2 CPU cores; README.md).
+# The whole digits benchmark: every method on every class (about 25 minutes on 2 CPU cores; README.md).
 run: install run-packages
 	$(BIN)/bench run --methods all --classes 0-9 --workers 2 $(ARGS)
 
