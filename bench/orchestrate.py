@@ -25,6 +25,7 @@ import submitit
 import torch
 
 from bench import claims, fingerprint, quick_exit, records
+from bench.allocator import describe
 from bench.attacks import ATTACK_NAME, AttackSpec, attack_one, attack_specs, finished_attack
 from bench.cache import Cache, checkpoint_id
 from bench.cluster import Finished, Submitter, make_executor, own_parameters, resources, submit_all, wait_all
@@ -405,6 +406,8 @@ def run_local(specs: list[RunSpec], force: bool = False, workers: int = 1, progr
 
         pool = WorkerPool(workers, force, show_progress)
         return in_spec_order(outcomes + pool.run(todo, progress), specs)
+    if todo:
+        log.info("running %d run(s) in this process, malloc: %s", len(todo), describe("self"))
     job, clock = Job(force), SweepEta(todo)
     try:
         for index, spec in enumerate(todo):

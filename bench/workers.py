@@ -16,7 +16,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from bench.allocator import allocator_library, malloc_of, preloading
+from bench.allocator import allocator_library, describe, preloading
 from bench.device import choose_threads, gpus_to_share, least_busy, progress_bar
 from bench.eta import BAR_FORMAT, SweepEta
 from bench.orchestrate import Job, Outcome, ended, log_ended, run_guarded, stopped
@@ -182,9 +182,7 @@ class WorkerPool:
             for _ in range(min(self.workers, len(todo))):
                 hand_out(*start())
             if processes:
-                malloc = malloc_of(processes[0].pid)
-                log.info("worker malloc: %s%s", malloc, " (the C library's; libtcmalloc-minimal4 makes digits steps "
-                         "~14% faster, docs/benchmarks)" if malloc == "system" else "")
+                log.info("worker malloc: %s", describe(processes[0].pid))
             while held:
                 for conn in multiprocessing.connection.wait(list(held), timeout=1.0):
                     process, index = held.pop(conn)

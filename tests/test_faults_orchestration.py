@@ -178,6 +178,7 @@ def test_sigterm_of_a_run_exits_130_and_status_shows_it_interrupted(tiny_cache, 
     stdout, stderr = _stop(process, [folder], signal.SIGTERM)  # was: killed outright, nothing said
     assert process.returncode == 130, stdout + stderr
     assert "0 run(s) done" in stdout and "1 not finished (stopped)" in stdout, stdout
+    assert "running 1 run(s) in this process, malloc: tcmalloc" in stderr  # the bench script's restart (bench.allocator)
     shown = _invoke("status", "--results", tmp_path).output
     assert re.search(r"interrupted +stopped by Ctrl-C or SIGTERM", shown), shown
     assert "0 failed, 0 missing, 1 interrupted" in shown, shown
