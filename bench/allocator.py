@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes.util
+import functools
 import os
 import sys
 import typing
@@ -38,6 +39,12 @@ def allocator_library(env: typing.Mapping[str, str] | None = None) -> str | None
         raise ValueError(f"BENCH_ALLOCATOR={choice!r}: choose tcmalloc (the default) or system")
     if choice == "system" or env.get("LD_PRELOAD") or not sys.platform.startswith("linux"):
         return None
+    return _installed()
+
+
+@functools.cache
+def _installed() -> str | None:
+    """The first of ALLOCATORS installed here (looked up once per process: each pool or local job asks)."""
     return next(filter(None, map(ctypes.util.find_library, ALLOCATORS)), None)
 
 

@@ -108,13 +108,12 @@ class WorkerPool:
         self.workers, self.force, self.show_progress = workers, force, show_progress
         self.context = worker_context()
         self.threads, self.why_threads = choose_threads(workers)  # fewer where other programs keep cores busy
-        self.allocator = allocator_library()
 
     def _spawn(self, gpu: str | None) -> tuple:
         ours, theirs = self.context.Pipe()
         process = self.context.Process(target=_worker_main, daemon=True,
                                        args=(theirs, self.threads, self.force, os.getpid(), gpu))
-        with preloading(self.allocator):  # the first start starts the fork server, which the workers inherit
+        with preloading(allocator_library()):  # the first start starts the fork server, which the workers inherit
             process.start()
         theirs.close()  # the worker's end lives in the worker: its death is an end of file here
         return ours, process

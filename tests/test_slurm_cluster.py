@@ -23,6 +23,7 @@ import submitit
 from click.testing import CliRunner
 
 from bench import claims, records
+from bench.allocator import malloc_of
 from bench.cli import main
 from bench.cluster import load_cluster_config, make_executor, submit_all, wait_all
 
@@ -106,19 +107,13 @@ def test_submitit_batch_runs_one_job_array(slurm_cluster, tmp_path):
     assert [(item, outcome) for item, outcome, _ in finished] == [(1, 1), (2, 4), (3, 9)]
 
 
-def malloc_of_this_job(_: int) -> str:
-    from bench.allocator import malloc_of
-
-    return malloc_of(os.getpid())
-
-
 @pytest.mark.slow
 def test_a_cluster_files_setup_lines_run_before_each_job(slurm_cluster, tmp_path):
     """`setup` reaches the jobs: slurm/README's way to give SLURM jobs tcmalloc, since SLURM, not the `bench`
     script (which restarts itself with it), starts their processes."""
     config = {**load_cluster_config("local"), "setup": ["export LD_PRELOAD=libtcmalloc_minimal.so.4"]}
-    jobs = submit_all(make_executor("slurm", tmp_path / "setup", config), malloc_of_this_job, [0])
-    jobs += submit_all(slurm_executor(tmp_path / "plain"), malloc_of_this_job, [1])
+    jobs = submit_all(make_executor("slurm", tmp_path / "setup", config), malloc_of, ["self"])  # the job's own
+    jobs += submit_all(slurm_executor(tmp_path / "plain"), malloc_of, ["self"])
     finished = wait_all(jobs, progress=False, poll_s=0.5, refresh_s=2, timeout_s=WAIT_S)
     assert [outcome for _, outcome, _ in finished] == ["tcmalloc", "system"]
 
