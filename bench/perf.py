@@ -84,6 +84,16 @@ NOTE = "random weights and random data: speed and memory do not depend on the va
 SMOKE_STEPS = {"iterations": 5, "warmup": 1}  # the tiny preset's: a smoke test, not a benchmark
 
 
+def evaluation_batch(preset: Preset) -> tuple[int, int]:
+    """(images per sampler call, sampler steps) of the default protocol's evaluation when it samples one retained
+    class (`bench.evaluate.Sampler`: a class's images in calls of at most `batch_size`). Most of an evaluation's
+    sampling is drawn at this batch (digits: 9 classes x 100 images against 500 of the forget class in one call),
+    and a CPU step's throughput depends on it: at digits, 32 images per call reach about half the image-steps per
+    second of 100 (docs/benchmarks/README.md)."""
+    protocol = preset.protocol(None)
+    return min(protocol.batch_size, protocol.retain_samples_per_class), protocol.sampler_steps
+
+
 @dataclass(frozen=True)
 class PerfOptions:
     """What to time and how often; `for_preset` fills the sizes that suit the preset."""
@@ -105,10 +115,21 @@ class PerfOptions:
 
     @classmethod
     def for_preset(cls, preset: str, **overrides) -> PerfOptions:
-        """Paper-scale sizes for cifar10; a few seconds' worth elsewhere. The tiny preset (the CI smoke test, whose
-        times mean nothing) times 5 steps after 1 warm-up step: its table checks that every workload runs."""
-        small = {"sample_batch": 32, "sample_steps": 5, "images_per_class": 32}
-        sizes = {} if preset == "cifar10" else {**small, **(SMOKE_STEPS if preset == "tiny" else {})}
+        """Paper-scale sizes for cifar10. Elsewhere the sampler is timed at the batch the preset's evaluation draws
+        a retained class in (`evaluation_batch`) over its steps (at most 20: every step costs the same), and the
+        methods' data are 32 images per class. The tiny preset (the CI smoke test, whose times mean nothing) times
+        5 steps after 1 warm-up step and the sampler at 32 images x 5 steps: its table checks that every workload
+        runs."""
+        if preset == "cifar10":
+            sizes = {}
+        elif preset == "tiny":
+            sizes = {"sample_batch": 32, "sample_steps": 5, "images_per_class": 32, **SMOKE_STEPS}
+        else:
+            try:
+                batch, steps = evaluation_batch(get_preset(preset))
+            except ValueError:  # not a registered preset (the pinned model's): `check` names it where that matters
+                batch, steps = 32, 5
+            sizes = {"sample_batch": batch, "sample_steps": min(steps, 20), "images_per_class": 32}
         return cls(preset=preset, **{**sizes, **{k: v for k, v in overrides.items() if v is not None}})
 
     def check(self) -> None:
@@ -449,6 +470,8 @@ def markdown(result: dict) -> str:
              f"forget + {result['batch']['retain']} retain",
              f"- {result['note']}",
              f"- steps: {steps}; the first step (torch.compile time, if any) is reported apart",
+             f"- sampler: {result['options']['sample_batch']:,} images per call x {result['options']['sample_steps']} "
+             "steps; classifier: 4 such batches",
              "- variants: " + "; ".join(f"`{name}` = {Speed(**flags).describe()}"
                                         for name, flags in result["variants"].items()),
              f"- process peak RSS: {max(r.get('peak_process_mib', 0) for r in result['rows']):,.0f} MiB",

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from bench.cli import main
 from bench.config import UNETS, get_preset
 from bench.device import PLAIN, Speed
-from bench.diffusion import sample
+from bench.diffusion import NoiseSchedule, sample
 from bench.perf import DEFAULT_METHODS, Bench, PerfOptions, first_step, prepared_for, relative_error
 from bench.runner import EMA, train
 from methods import METHODS
@@ -73,6 +73,25 @@ def test_perf_rejects_an_unknown_variant_and_a_method_without_steps(tmp_path):
     with pytest.raises(ValueError, match="at least 20 steps"):
         PerfOptions.for_preset("digits", iterations=5).check()
     assert PerfOptions.for_preset("digits").iterations == 20 and PerfOptions.for_preset("tiny").iterations == 5
+
+
+def test_perf_times_the_sampler_at_the_batch_the_evaluation_samples_a_retained_class_in(monkeypatch):
+    # A CPU's image-steps per second depend on the batch (at digits 32 images per call reach about half of 100's),
+    # so the sampler row is timed at the calls the evaluation makes, over its steps
+    from bench import evaluate
+
+    preset = get_preset("digits")
+    protocol = preset.protocol(None)
+    calls = []
+    monkeypatch.setattr(evaluate, "sample", lambda model, schedule, labels, shape, *, steps, **_: (
+        calls.append((len(labels), steps)) or torch.zeros(len(labels), *shape)))
+    sampler = evaluate.Sampler(torch.nn.Identity(), NoiseSchedule(preset.diffusion), protocol, preset, CPU, seed=0,
+                               progress=False)
+    sampler.class_samples(1, protocol.retain_samples_per_class)
+    options = PerfOptions.for_preset("digits")
+    assert calls == [(options.sample_batch, options.sample_steps)] == [(100, 20)]
+    assert PerfOptions.for_preset("digits", sample_batch=7, sample_steps=3).sample_batch == 7
+    assert (PerfOptions.for_preset("tiny").sample_batch, PerfOptions.for_preset("tiny").sample_steps) == (32, 5)
 
 
 def _assert_grads_close(grads, reference, rtol: float, floor: float) -> None:
