@@ -501,8 +501,8 @@ def _report(outcomes, out: str, as_json: bool = False) -> int:
               help="images per sampler call [default: 1024 at cifar10, 32 at tiny, elsewhere the batch the "
                    "evaluation samples a retained class in (digits: 100)]")
 @click.option("--sample-steps", default=None, type=click.IntRange(1, None),
-              help="timed sampler steps [default: 50 at cifar10, 5 at tiny, elsewhere the evaluation's steps, at "
-                   "most 20]")
+              help="timed sampler steps [default: 50 at cifar10, 5 at tiny, elsewhere the evaluation's steps, up "
+                   "to 2,000 image-steps (digits: 20)]")
 @click.option("--out", default="results/perf", show_default=True, help="folder for <gpu>-<date>.json and .md")
 @device_option
 def perf_cmd(preset, methods_spec, variants, sampler_variants, iterations, warmup, sample_batch, sample_steps, out,

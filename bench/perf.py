@@ -82,6 +82,9 @@ NOTE = "random weights and random data: speed and memory do not depend on the va
 
 
 SMOKE_STEPS = {"iterations": 5, "warmup": 1}  # the tiny preset's: a smoke test, not a benchmark
+# Image-steps the sampler row times outside cifar10 (every step of a chain costs the same, so a few steps of the
+# evaluation's batch measure its rate): digits' 100 images x 20 steps; fashion's 500-image calls, 4 steps.
+SAMPLER_IMAGE_STEPS = 2_000
 
 
 def evaluation_batch(preset: Preset) -> tuple[int, int]:
@@ -116,10 +119,10 @@ class PerfOptions:
     @classmethod
     def for_preset(cls, preset: str, **overrides) -> PerfOptions:
         """Paper-scale sizes for cifar10. Elsewhere the sampler is timed at the batch the preset's evaluation draws
-        a retained class in (`evaluation_batch`) over its steps (at most 20: every step costs the same), and the
-        methods' data are 32 images per class. The tiny preset (the CI smoke test, whose times mean nothing) times
-        5 steps after 1 warm-up step and the sampler at 32 images x 5 steps: its table checks that every workload
-        runs."""
+        a retained class in (`evaluation_batch`) over its steps, at most `SAMPLER_IMAGE_STEPS` image-steps (and at
+        least 2 steps), and the methods' data are 32 images per class. The tiny preset (the CI smoke test, whose
+        times mean nothing) times 5 steps after 1 warm-up step and the sampler at 32 images x 5 steps: its table
+        checks that every workload runs."""
         if preset == "cifar10":
             sizes = {}
         elif preset == "tiny":
@@ -129,7 +132,8 @@ class PerfOptions:
                 batch, steps = evaluation_batch(get_preset(preset))
             except ValueError:  # not a registered preset (the pinned model's): `check` names it where that matters
                 batch, steps = 32, 5
-            sizes = {"sample_batch": batch, "sample_steps": min(steps, 20), "images_per_class": 32}
+            timed_steps = min(steps, max(2, SAMPLER_IMAGE_STEPS // batch))
+            sizes = {"sample_batch": batch, "sample_steps": timed_steps, "images_per_class": 32}
         return cls(preset=preset, **{**sizes, **{k: v for k, v in overrides.items() if v is not None}})
 
     def check(self) -> None:

@@ -14,7 +14,7 @@ from bench.cli import main
 from bench.config import UNETS, get_preset
 from bench.device import PLAIN, Speed
 from bench.diffusion import NoiseSchedule, sample
-from bench.perf import DEFAULT_METHODS, Bench, PerfOptions, first_step, prepared_for, relative_error
+from bench.perf import DEFAULT_METHODS, SAMPLER_IMAGE_STEPS, Bench, PerfOptions, first_step, prepared_for, relative_error
 from bench.runner import EMA, train
 from methods import METHODS
 
@@ -91,6 +91,10 @@ def test_perf_times_the_sampler_at_the_batch_the_evaluation_samples_a_retained_c
     options = PerfOptions.for_preset("digits")
     assert calls == [(options.sample_batch, options.sample_steps)] == [(100, 20)]
     assert PerfOptions.for_preset("digits", sample_batch=7, sample_steps=3).sample_batch == 7
+    # fashion's evaluation samples 500 images per call over 100 steps of a 7 M-parameter UNet: a few steps of that
+    # batch give its rate, where the whole chain would keep a CPU busy for many minutes
+    fashion = PerfOptions.for_preset("fashion")
+    assert fashion.sample_batch == 500 and fashion.sample_steps * 500 <= SAMPLER_IMAGE_STEPS
     assert (PerfOptions.for_preset("tiny").sample_batch, PerfOptions.for_preset("tiny").sample_steps) == (32, 5)
 
 
