@@ -6,7 +6,9 @@ Each commit is checked out into a temporary git worktree and its `bench pretrain
 (PYTHONPATH puts the worktree's packages first; the dependencies come from this virtual environment), into an empty
 cache, once alone and once beside `--busy` processes that spin on one core each. Arms are interleaved (before, after,
 before, after, ...) so that a drift of the machine's speed hits both commits alike. Prints one table of wall times.
-OMP_NUM_THREADS is removed from the environment: the point is what each commit chooses by itself.
+OMP_NUM_THREADS is removed from the environment: the point is what each commit chooses by itself. Both arms run
+`python -c "from bench.cli import main"`, so both use the C library's malloc, where the `bench` command of a commit
+with `bench/launch.py` restarts itself with tcmalloc: the table compares thread choices, not allocators.
 """
 
 from __future__ import annotations
