@@ -433,11 +433,21 @@ def run_perf(options: PerfOptions) -> dict:
     return {"preset": preset.name, "device": device_name(device), "device_type": device.type,
             "torch": torch.__version__, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "unet_parameters": count_parameters(bench.model()), "unet": dataclasses.asdict(preset.unet),
-            "batch": {"forget": bench.batch_size, "retain": bench.batch_size}, "note": NOTE,
+            "batch": {"forget": bench.batch_size, "retain": bench.batch_size, "runs_differ": runs_differ(bench)},
+            "note": NOTE,
             "options": dataclasses.asdict(options), "peak": peak, "threads": torch.get_num_threads(),
             "variants": {name: dataclasses.asdict(VARIANTS[name].for_device(device))
                          for name in dict.fromkeys((*options.variants, *options.sampler_variants))},
             "rows": rows}
+
+
+def runs_differ(bench: Bench) -> dict[str, int]:
+    """The timed methods whose runs at this preset use another batch than the one every row is timed at (retrain: its
+    pretraining recipe's), and that batch: their rows are per-step costs at the common batch, not their runs' steps."""
+    if bench.options.batch_size is not None:
+        return {}
+    own = {name: get_method(name).preset_defaults(bench.preset).get("batch_size") for name in bench.options.methods}
+    return {name: batch for name, batch in own.items() if batch not in (None, bench.batch_size)}
 
 
 def target_check(row: dict, preset: Preset, device: torch.device) -> tuple[str, bool | None]:
@@ -471,7 +481,9 @@ def markdown(result: dict) -> str:
              f"- torch {result['torch']}, {result['date']}",
              f"- UNet: {result['unet_parameters']:,} parameters, {result['unet']['in_channels']}x"
              f"{result['unet']['image_size']}x{result['unet']['image_size']}; batch {result['batch']['forget']} "
-             f"forget + {result['batch']['retain']} retain",
+             f"forget + {result['batch']['retain']} retain for every method"
+             + "".join(f"; {name}'s runs use {batch} (its row is at the common batch)"
+                       for name, batch in result["batch"].get("runs_differ", {}).items()),
              f"- {result['note']}",
              f"- steps: {steps}; the first step (torch.compile time, if any) is reported apart",
              f"- sampler: {result['options']['sample_batch']:,} images per call x {result['options']['sample_steps']} "

@@ -60,6 +60,8 @@ def test_perf_at_tiny_size_writes_a_row_per_method_variant_and_the_sampler(tmp_p
     table = md_path.read_text()
     assert "GFLOP/s" in table and "% of peak" in table
     assert report["torch"] in table and "cpu" in table and "random weights and random data" in table
+    # retrain's runs use its pretraining recipe's batch (32 at tiny), not the common unlearning batch its row is timed at
+    assert report["batch"]["runs_differ"] == {"retrain": 32} and "retrain's runs use 32" in table
     assert sum(line.startswith("| ") for line in table.splitlines()) == len(rows) + 1  # + the header
     assert table in result.output
 
