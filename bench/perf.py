@@ -82,6 +82,8 @@ NOTE = "random weights and random data: speed and memory do not depend on the va
 
 
 SMOKE_STEPS = {"iterations": 5, "warmup": 1}  # the tiny preset's: a smoke test, not a benchmark
+SMOKE_SAMPLER = {"sample_batch": 32, "sample_steps": 5}  # the tiny preset's, and an unregistered preset's
+CLASSIFIER_BATCHES = 4  # the classifier row times this many sampler batches of images
 # Image-steps the sampler row times outside cifar10 (every step of a chain costs the same, so a few steps of the
 # evaluation's batch measure its rate): digits' 100 images x 20 steps; fashion's 500-image calls, 4 steps.
 SAMPLER_IMAGE_STEPS = 2_000
@@ -126,14 +128,14 @@ class PerfOptions:
         if preset == "cifar10":
             sizes = {}
         elif preset == "tiny":
-            sizes = {"sample_batch": 32, "sample_steps": 5, "images_per_class": 32, **SMOKE_STEPS}
+            sizes = {**SMOKE_SAMPLER, "images_per_class": 32, **SMOKE_STEPS}
         else:
             try:
                 batch, steps = evaluation_batch(get_preset(preset))
+                sampler = {"sample_batch": batch, "sample_steps": min(steps, max(2, SAMPLER_IMAGE_STEPS // batch))}
             except ValueError:  # not a registered preset (the pinned model's): `check` names it where that matters
-                batch, steps = 32, 5
-            timed_steps = min(steps, max(2, SAMPLER_IMAGE_STEPS // batch))
-            sizes = {"sample_batch": batch, "sample_steps": timed_steps, "images_per_class": 32}
+                sampler = SMOKE_SAMPLER
+            sizes = {**sampler, "images_per_class": 32}
         return cls(preset=preset, **{**sizes, **{k: v for k, v in overrides.items() if v is not None}})
 
     def check(self) -> None:
@@ -314,7 +316,7 @@ def time_features(bench: Bench) -> dict:
     opts, device, cfg = bench.options, bench.device, bench.preset.unet
     classifier = build_classifier(bench.preset.classifier, cfg.in_channels, cfg.num_classes, cfg.image_size)
     classifier = classifier.to(device).eval()
-    images = torch.rand(opts.sample_batch * 4, cfg.in_channels, cfg.image_size, cfg.image_size,
+    images = torch.rand(opts.sample_batch * CLASSIFIER_BATCHES, cfg.in_channels, cfg.image_size, cfg.image_size,
                         generator=torch.Generator().manual_seed(opts.seed)) * 2 - 1
     predict(classifier, images[:8])  # first-call set-up
     with ledger() as book:
@@ -487,7 +489,7 @@ def markdown(result: dict) -> str:
              f"- {result['note']}",
              f"- steps: {steps}; the first step (torch.compile time, if any) is reported apart",
              f"- sampler: {result['options']['sample_batch']:,} images per call x {result['options']['sample_steps']} "
-             "steps; classifier: 4 such batches",
+             f"steps; classifier: {CLASSIFIER_BATCHES} such batches",
              "- variants: " + "; ".join(f"`{name}` = {Speed(**flags).describe()}"
                                         for name, flags in result["variants"].items()),
              f"- process peak RSS: {max(r.get('peak_process_mib', 0) for r in result['rows']):,.0f} MiB",

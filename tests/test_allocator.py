@@ -28,7 +28,7 @@ from bench.allocator import malloc_of
 from methods.safemax import SafeMax
 
 with open(os.environ["PROBE_OUT"], "w") as out:
-    json.dump({"pid": os.getpid(), "malloc": malloc_of(os.getpid()), "LD_PRELOAD": os.environ.get("LD_PRELOAD")}, out)
+    json.dump({"pid": os.getpid(), "malloc": malloc_of("self"), "LD_PRELOAD": os.environ.get("LD_PRELOAD")}, out)
 
 
 class Probe(SafeMax):
