@@ -28,12 +28,16 @@ def summary_text(records: list[dict]) -> str:
 
 
 def efficiency(df: pd.DataFrame, reference: str = "safemax") -> pd.DataFrame:
-    """Per (method, variant): mean RTE and unlearning TFLOPs, their ratios to the reference method's, preparation
-    time, peak memory. A ratio in FLOPs holds on any machine; one in seconds only under the same load."""
+    """Per (method, variant): mean RTE and unlearning TFLOPs, the loop's GFLOP/s, their ratios to the reference
+    method's, preparation time, peak memory. A ratio in FLOPs holds on any machine; one in seconds only under the same
+    load."""
     grouped = df.groupby(["method", "variant"], sort=False)
     table = grouped.agg(rte_s=("rte_s", "mean"), train_tflops=("train_tflops", "mean"),
                         prepare_s=("prepare_total_s", "mean"), peak_gpu_gib=("peak_gpu_gib", "max"),
                         peak_rss_mib=("peak_rss_mib", "max")).reset_index()
+    # The loop's achieved rate on the machine that ran it (`bench perf` prints that machine's single-core peak beside);
+    # none for a method without a loop.
+    table["train_gflop_s"] = (table["train_tflops"] * 1e3 / table["rte_s"]).where(table["rte_s"] > 0)
     base = table[(table.method == reference) & (table.variant == "default")]
     for column, name in (("rte_s", "rte_vs_"), ("train_tflops", "tflops_vs_")):
         value = float(base[column].iloc[0]) if len(base) else float("nan")
@@ -44,6 +48,6 @@ def efficiency(df: pd.DataFrame, reference: str = "safemax") -> pd.DataFrame:
 def efficiency_text(df: pd.DataFrame) -> str:
     table = efficiency(df).dropna(axis=1, how="all")
     note = ("RTE: wall time of the unlearning loop; train_tflops: the FLOPs it executed (ratios in FLOPs hold on any "
-            "machine); prep: priors, Fisher, masks (computed once, reused by later runs); peak RSS is the whole worker "
-            "process.")
+            "machine); train_gflop_s: their rate on this machine (`bench perf` measures its peak); prep: priors, Fisher, "
+            "masks (computed once, reused by later runs); peak RSS is the whole worker process.")
     return f"Efficiency (mean over runs):\n{table.to_string(index=False)}\n{note}"

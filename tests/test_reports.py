@@ -228,4 +228,10 @@ def test_run_summary_gives_cost_ratios_in_flops_and_seconds(report):
     assert table.loc["safemax", "train_tflops"] == pytest.approx(flops["safemax"]) and flops["safemax"] > 0
     assert table.loc["safemax", "tflops_vs_safemax"] == 1.0 and table.loc["safemax", "rte_vs_safemax"] == 1.0
     assert table.loc["original", "tflops_vs_safemax"] == 0.0
-    assert "train_tflops" in efficiency_text(runs_frame(runs))
+    # The loop's rate: its FLOPs over its seconds; a method without a loop has none (not 0, not infinite).
+    safemax = [r["timings"] for r in runs if r["method"] == "safemax"]
+    rate = sum(t["flops"]["train"] for t in safemax) / sum(t["rte_s"] for t in safemax) / 1e9
+    assert table.loc["safemax", "train_gflop_s"] == pytest.approx(rate)
+    assert pd.isna(table.loc["original", "train_gflop_s"])
+    text = efficiency_text(runs_frame(runs))
+    assert "train_tflops" in text and "train_gflop_s" in text
