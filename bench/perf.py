@@ -485,7 +485,7 @@ def markdown(result: dict) -> str:
              f"{result['unet']['image_size']}x{result['unet']['image_size']}; batch {result['batch']['forget']} "
              f"forget + {result['batch']['retain']} retain for every method"
              + "".join(f"; {name}'s runs use {batch} (its row is at the common batch)"
-                       for name, batch in result["batch"].get("runs_differ", {}).items()),
+                       for name, batch in result["batch"]["runs_differ"].items()),
              f"- {result['note']}",
              f"- steps: {steps}; the first step (torch.compile time, if any) is reported apart",
              f"- sampler: {result['options']['sample_batch']:,} images per call x {result['options']['sample_steps']} "
